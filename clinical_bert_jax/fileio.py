@@ -1,0 +1,69 @@
+"""Atomic outputs: write under a temporary name, rename on success, remove on failure.
+
+A run that is killed or fails midway must never leave anything that a later step could mistake for a complete result.
+Everything our tools write goes through one of these two helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from clinical_bert_jax.errors import UserError
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--output_dir") -> Path:
+  """Refuses a non-empty output directory unless `overwrite`; returns the path."""
+  path = Path(path)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"{flag}={path} exists and is not a directory; choose another path")
+  if path.is_dir() and any(path.iterdir()) and not overwrite:
+    raise UserError(f"{flag}={path} is not empty; choose an empty directory or pass --overwrite")
+  return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False,
+                      flag: str = "--output_dir") -> Iterator[Path]:
+  """Yields a temporary sibling directory that replaces `path` only when the block succeeds.
+
+  On any exception (or SIGKILL) the final `path` is untouched: either the previous content or nothing.
+  """
+  final = check_output_dir(path, overwrite, flag)
+  parent = final.resolve().parent
+  try:
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+  except OSError as error:
+    raise UserError(f"{flag}={final}: cannot create it ({error.strerror}); check the path and permissions") from None
+  try:
+    yield staging
+    if final.exists():
+      shutil.rmtree(final)
+    os.replace(staging, final)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+  """Opens a temporary file next to `path`; renames it to `path` when the block succeeds, deletes it otherwise."""
+  final = Path(path)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+  binary = "b" in mode
+  try:
+    with os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
+      yield handle
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(tmp_name, final)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp_name)
+    raise

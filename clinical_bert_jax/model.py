@@ -1,0 +1,313 @@
+"""BERT in Flax linen, numerically the same network as Google's `modeling.py` and HF's `BertForPreTraining`.
+
+Parameter names follow the Hugging Face Flax layout (docs/ARCHITECTURE.md), so the converter is a renaming plus
+transposes. Every parameter carries logical axis names; `sharding.py` maps them to mesh axes, so this file never names
+a device. Parity traps handled here (bert-pretraining.md §4): exact-erf vs tanh GELU chosen by `hidden_act`,
+LayerNorm epsilon 1e-12 with the two-pass variance, post-LN blocks, the MLM decoder tied to the word embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clinical_bert_jax.config import BertConfig
+
+Array = jax.Array
+DType = Any
+
+# Logical axis names (see sharding.LOGICAL_AXIS_RULES).
+BATCH, LENGTH, EMBED = "batch", "length", "embed"
+VOCAB, HEADS, MLP, EMBED_OUT = "vocab", "heads", "mlp", "embed_out"
+POSITION, TOKEN_TYPE, CLASSES = "position", "token_type", "classes"
+ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+  """`gelu` is the exact erf form (HF and the 2018 Google checkpoints); `gelu_new` the tanh approximation."""
+  return {"gelu": lambda x: nn.gelu(x, approximate=False),
+          "gelu_new": lambda x: nn.gelu(x, approximate=True),
+          "relu": nn.relu}[name]
+
+
+def _kernel_init(config: BertConfig, names: tuple[str, str]):
+  # Google initialises kernels and embeddings from a truncated normal (stddev = initializer_range).
+  return nn.with_logical_partitioning(nn.initializers.truncated_normal(config.initializer_range), names)
+
+
+def _zeros(names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _dense(config: BertConfig, features: int, names: tuple[str, str], dtype: DType, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=_kernel_init(config, names), bias_init=_zeros(names[1:]),
+                  name=name)
+
+
+def _layer_norm(config: BertConfig, dtype: DType, name: str = "LayerNorm") -> nn.LayerNorm:
+  """TF-compatible LayerNorm: epsilon from the config (1e-12 for BERT) and the two-pass variance."""
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False,
+                      scale_init=_ones((EMBED,)), bias_init=_zeros((EMBED,)), name=name)
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    word = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                    embedding_init=_kernel_init(cfg, (VOCAB, EMBED)), name="word_embeddings")
+    position = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                        embedding_init=_kernel_init(cfg, (POSITION, EMBED)), name="position_embeddings")
+    token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=self.dtype,
+                          embedding_init=_kernel_init(cfg, (TOKEN_TYPE, EMBED)), name="token_type_embeddings")
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    hidden = word(input_ids) + position(positions) + token_type(token_type_ids)
+    hidden = _layer_norm(cfg, self.dtype)(hidden)
+    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    return nn.with_logical_constraint(hidden, ACTIVATION_AXES)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head self-attention. Uses `jax.nn.dot_product_attention` (fused, cuDNN on GPU) whenever no dropout is
+  applied to the attention probabilities; with attention dropout in training it computes the probabilities
+  explicitly, because the fused kernel has no dropout. Both paths give the same result in eval mode (tested)."""
+
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    batch, length, _ = hidden.shape
+    split = lambda x: x.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+    query = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "query")(hidden))
+    key = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "key")(hidden))
+    value = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "value")(hidden))
+    key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]: True where the key is a real token
+    if deterministic or cfg.attention_probs_dropout_prob == 0.0:
+      context = jax.nn.dot_product_attention(query, key, value, mask=key_mask)
+    else:
+      scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+      scores = scores + jnp.where(key_mask, 0.0, -10000.0)  # Google's additive mask
+      probs = jax.nn.softmax(scores, axis=-1)
+      probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=False)
+      context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
+    return context.reshape(batch, length, cfg.hidden_size)
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    context = BertSelfAttention(self.config, self.dtype, name="self")(hidden, mask, deterministic)
+    return _ResidualOutput(self.config, self.dtype, (HEADS, EMBED), name="output")(context, hidden, deterministic)
+
+
+class _ResidualOutput(nn.Module):
+  """dense → dropout → residual add → LayerNorm: the post-LN step shared by attention and feed-forward."""
+
+  config: BertConfig
+  dtype: DType
+  kernel_names: tuple[str, str]
+
+  @nn.compact
+  def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    hidden = _dense(cfg, cfg.hidden_size, self.kernel_names, self.dtype, "dense")(hidden)
+    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    hidden = _layer_norm(cfg, self.dtype)(hidden + residual)
+    return nn.with_logical_constraint(hidden, ACTIVATION_AXES)
+
+
+class _Intermediate(nn.Module):
+  config: BertConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    cfg = self.config
+    return activation_fn(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, (EMBED, MLP), self.dtype, "dense")(hidden))
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    attended = BertAttention(self.config, self.dtype, name="attention")(hidden, mask, deterministic)
+    inner = _Intermediate(self.config, self.dtype, name="intermediate")(attended)
+    return _ResidualOutput(self.config, self.dtype, (MLP, EMBED), name="output")(inner, attended, deterministic)
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array, deterministic: bool,
+               output_hidden_states: bool = False) -> tuple[Array, tuple[Array, ...]]:
+    all_hidden = (hidden,)
+    layers = _LayerStack(self.config, self.dtype, name="layer")
+    hidden, stacked = layers(hidden, mask, deterministic, output_hidden_states)
+    return hidden, all_hidden + stacked
+
+
+class _LayerStack(nn.Module):
+  """Holds the layers as `layer/0 … layer/L-1` (HF's names)."""
+
+  config: BertConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array, deterministic: bool,
+               output_hidden_states: bool) -> tuple[Array, tuple[Array, ...]]:
+    outputs = []
+    for index in range(self.config.num_hidden_layers):
+      hidden = BertLayer(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
+      if output_hidden_states:
+        outputs.append(hidden)
+    return hidden, tuple(outputs)
+
+
+class BertModule(nn.Module):
+  """The encoder with pooler (HF `BertModel`): returns the sequence output, pooled output and, on request, the
+  hidden states of the embedding layer and every encoder layer."""
+
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config, self.dtype)
+    self.encoder = BertEncoder(self.config, self.dtype)
+    self.pooler = _Pooler(self.config, self.dtype)
+
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
+               deterministic: bool = True, output_hidden_states: bool = False) -> dict[str, Any]:
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    hidden = self.embeddings(input_ids, token_type_ids, deterministic)
+    sequence, hidden_states = self.encoder(hidden, attention_mask, deterministic, output_hidden_states)
+    outputs = {"sequence_output": sequence, "pooled_output": self.pooler(sequence)}
+    if output_hidden_states:
+      outputs["hidden_states"] = hidden_states
+    return outputs
+
+  def word_embedding_table(self) -> Array:
+    return nn.meta.unbox(self.embeddings.variables["params"]["word_embeddings"]["embedding"])
+
+
+class _Pooler(nn.Module):
+  config: BertConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, sequence: Array) -> Array:
+    cfg = self.config
+    return jnp.tanh(_dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), self.dtype, "dense")(sequence[:, 0]))
+
+
+class _MaskedLMHead(nn.Module):
+  """transform (dense → activation → LayerNorm) then logits = h·Eᵀ + bias with E the tied word embeddings."""
+
+  config: BertConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, hidden: Array, embedding_table: Array) -> Array:
+    cfg = self.config
+    hidden = _TransformHead(cfg, self.dtype, name="transform")(hidden)
+    bias = self.param("bias", _zeros((VOCAB,)), (cfg.vocab_size,), jnp.float32)
+    logits = jnp.einsum("...h,vh->...v", hidden, embedding_table.astype(self.dtype))
+    return logits.astype(jnp.float32) + bias
+
+
+class _TransformHead(nn.Module):
+  config: BertConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    cfg = self.config
+    hidden = _dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), self.dtype, "dense")(hidden)
+    return _layer_norm(cfg, self.dtype)(activation_fn(cfg.hidden_act)(hidden))
+
+
+class _PretrainingHeads(nn.Module):
+  config: BertConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, mlm_hidden: Array, pooled: Array, embedding_table: Array) -> tuple[Array, Array]:
+    mlm_logits = _MaskedLMHead(self.config, self.dtype, name="predictions")(mlm_hidden, embedding_table)
+    nsp = nn.Dense(2, dtype=self.dtype, kernel_init=_kernel_init(self.config, (EMBED, CLASSES)),
+                   bias_init=_zeros((CLASSES,)), name="seq_relationship")
+    return mlm_logits, nsp(pooled).astype(jnp.float32)
+
+
+class BertForPreTraining(nn.Module):
+  """BERT with the masked-LM and next-sentence heads (Google `run_pretraining.py`, HF `BertForPreTraining`).
+
+  With `masked_lm_positions` [B, P] the vocabulary projection runs only at those positions (Google's sparse head:
+  6.4× smaller logits for BERT-base at P=20); without them it returns full-sequence logits [B, S, V] (fill-mask,
+  evaluation). Logits are fp32 whatever the compute dtype.
+  """
+
+  config: BertConfig
+  dtype: DType = jnp.float32
+
+  def setup(self):
+    self.bert = BertModule(self.config, self.dtype)
+    self.cls = _PretrainingHeads(self.config, self.dtype)
+
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
+               masked_lm_positions: Array | None = None, deterministic: bool = True,
+               output_hidden_states: bool = False) -> dict[str, Any]:
+    outputs = self.bert(input_ids, attention_mask, token_type_ids, deterministic, output_hidden_states)
+    sequence = outputs["sequence_output"]
+    if masked_lm_positions is not None:
+      mlm_hidden = jnp.take_along_axis(sequence, masked_lm_positions[..., None].astype(jnp.int32), axis=1)
+    else:
+      mlm_hidden = sequence
+    mlm_logits, nsp_logits = self.cls(mlm_hidden, outputs["pooled_output"], self.bert.word_embedding_table())
+    return {**outputs, "mlm_logits": mlm_logits, "nsp_logits": nsp_logits}
+
+
+def _dummy_inputs(config: BertConfig, batch: int = 1, length: int = 8) -> dict[str, Array]:
+  length = min(length, config.max_position_embeddings)
+  ids = jnp.zeros((batch, length), jnp.int32)
+  return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids,
+          "masked_lm_positions": jnp.zeros((batch, 1), jnp.int32)}
+
+
+def _boxed_init(config: BertConfig, rng: Array):
+  return BertForPreTraining(config).init(rng, **_dummy_inputs(config))["params"]
+
+
+def init_params(config: BertConfig, rng: Array) -> dict[str, Any]:
+  """Fresh fp32 parameters (Google's initialisers) as a plain pytree, without logical-axis boxes."""
+  return nn.meta.unbox(_boxed_init(config, rng))
+
+
+def param_logical_axes(config: BertConfig) -> dict[str, Any]:
+  """PartitionSpecs of logical axis names, one per parameter, in the same tree as `init_params`."""
+  return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
+
+
+def param_shapes(config: BertConfig) -> dict[str, Any]:
+  """ShapeDtypeStructs of every parameter, computed without allocating."""
+  return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))

@@ -1,0 +1,248 @@
+"""Loading and saving BERT weights from every place users keep them.
+
+`load_model(spec)` accepts:
+  * our model directory (`flax_params.safetensors` + `config.json`),
+  * a Hugging Face directory (`model.safetensors`, or `pytorch_model.bin` read with `weights_only=True`),
+  * a training workdir of `clinical_bert_jax.pretrain` (orbax checkpoints under `checkpoints/`),
+  * `tf:PREFIX` — a Google/BioBERT TF checkpoint (`--bert_config_file` needed; TensorFlow must be installed),
+  and `hf:DIR` as an explicit form of the second. Nothing is ever unpickled without `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from clinical_bert_jax import weight_names
+from clinical_bert_jax.config import BertConfig
+from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.model import init_params
+
+OUR_PARAMS_FILE = "flax_params.safetensors"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: BertConfig
+  params: dict[str, Any]
+  vocab_file: Path | None
+  do_lower_case: bool | None
+  source: str
+  report: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  step: int | None = None
+  trained_seq_length: int | None = None
+
+
+# ------------------------------------------------------------------------------------------------ vocab helpers
+def read_vocab(vocab_file: str | os.PathLike) -> list[str]:
+  try:
+    with open(vocab_file, encoding="utf-8") as handle:
+      return [line.rstrip("\n").strip() for line in handle]
+  except FileNotFoundError:
+    raise UserError(f"vocab file {vocab_file} not found") from None
+  except UnicodeDecodeError:
+    raise UserError(f"vocab file {vocab_file} is not UTF-8 text") from None
+
+
+def vocab_is_cased(tokens: list[str]) -> bool:
+  """A vocabulary with upper-case word pieces (beyond [CLS]-style specials) belongs to a cased model."""
+  return any(any(ch.isupper() for ch in token) for token in tokens
+             if not (token.startswith("[") and token.endswith("]")))
+
+
+def check_vocab_matches(vocab_file: Path, config: BertConfig, source: str) -> None:
+  tokens = read_vocab(vocab_file)
+  if len(tokens) != config.vocab_size:
+    raise UserError(f"{source}: vocab {vocab_file} has {len(tokens)} entries but the embedding has "
+                    f"{config.vocab_size} rows; pass the vocab the model was trained with")
+
+
+def read_do_lower_case(directory: Path, vocab_file: Path | None) -> bool | None:
+  """From tokenizer_config.json when present; else from the vocab (Bio_ClinicalBERT ships none: it is cased)."""
+  tokenizer_config = directory / "tokenizer_config.json"
+  if tokenizer_config.is_file():
+    try:
+      value = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("do_lower_case")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise UserError(f"{tokenizer_config} is not valid JSON") from None
+    if value is not None:
+      return bool(value)
+  if vocab_file is not None:
+    return not vocab_is_cased(read_vocab(vocab_file))
+  return None
+
+
+# ---------------------------------------------------------------------------------------------- reading tensors
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  try:
+    return load_file(str(path))
+  except (SafetensorError, OSError, ValueError) as error:
+    raise UserError(f"{path} is not a readable safetensors file ({error}); re-download or re-export it") from None
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise UserError(f"{path} is a PyTorch file and torch is not installed; pip install 'clinical_bert_jax[torch]' "
+                    "or convert it to model.safetensors") from None
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
+    reason = " ".join(str(error).split())[:200]
+    raise UserError(f"{path} cannot be loaded safely with weights_only=True ({reason}); it may contain pickled "
+                    "code — convert it to model.safetensors in a trusted environment") from None
+  if not isinstance(state, dict):
+    raise UserError(f"{path} does not hold a state dict")
+  return {key: value.detach().float().numpy() for key, value in state.items() if hasattr(value, "detach")}
+
+
+def _read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
+  try:
+    import tensorflow as tf  # noqa: F401  (heavy; only this path needs it)
+  except ImportError:
+    raise UserError("reading a TF checkpoint needs TensorFlow: pip install 'clinical_bert_jax[tf]' "
+                    "(or tensorflow-cpu)") from None
+  index = Path(prefix + ".index")
+  if not index.is_file():
+    raise UserError(f"TF checkpoint {prefix}: {index} not found; pass the prefix, e.g. DIR/bert_model.ckpt")
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    names = reader.get_variable_to_shape_map()
+    return {name: np.asarray(reader.get_tensor(name)) for name in names
+            if not weight_names._IGNORED_TF.search(name)}
+  except Exception as error:  # TF raises DataLossError / NotFoundError / OpError for broken checkpoints
+    reason = " ".join(str(error).split())[:200]
+    raise UserError(f"TF checkpoint {prefix} cannot be read ({reason})") from None
+
+
+def _fresh_reference(config: BertConfig, seed: int = 0) -> dict[str, Any]:
+  return jax.tree.map(np.asarray, init_params(config, jax.random.key(seed)))
+
+
+# ------------------------------------------------------------------------------------------------------ loaders
+def load_hf_dir(directory: Path, seed: int = 0) -> LoadedModel:
+  config = BertConfig.load(directory / "config.json")
+  if (directory / "model.safetensors").is_file():
+    arrays = _read_safetensors(directory / "model.safetensors")
+  elif (directory / "pytorch_model.bin").is_file():
+    arrays = _read_torch_bin(directory / "pytorch_model.bin")
+  else:
+    found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
+    raise UserError(f"{directory} has no model.safetensors or pytorch_model.bin (found: {found})")
+  params, report = weight_names.params_from_named_arrays(arrays, _fresh_reference(config, seed), "pt", str(directory))
+  vocab = directory / "vocab.txt" if (directory / "vocab.txt").is_file() else None
+  if vocab is not None:
+    check_vocab_matches(vocab, config, str(directory))
+  return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"hf:{directory}", report)
+
+
+def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_file: str | os.PathLike | None = None,
+                       do_lower_case: bool | None = None, seed: int = 0) -> LoadedModel:
+  config = BertConfig.load(bert_config_file)
+  arrays = _read_tf_checkpoint(prefix)
+  params, report = weight_names.params_from_named_arrays(arrays, _fresh_reference(config, seed), "tf",
+                                                         f"TF checkpoint {prefix}")
+  vocab = Path(vocab_file) if vocab_file else None
+  if vocab is not None:
+    check_vocab_matches(vocab, config, f"TF checkpoint {prefix}")
+    if do_lower_case is None:
+      do_lower_case = not vocab_is_cased(read_vocab(vocab))
+  return LoadedModel(config, params, vocab, do_lower_case, f"tf:{prefix}", report)
+
+
+def load_our_dir(directory: Path) -> LoadedModel:
+  config = BertConfig.load(directory / "config.json")
+  flat = _read_safetensors(directory / OUR_PARAMS_FILE)
+  reference = _fresh_reference(config)
+  params, _ = weight_names.params_from_named_arrays(
+      weight_names.named_arrays_from_params(weight_names.unflatten_params(flat)), reference, "pt", str(directory))
+  vocab = directory / "vocab.txt" if (directory / "vocab.txt").is_file() else None
+  meta = _read_json(directory / "training_info.json")
+  return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"ours:{directory}",
+                     step=meta.get("step"), trained_seq_length=meta.get("max_seq_length"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+  if not path.is_file():
+    return {}
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    raise UserError(f"{path} is not valid JSON") from None
+
+
+def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
+  """Params of a pretraining workdir at `step` (default: the latest complete checkpoint)."""
+  import orbax.checkpoint as ocp
+
+  config = BertConfig.load(workdir / "config.json")
+  manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(
+      read_only=True))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise UserError(f"{workdir}/checkpoints holds no complete checkpoint; train first or pass another directory")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise UserError(f"{workdir}: no checkpoint at step {step}; available steps: {', '.join(map(str, steps))}")
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _fresh_reference(config))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  except Exception as error:  # orbax raises many types for damaged checkpoints
+    reason = " ".join(str(error).split())[:200]
+    raise UserError(f"{workdir}: checkpoint at step {step} cannot be restored ({reason})") from None
+  params = jax.tree.map(np.asarray, restored["params"])
+  vocab = workdir / "vocab.txt" if (workdir / "vocab.txt").is_file() else None
+  info = _read_json(workdir / "training_info.json")
+  return LoadedModel(config, params, vocab, read_do_lower_case(workdir, vocab), f"workdir:{workdir}@{step}",
+                     step=step, trained_seq_length=info.get("max_seq_length"))
+
+
+def load_model(spec: str | os.PathLike, step: int | None = None, bert_config_file: str | None = None,
+               vocab_file: str | None = None) -> LoadedModel:
+  """Loads any supported checkpoint (see the module docstring)."""
+  spec = str(spec)
+  if spec.startswith("tf:"):
+    if not bert_config_file:
+      raise UserError(f"--init_checkpoint={spec} needs --bert_config_file (the checkpoint's bert_config.json)")
+    return load_tf_checkpoint(spec[3:], bert_config_file, vocab_file)
+  explicit_hf = spec.startswith("hf:")
+  directory = Path(spec[3:] if explicit_hf else spec)
+  if not directory.is_dir():
+    raise UserError(f"checkpoint {directory} not found or not a directory")
+  if (directory / "checkpoints").is_dir() and not explicit_hf:
+    return load_training_dir(directory, step)
+  if (directory / OUR_PARAMS_FILE).is_file() and not explicit_hf:
+    return load_our_dir(directory)
+  if not (directory / "config.json").is_file():
+    raise UserError(f"{directory} is not a BERT checkpoint: no config.json (expected an HF model dir, one of ours, "
+                    "or a pretraining workdir)")
+  return load_hf_dir(directory)
+
+
+# ------------------------------------------------------------------------------------------------------ writers
+def save_our_dir(loaded: LoadedModel, directory: Path) -> None:
+  """Writes config.json, flax_params.safetensors, vocab.txt and tokenizer_config.json into `directory`."""
+  import shutil
+
+  from safetensors.numpy import save_file
+
+  loaded.config.save_hf(directory / "config.json")
+  save_file({k: np.ascontiguousarray(v, dtype=np.float32)
+             for k, v in weight_names.flatten_params(loaded.params).items()}, str(directory / OUR_PARAMS_FILE),
+            metadata={"format": "flax", "producer": "clinical_bert_jax"})
+  if loaded.vocab_file is not None:
+    shutil.copyfile(loaded.vocab_file, directory / "vocab.txt")
+  if loaded.do_lower_case is not None:
+    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": loaded.do_lower_case}) + "\n")

@@ -1,0 +1,1 @@
+"""Turning clinical notes into BERT pretraining and evaluation data."""
