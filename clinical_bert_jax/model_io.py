@@ -18,11 +18,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from clinical_bert_jax import weight_names
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.model import init_params
+from clinical_bert_jax.model import init_params, param_shapes
 
 OUR_PARAMS_FILE = "flax_params.safetensors"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -163,14 +164,28 @@ def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_f
 
 def load_our_dir(directory: Path) -> LoadedModel:
   config = BertConfig.load(directory / "config.json")
-  flat = _read_safetensors(directory / OUR_PARAMS_FILE)
-  reference = _fresh_reference(config)
-  params, _ = weight_names.params_from_named_arrays(
-      weight_names.named_arrays_from_params(weight_names.unflatten_params(flat)), reference, "pt", str(directory))
+  params = check_params_match(weight_names.unflatten_params(_read_safetensors(directory / OUR_PARAMS_FILE)),
+                              config, str(directory))
   vocab = directory / "vocab.txt" if (directory / "vocab.txt").is_file() else None
   meta = _read_json(directory / "training_info.json")
   return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"ours:{directory}",
                      step=meta.get("step"), trained_seq_length=meta.get("max_seq_length"))
+
+
+def check_params_match(params: dict[str, Any], config: BertConfig, source: str) -> dict[str, Any]:
+  """Checks a parameter tree has exactly the tensors and shapes `config` implies (one-line error otherwise)."""
+  shapes = {"/".join(path): tuple(s.shape) for path, s in flatten_dict(param_shapes(config)).items()}
+  found = weight_names.flatten_params(params)
+  missing = sorted(shapes.keys() - found.keys())
+  unknown = sorted(found.keys() - shapes.keys())
+  if missing or unknown:
+    raise UserError(f"{source}: parameters do not match the config (missing: {', '.join(missing[:3]) or 'none'}; "
+                    f"unknown: {', '.join(unknown[:3]) or 'none'})")
+  for name, shape in shapes.items():
+    if tuple(found[name].shape) != shape:
+      raise UserError(f"{source}: tensor {name} has shape {list(found[name].shape)} but the config needs "
+                      f"{list(shape)}")
+  return params
 
 
 def _read_json(path: Path) -> dict[str, Any]:
