@@ -49,6 +49,7 @@ def run_absl(main: Callable[[Sequence[str]], None]) -> None:
   """
   from absl import app, flags
 
+  app.define_help_flags()  # --help/--helpfull, which app.run would define; we parse flags before calling it
   try:
     argv = flags.FLAGS(sys.argv, known_only=False)
   except flags.Error as error:
