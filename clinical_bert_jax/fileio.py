@@ -16,6 +16,12 @@ from typing import IO, Iterator
 from clinical_bert_jax.errors import UserError
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool, flag: str = "--output_dir") -> Path:
   """Refuses a non-empty output directory unless `overwrite`; returns the path."""
   path = Path(path)
@@ -38,6 +44,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False,
   try:
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any directory we make
   except OSError as error:
     raise UserError(f"{flag}={final}: cannot create it ({error.strerror}); check the path and permissions") from None
   try:
@@ -56,6 +63,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
   final = Path(path)
   final.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+  os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600
   binary = "b" in mode
   try:
     with os.fdopen(fd, mode, encoding=None if binary else encoding) as handle:
