@@ -1,0 +1,188 @@
+"""A Hugging Face BERT directory as the PyTorch evaluators and `embed` use it: checks, tokenizer, device.
+
+Checks happen up front so that a wrong `--model_dir` costs one line, not a traceback from deep inside transformers.
+Weights are only ever read by transformers' `from_pretrained` (safetensors, or `torch.load(weights_only=True)` for
+`pytorch_model.bin`); remote code is never trusted. Our own checkpoints (a model directory with
+`flax_params.safetensors`, or a pretraining workdir) are accepted too: they are exported to a temporary HF directory
+first with `python -m clinical_bert_jax.convert to_hf`, the same export users run by hand.
+
+Casing: `do_lower_case` comes from `tokenizer_config.json` when it has the key. Without it we keep case, unlike
+transformers (which lower-cases by default): `emilyalsentzer/Bio_ClinicalBERT` ships no tokenizer_config.json and is
+cased, and lower-casing its input silently degrades it (ClinicalBERT issue #26).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as python_logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from absl import logging
+
+from clinical_bert_jax.config import BertConfig
+from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.tokenization import FullTokenizer
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that input checks fail fast without loading it
+  import torch
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+# Markers of our own checkpoints (docs/ARCHITECTURE.md): a model directory, or a pretraining workdir.
+OUR_PARAMS_FILE = "flax_params.safetensors"
+WORKDIR_CHECKPOINTS = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class HfCheckpoint:
+  directory: Path  # the HF directory that is loaded (a temporary export for our own checkpoints)
+  config: BertConfig
+  vocab_file: Path
+  do_lower_case: bool
+  source: Path  # what the user passed
+  export: tempfile.TemporaryDirectory | None = None  # keeps a temporary export alive as long as the checkpoint
+
+  @property
+  def name(self) -> str:
+    return self.source.resolve().name
+
+
+def open_checkpoint(model_dir: str | Path, flag: str = "--model_dir") -> HfCheckpoint:
+  """Validates an HF BERT directory (config.json of a BERT, weights, vocab.txt) and reads its casing.
+
+  One of our checkpoints is exported to a temporary HF directory first (see the module docstring).
+  """
+  directory = Path(model_dir)
+  if not directory.is_dir():
+    raise UserError(f"{flag}={directory} is not a directory; pass a Hugging Face BERT model directory")
+  if (directory / OUR_PARAMS_FILE).is_file() or (directory / WORKDIR_CHECKPOINTS).is_dir():
+    export = tempfile.TemporaryDirectory(prefix="clinical_bert_jax_export_")
+    exported = Path(export.name) / "hf"
+    _export_to_hf(directory, exported, flag)
+    checkpoint = _open_hf_dir(exported, flag)
+    return dataclasses.replace(checkpoint, source=directory, export=export)
+  return _open_hf_dir(directory, flag)
+
+
+def _export_to_hf(directory: Path, output_dir: Path, flag: str) -> None:
+  """Runs `convert to_hf` in a child process (its flags would clash with ours in this one)."""
+  logging.info("%s=%s is one of our checkpoints: exporting it to Hugging Face format in %s", flag, directory,
+               output_dir)
+  command = [sys.executable, "-m", "clinical_bert_jax.convert", "to_hf", f"--checkpoint_dir={directory}",
+             f"--output_dir={output_dir}"]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode != 0:
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line[len("error:"):].strip() for line in lines if line.startswith("error:")]
+    reason = (errors or lines or [f"exit status {result.returncode}"])[-1][:300]
+    raise UserError(f"{flag}={directory}: export to Hugging Face format failed: {reason}")
+
+
+def _open_hf_dir(directory: Path, flag: str) -> HfCheckpoint:
+  if not (directory / "config.json").is_file():
+    raise UserError(f"{flag}={directory} is not a BERT checkpoint: no config.json (expected config.json, "
+                    "model.safetensors or pytorch_model.bin, vocab.txt)")
+  config = BertConfig.load(directory / "config.json")
+  if not any((directory / name).is_file() for name in WEIGHT_FILES):
+    raise UserError(f"{flag}={directory} is not a BERT checkpoint: neither {' nor '.join(WEIGHT_FILES)} found")
+  vocab_file = directory / "vocab.txt"
+  if not vocab_file.is_file():
+    raise UserError(f"{flag}={directory} has no vocab.txt; copy the vocabulary the model was trained with into it")
+  return HfCheckpoint(directory, config, vocab_file, _read_do_lower_case(directory), source=directory)
+
+
+def _read_do_lower_case(directory: Path) -> bool:
+  path = directory / "tokenizer_config.json"
+  if path.is_file():
+    try:
+      settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+      raise UserError(f"{path} cannot be read as JSON ({error}); fix or delete it") from None
+    if isinstance(settings, dict) and "do_lower_case" in settings:
+      value = bool(settings["do_lower_case"])
+      logging.info("%s: do_lower_case=%s (from tokenizer_config.json)", directory, value)
+      return value
+  logging.info("%s: no do_lower_case in tokenizer_config.json, so the tokenizer keeps case (cased, like "
+               "Bio_ClinicalBERT); add {\"do_lower_case\": true} there for an uncased model", directory)
+  return False
+
+
+def load_pretrained(checkpoint: HfCheckpoint, model_class: type, **kwargs: Any) -> torch.nn.Module:
+  """`model_class.from_pretrained(directory)` with bad files turned into one-line errors.
+
+  New task heads are initialised from torch's global RNG, so call this after seeding. transformers' report of the
+  newly initialised head (and of the unused pretraining heads) is expected here and silenced.
+  """
+  from safetensors import SafetensorError
+  from transformers.utils import logging as transformers_logging
+
+  transformers_logging.disable_progress_bar()
+  transformers_logger = python_logging.getLogger("transformers")
+  previous_level = transformers_logger.level
+  transformers_logger.setLevel(python_logging.ERROR)
+  try:
+    return model_class.from_pretrained(str(checkpoint.directory), trust_remote_code=False, **kwargs)
+  except SafetensorError as error:
+    raise UserError(f"{checkpoint.directory}: damaged safetensors file ({error}); re-download or re-export "
+                    "it") from None
+  except (OSError, ValueError, RuntimeError, KeyError) as error:
+    reason = " ".join(str(error).split())[:300]
+    raise UserError(f"{checkpoint.directory}: cannot load the BERT weights ({type(error).__name__}: "
+                    f"{reason})") from None
+  finally:
+    transformers_logger.setLevel(previous_level)
+
+
+def resolve_device(name: str) -> torch.device:
+  """`auto` picks CUDA when present; asking for `cuda` without one is a user error, not a silent CPU run."""
+  import torch
+
+  if name == "auto":
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if name == "cuda" and not torch.cuda.is_available():
+    raise UserError("--device=cuda but no CUDA device is visible to torch; use --device=cpu or --device=auto")
+  if name not in ("cpu", "cuda"):
+    raise UserError(f"--device={name} is not one of auto, cpu, cuda")
+  return torch.device(name)
+
+
+class WordPieceEncoder:
+  """Word-piece ids for the evaluators: Google's `FullTokenizer` (exactly what pretraining used) plus special ids."""
+
+  def __init__(self, vocab_file: Path, do_lower_case: bool):
+    self.tokenizer = FullTokenizer(vocab_file, do_lower_case)
+    missing = [token for token in SPECIAL_TOKENS if token not in self.tokenizer.vocab]
+    if missing:
+      raise UserError(f"{vocab_file} lacks the special tokens {', '.join(missing)}; it is not a BERT vocabulary")
+    self.pad_id, self.cls_id, self.sep_id = (self.tokenizer.vocab[token] for token in ("[PAD]", "[CLS]", "[SEP]"))
+
+  @classmethod
+  def for_checkpoint(cls, checkpoint: HfCheckpoint) -> "WordPieceEncoder":
+    return cls(checkpoint.vocab_file, checkpoint.do_lower_case)
+
+  def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+    """Word-piece ids of each text, without [CLS]/[SEP]."""
+    return self.tokenizer.encode_batch(texts)
+
+  def encode_words(self, sentences: Sequence[Sequence[str]]) -> list[tuple[list[int], list[int]]]:
+    """Per sentence of words: (word-piece ids, index of the word each piece came from).
+
+    Each word is tokenised on its own, as the original NER code did; a word that tokenises to nothing (only control
+    characters) has no pieces.
+    """
+    pieces = iter(self.tokenizer.encode_batch([word for words in sentences for word in words]))
+    encoded = []
+    for words in sentences:
+      ids: list[int] = []
+      word_ids: list[int] = []
+      for word_index in range(len(words)):
+        word_pieces = next(pieces)
+        ids.extend(word_pieces)
+        word_ids.extend([word_index] * len(word_pieces))
+      encoded.append((ids, word_ids))
+    return encoded
