@@ -25,21 +25,7 @@ from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "from_hf: Hugging Face BERT directory.")
-_TF_CHECKPOINT = flags.DEFINE_string("tf_checkpoint", None, "from_tf: TF checkpoint prefix, e.g. DIR/bert_model.ckpt.")
-_BERT_CONFIG = flags.DEFINE_string("bert_config", None, "from_tf: Google bert_config.json.")
-_VOCAB_FILE = flags.DEFINE_string("vocab_file", None, "from_tf/to_hf: vocab.txt to ship with the output.")
-_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None,
-                                      "to_hf: a pretraining workdir or one of our model directories.")
-_STEP = flags.DEFINE_integer("step", None, "to_hf: checkpoint step (default: latest).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the converted model.")
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace a non-empty output directory.")
-_DO_LOWER_CASE = flags.DEFINE_enum("do_lower_case", "auto", ["auto", "true", "false"],
-                                   "Tokenizer casing to record; auto = from tokenizer_config.json or the vocab.")
-_MODEL_MAX_LENGTH = flags.DEFINE_integer("model_max_length", None,
-                                         "to_hf: tokenizer model_max_length (default: max_position_embeddings).")
-_VERIFY = flags.DEFINE_boolean("verify", True, "to_hf: reload in transformers and compare logits with Flax.")
-
+FLAGS = flags.FLAGS
 PARITY_TOLERANCE = 1e-3  # max abs logit difference, fp32 on CPU (observed ~1e-5)
 COMMANDS = ("from_hf", "from_tf", "to_hf")
 
@@ -148,21 +134,39 @@ def export_hf(loaded: model_io.LoadedModel, output_dir: str | Path, *, overwrite
 
 
 # --------------------------------------------------------------------------------------------------- commands
-def _required(flag: flags.FlagHolder, command: str) -> str:
-  if not flag.value:
-    raise UserError(f"{command} needs --{flag.name}")
-  return flag.value
+def define_flags() -> None:
+  """Defined only when run as a program, so importing `export_hf` adds no flags to another tool's command line."""
+  flags.DEFINE_string("model_dir", None, "from_hf: Hugging Face BERT directory.")
+  flags.DEFINE_string("tf_checkpoint", None, "from_tf: TF checkpoint prefix, e.g. DIR/bert_model.ckpt.")
+  flags.DEFINE_string("bert_config", None, "from_tf: Google bert_config.json.")
+  flags.DEFINE_string("vocab_file", None, "from_tf/to_hf: vocab.txt to ship with the output.")
+  flags.DEFINE_string("checkpoint_dir", None, "to_hf: a pretraining workdir or one of our model directories.")
+  flags.DEFINE_integer("step", None, "to_hf: checkpoint step (default: latest).")
+  flags.DEFINE_string("output_dir", None, "Where to write the converted model.")
+  flags.DEFINE_boolean("overwrite", False, "Replace a non-empty output directory.")
+  flags.DEFINE_enum("do_lower_case", "auto", ["auto", "true", "false"],
+                    "Tokenizer casing to record; auto = from tokenizer_config.json or the vocab.")
+  flags.DEFINE_integer("model_max_length", None,
+                       "to_hf: tokenizer model_max_length (default: max_position_embeddings).")
+  flags.DEFINE_boolean("verify", True, "to_hf: reload in transformers and compare logits with Flax.")
+
+
+def _required(flag: str, command: str) -> str:
+  value = getattr(FLAGS, flag)
+  if not value:
+    raise UserError(f"{command} needs --{flag}")
+  return value
 
 
 def _casing_flag() -> bool | None:
-  return {"auto": None, "true": True, "false": False}[_DO_LOWER_CASE.value]
+  return {"auto": None, "true": True, "false": False}[FLAGS.do_lower_case]
 
 
 def _write_ours(loaded: model_io.LoadedModel, output_dir: str) -> None:
   casing = _casing_flag()
   if casing is not None:
     loaded.do_lower_case = casing
-  with atomic_output_dir(output_dir, _OVERWRITE.value) as staging:
+  with atomic_output_dir(output_dir, FLAGS.overwrite) as staging:
     model_io.save_our_dir(loaded, staging)
   if loaded.report.get("initialised"):
     print(f"note: the checkpoint has no pretraining heads; freshly initialised: {', '.join(loaded.report['initialised'])}")
@@ -177,26 +181,27 @@ def main(argv: Sequence[str]) -> None:
     raise UserError(f"usage: python -m clinical_bert_jax.convert {{{','.join(COMMANDS)}}} --flags...; "
                     f"got {' '.join(argv[1:]) or 'no command'}")
   command = argv[1]
-  output_dir = _required(_OUTPUT_DIR, command)
+  output_dir = _required("output_dir", command)
   if command == "from_hf":
-    directory = Path(_required(_MODEL_DIR, command))
+    directory = Path(_required("model_dir", command))
     if not directory.is_dir():
       raise UserError(f"--model_dir={directory} not found or not a directory")
     if not (directory / "config.json").is_file():
       raise UserError(f"--model_dir={directory} has no config.json; it is not a Hugging Face BERT directory")
     _write_ours(model_io.load_hf_dir(directory), output_dir)
   elif command == "from_tf":
-    loaded = model_io.load_tf_checkpoint(_required(_TF_CHECKPOINT, command), _required(_BERT_CONFIG, command),
-                                         _VOCAB_FILE.value)
+    loaded = model_io.load_tf_checkpoint(_required("tf_checkpoint", command), _required("bert_config", command),
+                                         FLAGS.vocab_file)
     _write_ours(loaded, output_dir)
   else:
-    loaded = model_io.load_model(_required(_CHECKPOINT_DIR, command), step=_STEP.value)
-    if _VOCAB_FILE.value:
-      loaded.vocab_file = Path(_VOCAB_FILE.value)
-    export_hf(loaded, output_dir, overwrite=_OVERWRITE.value, do_lower_case=_casing_flag(),
-              model_max_length=_MODEL_MAX_LENGTH.value, verify=_VERIFY.value)
+    loaded = model_io.load_model(_required("checkpoint_dir", command), step=FLAGS.step)
+    if FLAGS.vocab_file:
+      loaded.vocab_file = Path(FLAGS.vocab_file)
+    export_hf(loaded, output_dir, overwrite=FLAGS.overwrite, do_lower_case=_casing_flag(),
+              model_max_length=FLAGS.model_max_length, verify=FLAGS.verify)
     print(f"wrote {output_dir}: config.json, model.safetensors, vocab.txt, tokenizer_config.json, README.md")
 
 
 if __name__ == "__main__":
+  define_flags()
   run_absl(main)

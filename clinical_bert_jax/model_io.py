@@ -24,9 +24,9 @@ from clinical_bert_jax import weight_names
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.model import init_params, param_shapes
+from clinical_bert_jax.vocab import read_do_lower_case, read_vocab, vocab_is_cased
 
 OUR_PARAMS_FILE = "flax_params.safetensors"
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 @dataclasses.dataclass
@@ -42,42 +42,11 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------------------------------------ vocab helpers
-def read_vocab(vocab_file: str | os.PathLike) -> list[str]:
-  try:
-    with open(vocab_file, encoding="utf-8") as handle:
-      return [line.rstrip("\n").strip() for line in handle]
-  except FileNotFoundError:
-    raise UserError(f"vocab file {vocab_file} not found") from None
-  except UnicodeDecodeError:
-    raise UserError(f"vocab file {vocab_file} is not UTF-8 text") from None
-
-
-def vocab_is_cased(tokens: list[str]) -> bool:
-  """A vocabulary with upper-case word pieces (beyond [CLS]-style specials) belongs to a cased model."""
-  return any(any(ch.isupper() for ch in token) for token in tokens
-             if not (token.startswith("[") and token.endswith("]")))
-
-
 def check_vocab_matches(vocab_file: Path, config: BertConfig, source: str) -> None:
   tokens = read_vocab(vocab_file)
   if len(tokens) != config.vocab_size:
     raise UserError(f"{source}: vocab {vocab_file} has {len(tokens)} entries but the embedding has "
                     f"{config.vocab_size} rows; pass the vocab the model was trained with")
-
-
-def read_do_lower_case(directory: Path, vocab_file: Path | None) -> bool | None:
-  """From tokenizer_config.json when present; else from the vocab (Bio_ClinicalBERT ships none: it is cased)."""
-  tokenizer_config = directory / "tokenizer_config.json"
-  if tokenizer_config.is_file():
-    try:
-      value = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("do_lower_case")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      raise UserError(f"{tokenizer_config} is not valid JSON") from None
-    if value is not None:
-      return bool(value)
-  if vocab_file is not None:
-    return not vocab_is_cased(read_vocab(vocab_file))
-  return None
 
 
 # ---------------------------------------------------------------------------------------------- reading tensors

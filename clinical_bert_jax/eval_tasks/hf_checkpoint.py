@@ -6,9 +6,8 @@ Weights are only ever read by transformers' `from_pretrained` (safetensors, or `
 `flax_params.safetensors`, or a pretraining workdir) are accepted too: they are exported to a temporary HF directory
 first with `python -m clinical_bert_jax.convert to_hf`, the same export users run by hand.
 
-Casing: `do_lower_case` comes from `tokenizer_config.json` when it has the key. Without it we keep case, unlike
-transformers (which lower-cases by default): `emilyalsentzer/Bio_ClinicalBERT` ships no tokenizer_config.json and is
-cased, and lower-casing its input silently degrades it (ClinicalBERT issue #26).
+Casing follows `clinical_bert_jax.vocab.read_do_lower_case`, the same rule the JAX side uses: tokenizer_config.json
+when it says, else the vocabulary (Bio_ClinicalBERT, which ships no tokenizer_config.json, is cased).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from absl import logging
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.tokenization import FullTokenizer
+from clinical_bert_jax.vocab import read_do_lower_case
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that input checks fail fast without loading it
   import torch
@@ -93,23 +93,7 @@ def _open_hf_dir(directory: Path, flag: str) -> HfCheckpoint:
   vocab_file = directory / "vocab.txt"
   if not vocab_file.is_file():
     raise UserError(f"{flag}={directory} has no vocab.txt; copy the vocabulary the model was trained with into it")
-  return HfCheckpoint(directory, config, vocab_file, _read_do_lower_case(directory), source=directory)
-
-
-def _read_do_lower_case(directory: Path) -> bool:
-  path = directory / "tokenizer_config.json"
-  if path.is_file():
-    try:
-      settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-      raise UserError(f"{path} cannot be read as JSON ({error}); fix or delete it") from None
-    if isinstance(settings, dict) and "do_lower_case" in settings:
-      value = bool(settings["do_lower_case"])
-      logging.info("%s: do_lower_case=%s (from tokenizer_config.json)", directory, value)
-      return value
-  logging.info("%s: no do_lower_case in tokenizer_config.json, so the tokenizer keeps case (cased, like "
-               "Bio_ClinicalBERT); add {\"do_lower_case\": true} there for an uncased model", directory)
-  return False
+  return HfCheckpoint(directory, config, vocab_file, bool(read_do_lower_case(directory, vocab_file)), source=directory)
 
 
 def load_pretrained(checkpoint: HfCheckpoint, model_class: type, **kwargs: Any) -> torch.nn.Module:
