@@ -4,7 +4,7 @@ Checks happen up front so that a wrong `--model_dir` costs one line, not a trace
 Weights are only ever read by transformers' `from_pretrained` (safetensors, or `torch.load(weights_only=True)` for
 `pytorch_model.bin`); remote code is never trusted. Our own checkpoints (a model directory with
 `flax_params.safetensors`, or a pretraining workdir) are accepted too: they are exported to a temporary HF directory
-first with `python -m clinical_bert_jax.convert to_hf`, the same export users run by hand.
+first with `clinical_bert_jax.convert.export_hf`, the same export `convert to_hf` runs.
 
 Casing follows `clinical_bert_jax.vocab.read_do_lower_case`, the same rule the JAX side uses: tokenizer_config.json
 when it says, else the vocabulary (Bio_ClinicalBERT, which ships no tokenizer_config.json, is cased).
@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as python_logging
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -70,17 +68,15 @@ def open_checkpoint(model_dir: str | Path, flag: str = "--model_dir") -> HfCheck
 
 
 def _export_to_hf(directory: Path, output_dir: Path, flag: str) -> None:
-  """Runs `convert to_hf` in a child process (its flags would clash with ours in this one)."""
+  """The same export (with its PyTorch logits check) that `convert to_hf` runs."""
+  from clinical_bert_jax import convert, model_io
+
   logging.info("%s=%s is one of our checkpoints: exporting it to Hugging Face format in %s", flag, directory,
                output_dir)
-  command = [sys.executable, "-m", "clinical_bert_jax.convert", "to_hf", f"--checkpoint_dir={directory}",
-             f"--output_dir={output_dir}"]
-  result = subprocess.run(command, capture_output=True, text=True)
-  if result.returncode != 0:
-    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-    errors = [line[len("error:"):].strip() for line in lines if line.startswith("error:")]
-    reason = (errors or lines or [f"exit status {result.returncode}"])[-1][:300]
-    raise UserError(f"{flag}={directory}: export to Hugging Face format failed: {reason}")
+  try:
+    convert.export_hf(model_io.load_model(directory), output_dir)
+  except UserError as error:
+    raise UserError(f"{flag}={directory}: export to Hugging Face format failed: {error}") from None
 
 
 def _open_hf_dir(directory: Path, flag: str) -> HfCheckpoint:
