@@ -1,0 +1,568 @@
+"""The pretraining loop: one readable file to fork for an experiment.
+
+What a step does (Google `run_pretraining.py`, bert-pretraining.md §5–§6):
+  1. with `masking=dynamic`, choose fresh masked-LM positions on the device (`masking.mask_batch`);
+  2. forward BERT with dropout, the MLM head only at the prediction slots (sparse head);
+  3. loss = MLM + NSP, gradients, optimizer update (`optimizers.make_optimizer`: clipping, BERT Adam, schedule).
+
+Loss normaliser across devices: the MLM loss is Σ(w·NLL) / (Σw + 1e-5) with both sums over the GLOBAL batch (all
+devices, all hosts), the NSP loss the mean over the global batch. On one device this is exactly Google's loss; on
+many it is the loss of the whole batch, not a mean of per-device losses (which would weight devices with few
+predictions as much as devices with many), and it does not depend on how the batch is split. With
+`--grad_accum_steps=k` each micro-batch is normalised on its own and the k gradients are averaged
+(`optax.MultiSteps`).
+
+Two ways to run on several devices, same results:
+  * `pjit` (default): one `jax.jit` over a ('data', 'fsdp', 'tensor') mesh; parameters and optimizer state are placed
+    by the model's logical axis names through `sharding.LOGICAL_AXIS_RULES` (replicated for data parallelism, split
+    for FSDP/tensor parallelism), the batch is split over ('data', 'fsdp'). Works across processes (hosts).
+  * `pmap`: the classic data-parallel form: the state is stacked once per local device and the summed gradients are
+    applied on every device. Single process only.
+Random numbers (dropout, dynamic masks) come from `fold_in(run key, step, micro-step)`. Under `pjit` they are drawn
+for the global batch (partitionable threefry), so they do not depend on the mesh or the number of hosts; under `pmap`
+each device folds in its index, so pmap and pjit agree exactly only without dropout and with static masks.
+
+The loop saves checkpoints (`checkpointing.py`), resumes from the newest one with the exact input position, RNG and
+open metric window, stops cleanly on SIGTERM/SIGINT (saving first), refuses to continue after a non-finite loss, logs
+(`metrics_io.py`) and evaluates on held-out data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from clinical_bert_jax import checkpointing, losses, masking, metrics_io, model, optimizers, sharding
+from clinical_bert_jax.config import BertConfig
+from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.input_pipeline import DevicePrefetcher, EvalInput, PretrainingInput, Prefetcher
+from clinical_bert_jax.records import PretrainingData
+
+PARALLELISMS = ("pjit", "pmap")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PMAP_AXIS = "batch"
+# Additive statistics of a step (losses.pretraining_sums), summed over micro-batches and log windows.
+SUM_NAMES = ("mlm_loss_sum", "mlm_correct_sum", "mlm_weight_sum", "nsp_loss_sum", "nsp_correct_sum", "nsp_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything the loop needs besides the model config and the data (the flags of `pretrain`). Defaults are the
+  paper's discharge-summary run (clinicalbert-paper.md §2)."""
+
+  num_train_steps: int = 100_000
+  num_warmup_steps: int = 10_000
+  learning_rate: float = 5e-5
+  train_batch_size: int = 32  # global, per optimizer update (split into grad_accum_steps micro-batches)
+  max_predictions_per_seq: int = 20
+  optimizer: str = "bert_adam"
+  lr_schedule: str | None = None  # None: optimizers.DEFAULT_SCHEDULE[optimizer]
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  grad_accum_steps: int = 1
+  whole_word_mask: bool = False
+  masked_lm_prob: float = 0.15
+  compute_dtype: str = "float32"
+  parallelism: str = "pjit"
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  mesh_tensor: int = 1
+  seed: int = 12345
+  save_checkpoints_steps: int = 10_000
+  keep_checkpoints: int = 5
+  async_checkpointing: bool = True
+  log_every_steps: int = 100
+  eval_every_steps: int = 0  # 0: evaluate only at the start and the end
+  eval_batch_size: int = 8
+  max_eval_steps: int = 100
+  prefetch_batches: int = 2
+
+  @property
+  def micro_batch_size(self) -> int:
+    return self.train_batch_size // self.grad_accum_steps
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training. `rng` is the run's base key (raw uint32 key data); per-step keys are
+  folded from it and `step` (optimizer updates done), so resuming needs no RNG bookkeeping."""
+
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  step: jax.Array
+
+
+@dataclasses.dataclass
+class TrainResult:
+  start_step: int  # where this invocation started (the resumed checkpoint, or 0)
+  step: int
+  completed: bool  # False when stopped by a signal before num_train_steps
+  params: Any  # host numpy pytree (fp32), gathered from all devices and hosts
+  last_train: dict[str, float]
+  last_eval: dict[str, float]
+
+
+# ------------------------------------------------------------------------------------------------ step functions
+def _apply_model(bert: nn.Module, params: Any, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None):
+  return bert.apply({"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"],
+                    batch["masked_lm_positions"], deterministic=dropout_key is None,
+                    rngs=None if dropout_key is None else {"dropout": dropout_key})
+
+
+def _mask_if_dynamic(batch: Mapping[str, jax.Array], key: jax.Array, vocab: masking.MaskingVocab | None,
+                     cfg: TrainConfig) -> Mapping[str, jax.Array]:
+  if vocab is None:
+    return batch
+  return masking.mask_batch(key, batch, vocab, max_predictions_per_seq=cfg.max_predictions_per_seq,
+                            masked_lm_prob=cfg.masked_lm_prob, whole_word=cfg.whole_word_mask)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], micro_step: jax.Array, *, bert: nn.Module,
+               tx: optax.GradientTransformation, cfg: TrainConfig, vocab: masking.MaskingVocab | None,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One micro-batch: (dynamic masks,) forward/backward, optimizer call. Returns the new state and the step's sums.
+
+  `axis_name` is set under pmap: counts and gradients are then summed over devices, so every device applies the
+  gradient of the global loss.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), micro_step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  mask_key, dropout_key = jax.random.split(key)
+  batch = _mask_if_dynamic(batch, mask_key, vocab, cfg)
+
+  def loss_fn(params):
+    sums = losses.pretraining_sums(_apply_model(bert, params, batch, dropout_key), batch)
+    normalisers = {name: jax.lax.stop_gradient(sums[name]) for name in ("mlm_weight_sum", "nsp_count")}
+    if axis_name is not None:
+      normalisers = jax.lax.psum(normalisers, axis_name)
+    return losses.metrics_from_sums({**sums, **normalisers})["loss"], sums
+
+  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                            step=state.step + (micro_step == cfg.grad_accum_steps - 1).astype(state.step.dtype))
+  return new_state, {**sums, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], batch_index: jax.Array, *, bert: nn.Module,
+              cfg: TrainConfig, vocab: masking.MaskingVocab | None, eval_key: jax.Array,
+              axis_name: str | None = None) -> dict[str, jax.Array]:
+  """Sums of one held-out batch, no dropout. Dynamic masks use a fixed key per batch: every evaluation sees the
+  same masks, so eval curves are comparable across steps."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(eval_key), batch_index)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  batch = _mask_if_dynamic(batch, key, vocab, cfg)
+  sums = losses.pretraining_sums(_apply_model(bert, params, batch, None), batch)
+  return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
+
+
+# --------------------------------------------------------------------------------------- device placement
+def _abstract_rng_and_step(where: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """Restore targets of `train_state`'s rng (raw key data of the default PRNG implementation) and step."""
+  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  return {"rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=where),
+          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=where)}
+
+
+class PjitRuntime:
+  """`jax.jit` over a named mesh: state placed by logical axis names, batch split over ('data', 'fsdp')."""
+
+  def __init__(self, cfg: TrainConfig, config: BertConfig, bert: nn.Module, tx: optax.GradientTransformation,
+               train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None, eval_key: jax.Array):
+    self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    self.num_devices = self.mesh.size
+    self.config = config
+    shapes = model.param_shapes(config)
+    self.param_sharding = sharding.param_shardings(self.mesh, model.param_logical_axes(config), shapes)
+    opt_shapes = jax.eval_shape(tx.init, shapes)
+    self.opt_sharding = sharding.mirror_param_shardings(opt_shapes, shapes, self.param_sharding, self.mesh)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.tx = tx
+    self._shapes, self._opt_shapes = shapes, opt_shapes
+    state_sharding = TrainState(params=self.param_sharding, opt_state=self.opt_sharding, rng=self.replicated,
+                                step=self.replicated)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    self._train = jax.jit(functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab),
+                          in_shardings=(state_sharding, batch_sharding, self.replicated),
+                          out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
+    self._eval = jax.jit(functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key),
+                         in_shardings=(self.param_sharding, batch_sharding, self.replicated),
+                         out_shardings=self.replicated)
+
+  @contextlib.contextmanager
+  def _mesh_context(self):
+    # The model's activation constraints (nn.with_logical_constraint) resolve through these at trace time.
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      yield
+
+  def _place(self, tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) → global arrays; works across processes."""
+    return jax.tree.map(lambda value, where: jax.make_array_from_callback(
+        np.shape(value), where, lambda index: np.asarray(value)[index]), tree, shardings)
+
+  def init_state(self, params: Any | None, init_key: jax.Array, train_key_data: np.ndarray) -> TrainState:
+    if params is None:
+      params = jax.jit(lambda key: model.init_params(self.config, key), out_shardings=self.param_sharding)(init_key)
+    else:
+      params = self._place(params, self.param_sharding)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
+    rng, step = self._place((train_key_data, np.zeros((), np.int32)), (self.replicated, self.replicated))
+    return TrainState(params=params, opt_state=opt_state, rng=rng, step=step)
+
+  def abstract_checkpoint(self) -> tuple[Any, Any]:
+    struct = lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
+    params = jax.tree.map(struct, self._shapes, self.param_sharding)
+    opt_state = jax.tree.map(struct, self._opt_shapes, self.opt_sharding)
+    return params, {"opt_state": opt_state, **_abstract_rng_and_step(self.replicated)}
+
+  def state_from_checkpoint(self, restored: checkpointing.Restored) -> TrainState:
+    items = restored.train_state
+    return TrainState(params=restored.params, opt_state=items["opt_state"], rng=items["rng"], step=items["step"])
+
+  def checkpoint_items(self, state: TrainState) -> tuple[Any, dict[str, Any]]:
+    return state.params, {"opt_state": state.opt_state, "rng": state.rng, "step": state.step}
+
+  def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return sharding.host_local_to_global(batch, self.mesh)
+
+  def train_step(self, state: TrainState, batch: Any, micro_step: int) -> tuple[TrainState, Any]:
+    with self._mesh_context():
+      return self._train(state, batch, np.int32(micro_step))
+
+  def eval_step(self, params: Any, batch: Any, batch_index: int) -> Any:
+    with self._mesh_context():
+      return self._eval(params, batch, np.int32(batch_index))
+
+  def host_values(self, tree: Any) -> Any:
+    """Replicated step outputs → numpy."""
+    return jax.device_get(tree)
+
+  def host_params(self, state: TrainState) -> Any:
+    """Full fp32 params as numpy on every process (gathers FSDP/tensor shards across hosts)."""
+    if jax.process_count() == 1:
+      return jax.device_get(state.params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(state.params, tiled=True)
+
+
+class PmapRuntime:
+  """`jax.pmap` over this process's devices: state stacked per device, batch reshaped to [devices, rows, ...]."""
+
+  def __init__(self, cfg: TrainConfig, config: BertConfig, bert: nn.Module, tx: optax.GradientTransformation,
+               train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None, eval_key: jax.Array):
+    devices = jax.local_devices()
+    self.num_devices = len(devices)
+    self.mesh = Mesh(np.array(devices), (PMAP_AXIS,))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.stacked = NamedSharding(self.mesh, PartitionSpec(PMAP_AXIS))
+    self.config = config
+    self.tx = tx
+    self._train = jax.pmap(
+        functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab, axis_name=PMAP_AXIS),
+        axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    self._eval = jax.pmap(
+        functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key, axis_name=PMAP_AXIS),
+        axis_name=PMAP_AXIS, in_axes=(0, 0, None))
+
+  def _stack(self, tree: Any) -> Any:
+    """Replicated arrays → [devices, ...] arrays holding one copy per device (no host round trip)."""
+
+    def stack(array: jax.Array) -> jax.Array:
+      array = jax.device_put(array, self.replicated)
+      shards = sorted(array.addressable_shards, key=lambda shard: list(self.mesh.devices).index(shard.device))
+      return jax.make_array_from_single_device_arrays((self.num_devices,) + array.shape, self.stacked,
+                                                      [shard.data[None] for shard in shards])
+
+    return jax.tree.map(stack, tree)
+
+  def _unstack(self, tree: Any) -> Any:
+    """[devices, ...] arrays → one replicated array (the copies are identical)."""
+
+    def unstack(array: jax.Array) -> jax.Array:
+      shape = array.shape[1:]
+      return jax.make_array_from_single_device_arrays(
+          shape, self.replicated, [shard.data.reshape(shape) for shard in array.addressable_shards])
+
+    return jax.tree.map(unstack, tree)
+
+  def init_state(self, params: Any | None, init_key: jax.Array, train_key_data: np.ndarray) -> TrainState:
+    if params is None:
+      params = jax.jit(lambda key: model.init_params(self.config, key), out_shardings=self.replicated)(init_key)
+    params = jax.device_put(params, self.replicated)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)(params)
+    state = TrainState(params=params, opt_state=opt_state, rng=jnp.asarray(train_key_data),
+                       step=jnp.zeros((), jnp.int32))
+    return self._stack(state)
+
+  def abstract_checkpoint(self) -> tuple[Any, Any]:
+    shapes = model.param_shapes(self.config)
+    struct = lambda shape: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=self.replicated)
+    return jax.tree.map(struct, shapes), {"opt_state": jax.tree.map(struct, jax.eval_shape(self.tx.init, shapes)),
+                                          **_abstract_rng_and_step(self.replicated)}
+
+  def state_from_checkpoint(self, restored: checkpointing.Restored) -> TrainState:
+    items = restored.train_state
+    return self._stack(TrainState(params=restored.params, opt_state=items["opt_state"], rng=items["rng"],
+                                  step=items["step"]))
+
+  def checkpoint_items(self, state: TrainState) -> tuple[Any, dict[str, Any]]:
+    state = self._unstack(state)
+    return state.params, {"opt_state": state.opt_state, "rng": state.rng, "step": state.step}
+
+  def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {name: jax.device_put(np.reshape(values, (self.num_devices, -1) + np.shape(values)[1:]), self.stacked)
+            for name, values in batch.items()}
+
+  def train_step(self, state: TrainState, batch: Any, micro_step: int) -> tuple[TrainState, Any]:
+    return self._train(state, batch, np.int32(micro_step))
+
+  def eval_step(self, params: Any, batch: Any, batch_index: int) -> Any:
+    return self._eval(params, batch, np.int32(batch_index))
+
+  def host_values(self, tree: Any) -> Any:
+    return jax.tree.map(lambda array: np.asarray(array.addressable_shards[0].data)[0], tree)
+
+  def host_params(self, state: TrainState) -> Any:
+    return self.host_values(state.params)
+
+
+def make_runtime(cfg: TrainConfig, config: BertConfig, tx: optax.GradientTransformation,
+                 train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None,
+                 eval_key: jax.Array) -> PjitRuntime | PmapRuntime:
+  bert = model.BertForPreTraining(config, dtype=COMPUTE_DTYPES[cfg.compute_dtype])
+  runtime = PjitRuntime if cfg.parallelism == "pjit" else PmapRuntime
+  return runtime(cfg, config, bert, tx, train_vocab, eval_vocab, eval_key)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+  """UserError for settings that cannot work: unknown names, bad optimizer numbers, batches that do not split evenly
+  over processes and devices. Cheap; run it before any real work."""
+  optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
+                            cfg.weight_decay, cfg.clip_norm, cfg.grad_accum_steps, schedule=cfg.lr_schedule)
+  if cfg.compute_dtype not in COMPUTE_DTYPES:
+    raise UserError(f"--compute_dtype={cfg.compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+  if cfg.parallelism not in PARALLELISMS:
+    raise UserError(f"--parallelism={cfg.parallelism!r} is not known; use one of {', '.join(PARALLELISMS)}")
+  if cfg.parallelism == "pmap" and jax.process_count() > 1:
+    raise UserError("--parallelism=pmap runs in a single process; use --parallelism=pjit for multi-process runs")
+  processes = jax.process_count()
+  if cfg.train_batch_size % cfg.grad_accum_steps:
+    raise UserError(f"--train_batch_size={cfg.train_batch_size} is not divisible by --grad_accum_steps="
+                    f"{cfg.grad_accum_steps}; each accumulation step needs the same number of sequences")
+  if cfg.parallelism == "pmap":
+    splits, what = jax.local_device_count(), f"{jax.local_device_count()} local devices (pmap)"
+  else:
+    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    splits = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes)
+    what = (f"--mesh_data × --mesh_fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} batch shards and "
+            f"{processes} process(es)")
+  for flag, size in (("--train_batch_size", cfg.micro_batch_size), ("--eval_batch_size", cfg.eval_batch_size)):
+    if size % splits:
+      per_step = " per accumulation step" if flag == "--train_batch_size" and cfg.grad_accum_steps > 1 else ""
+      raise UserError(f"{flag}: {size} sequences{per_step} cannot be split evenly over {what}; use a multiple of "
+                      f"{splits}")
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+class StopRequest:
+  """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks between steps."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop (a collective with several processes: call it on all of them)."""
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(self.signal_name is not None))
+    return bool(np.any(flags))
+
+
+# -------------------------------------------------------------------------------------------------- the loop
+def _combine_micro_steps(values: list[Mapping[str, Any]]) -> dict[str, float]:
+  """One step's statistics from its micro-batches: sums add up, the gradient norm is averaged."""
+  combined = {name: float(sum(value[name] for value in values)) for name in SUM_NAMES}
+  combined["grad_norm"] = float(np.mean([value["grad_norm"] for value in values]))
+  return combined
+
+
+def _is_finite(values: Mapping[str, float]) -> bool:
+  return all(math.isfinite(value) for value in values.values())
+
+
+def evaluate(runtime: PjitRuntime | PmapRuntime, params: Any, eval_batches: Iterable[Mapping[str, np.ndarray]]
+             ) -> dict[str, float]:
+  """Google's eval metrics (`eval/loss`, `eval/mlm_loss`, `eval/mlm_accuracy`, ...) over the held-out batches."""
+  totals = dict.fromkeys(SUM_NAMES, 0.0)
+  for index, batch in enumerate(eval_batches):
+    sums = runtime.host_values(runtime.eval_step(params, runtime.put_batch(batch), index))
+    for name in SUM_NAMES:
+      totals[name] += float(sums[name])
+  metrics = losses.metrics_from_sums({name: np.float64(value) for name, value in totals.items()})
+  return {f"eval/{name}": float(value) for name, value in metrics.items()}
+
+
+def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path, train_data: PretrainingData,
+                       eval_data: PretrainingData | None = None, train_vocab: masking.MaskingVocab | None = None,
+                       eval_vocab: masking.MaskingVocab | None = None, init_params: Any | None = None,
+                       print_fn: Callable[[str], None] = print) -> TrainResult:
+  """Trains until `cfg.num_train_steps` (resuming from the workdir's newest checkpoint), evaluating and logging.
+
+  `train_vocab`/`eval_vocab` switch dynamic masking on for the training/held-out data (None: use the stored masks).
+  `init_params` (host arrays) start a fresh run from a pretrained model; they are ignored when resuming.
+  Raises UserError when the loss becomes non-finite (nothing after the last good checkpoint is saved).
+  """
+  workdir = Path(workdir)
+  is_primary = jax.process_index() == 0
+  validate_config(cfg)
+  tx = optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
+                                 cfg.weight_decay, cfg.clip_norm, cfg.grad_accum_steps, schedule=cfg.lr_schedule)
+  schedule = optimizers.make_schedule(cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
+                                      cfg.lr_schedule or optimizers.DEFAULT_SCHEDULE[cfg.optimizer])
+  init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
+  runtime = make_runtime(cfg, config, tx, train_vocab, eval_vocab, jax.random.key_data(eval_key))
+
+  train_input = PretrainingInput(train_data, cfg.micro_batch_size, cfg.seed)
+  eval_input = (EvalInput(eval_data, cfg.eval_batch_size, cfg.max_eval_steps) if eval_data is not None else None)
+  store = checkpointing.CheckpointStore(workdir, cfg.keep_checkpoints, cfg.async_checkpointing)
+  restored = store.restore_latest(*runtime.abstract_checkpoint())
+  if restored is not None:
+    state = runtime.state_from_checkpoint(restored)
+    train_input.set_state(restored.data_state["input"])
+    window = metrics_io.MetricWindow.from_state(restored.data_state["metric_window"])
+    start_step = restored.step
+    logging.info("resuming from %s/%d", store.directory, start_step)
+  else:
+    state = runtime.init_state(init_params, init_key, np.asarray(jax.random.key_data(train_key)))
+    window, start_step = metrics_io.MetricWindow(), 0
+
+  writer = metrics_io.MetricsWriter(workdir, restored.step if restored is not None else None, enabled=is_primary)
+  sequences_per_step = cfg.train_batch_size
+  seq_length = train_data.max_seq_length
+  device_kind = jax.devices()[0].device_kind
+  perf = metrics_io.PerfMeter(
+      sequences_per_step, seq_length,
+      metrics_io.train_flops_per_sequence(config, seq_length, cfg.max_predictions_per_seq),
+      runtime.num_devices, metrics_io.peak_flops_per_device(device_kind))
+  batches = DevicePrefetcher(Prefetcher(train_input, cfg.prefetch_batches), cfg.prefetch_batches, runtime.put_batch)
+  last_train: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
+  last_good_checkpoint = start_step if restored is not None else None
+
+  def log(step: int, values: Mapping[str, float]) -> None:
+    writer.write(step, values)
+    if is_primary:
+      print_fn(metrics_io.format_progress(step, cfg.num_train_steps, values))
+
+  def run_eval(step: int) -> None:
+    nonlocal last_eval
+    if eval_input is None:
+      return
+    last_eval = evaluate(runtime, state.params, eval_input)
+    writer.write(step, last_eval)
+    if is_primary:
+      print_fn(f"eval at step {step}: " + ", ".join(f"{name[5:]} {value:.4f}" for name, value in last_eval.items()))
+
+  def finish_step(step: int, device_stats: list[Any]) -> None:
+    """Host side of a dispatched step: finiteness check, metric window, log line."""
+    nonlocal window, last_train
+    values = _combine_micro_steps([runtime.host_values(stats) for stats in device_stats])
+    if not _is_finite(values):
+      where = (f"the last good checkpoint is step {last_good_checkpoint} in {store.directory}"
+               if last_good_checkpoint is not None else "no checkpoint was saved")
+      raise UserError(f"training diverged: non-finite loss or gradient at step {step}; stopped without saving "
+                      f"({where}); lower --learning_rate, keep --clip_norm on, or check the data")
+    if step == start_step + 1:
+      perf.restart(step)  # the first step of a process includes compilation
+    window.add(values)
+    if step % cfg.log_every_steps == 0 or step == cfg.num_train_steps:
+      last_train = {f"train/{name}": value for name, value in window.summary().items()}
+      last_train["train/learning_rate"] = float(schedule(step - 1))
+      log(step, {**last_train, **perf.measure(step, cfg.num_train_steps)})
+      window = metrics_io.MetricWindow()
+
+  completed = False
+  step = start_step
+  stop = StopRequest()
+  try:
+    with stop:
+      if start_step == 0:
+        run_eval(0)
+      pending: tuple[int, list[Any]] | None = None
+      while step < cfg.num_train_steps:
+        step += 1
+        device_stats = []
+        for micro_step in range(cfg.grad_accum_steps):
+          state, stats = runtime.train_step(state, next(batches), micro_step)
+          device_stats.append(stats)
+        if pending is not None:  # fetch the previous step's numbers while this one runs
+          finish_step(*pending)
+        pending = (step, device_stats)
+        check_stop = jax.process_count() == 1 or step % cfg.log_every_steps == 0
+        stopping = check_stop and stop.agreed()
+        save_now = step % cfg.save_checkpoints_steps == 0 or step == cfg.num_train_steps or stopping
+        eval_now = step == cfg.num_train_steps or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
+        if save_now or eval_now:
+          finish_step(*pending)
+          pending = None
+        if save_now:
+          data_state = {"input": batches.get_state(), "metric_window": window.state()}
+          store.save(step, *runtime.checkpoint_items(state), data_state=data_state)
+          last_good_checkpoint = step
+        if eval_now:
+          run_eval(step)
+          perf.restart(step)  # throughput measures training, not evaluation
+        if stopping:
+          store.wait()
+          print_fn(f"received {stop.signal_name or 'a stop signal on another process'}: saved a checkpoint at step "
+                   f"{step} in {store.directory}; run the same command again to resume")
+          break
+      else:
+        completed = True
+  finally:
+    batches.close()
+    store.close()
+    writer.close()
+  if is_primary and completed:
+    metrics_io.plot_loss_curve(writer.path, workdir / metrics_io.LOSS_CURVE_FILE)
+  return TrainResult(start_step=start_step, step=step, completed=completed,
+                     params=runtime.host_params(state), last_train=last_train, last_eval=last_eval)
