@@ -170,10 +170,12 @@ def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
   """Params of a pretraining workdir at `step` (default: the latest complete checkpoint)."""
   import orbax.checkpoint as ocp
 
+  from clinical_bert_jax.checkpointing import restorable_steps
+
   config = BertConfig.load(workdir / "config.json")
   manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(
       read_only=True))
-  steps = sorted(manager.all_steps())
+  steps = restorable_steps(workdir)  # orbax's all_steps() also lists unfinished step directories
   if not steps:
     raise UserError(f"{workdir}/checkpoints holds no complete checkpoint; train first or pass another directory")
   if step is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -236,12 +237,12 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
 def _export(workdir: Path, step: int, export_dir: str) -> None:
   """`python -m clinical_bert_jax.convert to_hf` on the final checkpoint (convert.export_hf, with its logits check).
 
-  A child process, because convert.py defines its flags (--output_dir, --vocab_file, ...) when imported, which
-  clashes with ours, and because the PyTorch check should not run inside the trainer's memory.
+  A child process on the CPU: the PyTorch check should not run inside the trainer's memory, and the trainer still
+  holds the accelerator (a TPU cannot be opened by a second process).
   """
   command = [sys.executable, "-m", "clinical_bert_jax.convert", "to_hf", f"--checkpoint_dir={workdir}",
              f"--step={step}", f"--output_dir={export_dir}", "--overwrite"]
-  finished = subprocess.run(command, capture_output=True, text=True)
+  finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   if finished.returncode != 0:
     reason = next((line[len("error: "):] for line in finished.stderr.splitlines() if line.startswith("error: ")),
                   f"exit status {finished.returncode}")
