@@ -104,8 +104,16 @@ class BertConfig:
     return cls.from_dict(values, source=str(path))
 
   def save_hf(self, path: str | os.PathLike, **extra: Any) -> None:
-    from clinical_bert_jax.fileio import atomic_write
+    _write_json(path, {**self.to_hf_dict(), **extra})
 
-    with atomic_write(path) as handle:
-      json.dump({**self.to_hf_dict(), **extra}, handle, indent=2, sort_keys=True)
-      handle.write("\n")
+  def save_google(self, path: str | os.PathLike) -> None:
+    """Google's `bert_config.json`, for users who go back to the TF1 scripts."""
+    _write_json(path, self.to_google_dict())
+
+
+def _write_json(path: str | os.PathLike, values: dict[str, Any]) -> None:
+  from clinical_bert_jax.fileio import atomic_write
+
+  with atomic_write(path) as handle:
+    json.dump(values, handle, indent=2, sort_keys=True)
+    handle.write("\n")
