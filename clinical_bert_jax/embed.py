@@ -132,6 +132,8 @@ def read_lines(path: str) -> tuple[list[str], list[int]]:
       numbered = [(line.rstrip("\n"), number) for number, line in enumerate(handle, start=1) if line.strip()]
   except FileNotFoundError:
     raise UserError(f"--input={path} not found; pass a UTF-8 text file with one sentence per line") from None
+  except OSError as error:
+    raise UserError(f"--input={path} cannot be read ({error.strerror}); pass a UTF-8 text file") from None
   except UnicodeDecodeError as error:
     raise UserError(f"--input={path} is not UTF-8 text (byte {error.start}); convert it first") from None
   if not numbered:

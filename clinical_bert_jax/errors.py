@@ -17,11 +17,6 @@ class UserError(Exception):
   """Bad input the user can fix; its message is shown as one line."""
 
 
-def fail(message: str) -> NoReturn:
-  """Raises `UserError(message)`; a shorthand for validation code."""
-  raise UserError(message)
-
-
 def report_and_exit(error: UserError) -> NoReturn:
   message = " ".join(str(error).split())  # always exactly one line
   print(f"error: {message}", file=sys.stderr, flush=True)

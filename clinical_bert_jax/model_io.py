@@ -231,4 +231,5 @@ def save_our_dir(loaded: LoadedModel, directory: Path) -> None:
   if loaded.vocab_file is not None:
     shutil.copyfile(loaded.vocab_file, directory / "vocab.txt")
   if loaded.do_lower_case is not None:
-    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": loaded.do_lower_case}) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": loaded.do_lower_case}) + "\n",
+                                                      encoding="utf-8")

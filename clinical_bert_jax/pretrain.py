@@ -149,6 +149,17 @@ def _uses_dynamic_masking(data: PretrainingData, masking: str, flag: str) -> boo
   return masking == "dynamic" or unmasked
 
 
+def _check_batches_fit(cfg: train.TrainConfig, train_data: PretrainingData,
+                       eval_data: PretrainingData | None) -> None:
+  """The input pipeline would refuse these too, but only after the workdir is written: check before."""
+  if cfg.micro_batch_size > len(train_data):
+    raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.micro_batch_size} sequences per step but "
+                    f"--input_file has only {len(train_data)} instances; lower it or generate more data")
+  if eval_data is not None and cfg.eval_batch_size > len(eval_data):
+    raise UserError(f"--eval_batch_size={cfg.eval_batch_size} is larger than the {len(eval_data)} instances of "
+                    "--eval_input_file; lower it")
+
+
 # ------------------------------------------------------------------------------------------------------- setup
 def _write_run_files(workdir: Path, model: _Model, options: PretrainOptions, flagfile_text: str | None) -> None:
   """config.json, vocab.txt, tokenizer_config.json, training_info.json, flags.txt: what `model_io.load_model`,
@@ -189,6 +200,10 @@ def check_options(options: PretrainOptions) -> None:
       raise UserError(f"{flag}={value} must be at least 1")
   if cfg.eval_every_steps < 0:
     raise UserError(f"--eval_every_steps={cfg.eval_every_steps} must be >= 0 (0: evaluate at the start and end only)")
+  if cfg.seed < 0:
+    raise UserError(f"--seed={cfg.seed} must be a non-negative integer")
+  if not 0.0 < cfg.masked_lm_prob <= 1.0:  # also rejects NaN
+    raise UserError(f"--masked_lm_prob={cfg.masked_lm_prob} must be in (0, 1]")
   train.validate_config(cfg)
 
 
@@ -212,6 +227,8 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
   masking_vocab = MaskingVocab.from_vocab_file(model.vocab_file) if train_dynamic or eval_dynamic else None
   train_vocab = masking_vocab if train_dynamic else None
   eval_vocab = masking_vocab if eval_dynamic else None
+
+  _check_batches_fit(options.train, train_data, eval_data)
 
   prepare_workdir(options.output_dir)
   if jax.process_index() == 0:

@@ -23,6 +23,8 @@ def read_vocab(vocab_file: str | os.PathLike) -> list[str]:
       return [line.rstrip("\n").strip() for line in handle]
   except FileNotFoundError:
     raise UserError(f"vocab file {vocab_file} not found") from None
+  except OSError as error:
+    raise UserError(f"vocab file {vocab_file} cannot be read ({error.strerror}); pass a vocab.txt file") from None
   except UnicodeDecodeError:
     raise UserError(f"vocab file {vocab_file} is not UTF-8 text") from None
 

@@ -73,7 +73,9 @@ DEV_SPLIT_RULES = {
 # A tag whose text does not match the TEXT at its offsets is looked for this many characters to either side (the 2014
 # training record 180-03 has offsets shifted by 4 after one line, which the original notebook patched by hand).
 _REALIGN_WINDOW = 8
-_TYPE_SHAPE = re.compile(r"[A-Za-z][A-Za-z_\-]{0,40}")
+# Only all-upper or all-lower words are echoed in errors (i2b2 types look like DATE or problem); a capitalised word
+# in a type field may be a name (PHI).
+_TYPE_SHAPE = re.compile(r"[A-Z][A-Z_\-]{0,40}|[a-z][a-z_\-]{0,40}")
 _CONCEPT_LINE = re.compile(r'c="(?P<text>.*)" (?P<l1>\d+):(?P<w1>\d+) (?P<l2>\d+):(?P<w2>\d+)\|\|t="(?P<type>[^"]*)"')
 _PHI_TAG = re.compile(rb'<PHI\b[^>]*>|</PHI\s*>')
 

@@ -267,6 +267,10 @@ def test_bad_settings_fail_before_any_work(corpus, tmp_path):
          "not a writable directory")
   _fails(dataclasses.replace(options, export_hf_dir=str(file_in_the_way)), "--export_hf_dir=")
   _fails(dataclasses.replace(options, bert_config_file=None), "--init_checkpoint", "--bert_config_file")
+  _fails(replace(seed=-1), "--seed=-1")
+  _fails(replace(masked_lm_prob=float("nan")), "--masked_lm_prob=nan")
+  _fails(replace(train_batch_size=8 * 4096), "--train_batch_size=32768", "instances")
+  _fails(replace(eval_batch_size=8 * 4096), "--eval_batch_size=32768", "instances")
   assert not (tmp_path / "run").exists()  # bad input leaves no workdir behind
 
 

@@ -19,7 +19,8 @@ from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.eval_tasks.hf_checkpoint import WordPieceEncoder
 
 LABELS = ("contradiction", "entailment", "neutral")
-LABEL_SHAPE = re.compile(r"[A-Za-z_-]{1,20}")
+# Only lower-case words are echoed in errors: a capitalised word in the label field may be a name (PHI).
+LABEL_SHAPE = re.compile(r"[a-z_-]{1,20}")
 REQUIRED_KEYS = ("pairID", "sentence1", "sentence2", "gold_label")
 SPLITS = ("train", "dev", "test")
 # Words that name a split inside a file name (`mli_dev_v1.jsonl`, `snli_mednli_schema_dev.jsonl`, `devel.jsonl`).
