@@ -150,9 +150,10 @@ def index_path_for(output: str) -> Path:
 
 
 def write_embeddings(output: str, array: np.ndarray, index: dict) -> Path:
-  """Writes OUT.npy and OUT.index.json; both appear only when both are complete."""
+  """Writes OUT.npy, then OUT.index.json: the index appears only after the complete array (it marks completion)."""
   path, index_path = Path(output), index_path_for(output)
-  with atomic_write(path, mode="wb") as array_handle, atomic_write(index_path) as index_handle:
+  # The inner block is renamed first on exit: the array, then the index.
+  with atomic_write(index_path) as index_handle, atomic_write(path, mode="wb") as array_handle:
     np.save(array_handle, array)
     json.dump(index, index_handle, indent=1)
     index_handle.write("\n")

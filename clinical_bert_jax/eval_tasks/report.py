@@ -51,6 +51,10 @@ def collect_results(root: Path) -> list[dict[str, Any]]:
     if not isinstance(result, dict) or result.get("format") != RESULTS_FORMAT:
       logging.warning("skipping %s: not written by clinical_bert_jax.evaluate", path)
       continue
+    missing = [key for key in ("created", "model_name", "selected") if key not in result]
+    if missing or not isinstance(result["selected"], dict):
+      logging.warning("skipping %s: incomplete results (missing %s)", path, ", ".join(missing) or "selected")
+      continue
     result["path"] = str(path.relative_to(root))
     results.append(result)
   return sorted(results, key=lambda result: result["created"])
