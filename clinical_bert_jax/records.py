@@ -19,7 +19,9 @@ Two on-disk formats hold them:
   CRC-32C, readable by TensorFlow and by Google's `run_pretraining.py`. Encoded and decoded here in numpy, without
   importing TensorFlow (which is optional for users and slow to import).
 
-Writers stream to a temporary name and rename on `close()`, so a partial shard never exists under its final name.
+Writers take single instances (`write`, buffered into vectorised chunks) or whole [n, ...] batches (`write_batch`,
+the generator's path: no per-instance copies); either way gives the same bytes. They stream to a temporary name
+and rename on `close()`, so a partial shard never exists under its final name.
 `PretrainingData` opens any mix of both formats as one random-access dataset for the training input pipeline.
 """
 
@@ -31,6 +33,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -163,35 +166,58 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _feature_shape(name: str, max_seq_length: int, max_predictions: int) -> tuple[int, ...]:
+  if name == "next_sentence_labels":
+    return ()
+  return (max_seq_length,) if name in SEQUENCE_FEATURES else (max_predictions,)
+
+
 def _stack_instances(instances: Sequence[Mapping[str, np.ndarray]], max_seq_length: int, max_predictions: int,
-                     vocab_size: int | None, first_index: int, path: Path) -> dict[str, np.ndarray]:
-  """Stacks instances into [n, ...] arrays, checking they are well-formed padded instances.
+                     first_index: int, path: Path) -> dict[str, np.ndarray]:
+  """Stacks single instances into [n, ...] arrays, naming the first instance whose feature has the wrong shape."""
+  batch = {}
+  for name in FEATURE_NAMES:
+    expected_shape = _feature_shape(name, max_seq_length, max_predictions)
+    allowed_shapes = {expected_shape, (1,)} if name == "next_sentence_labels" else {expected_shape}
+    bad = [index for index, instance in enumerate(instances) if instance[name].shape not in allowed_shapes]
+    if bad:
+      raise ValueError(f"instance {first_index + bad[0]} written to {path}: {name} does not have the shape "
+                       f"{expected_shape}")
+    batch[name] = np.stack([instance[name].reshape(expected_shape) for instance in instances])
+  return batch
+
+
+def _check_batch(arrays: Mapping[str, np.ndarray], max_seq_length: int, max_predictions: int,
+                 vocab_size: int | None, first_index: int, path: Path) -> dict[str, np.ndarray]:
+  """Checks that [n, ...] arrays are well-formed padded instances; returns them with the derived lengths added.
 
   The native format stores lengths instead of masks, so a mask that is not a prefix of ones (or segment ids that are
   not 0...0 1...1 over the real tokens) cannot be stored; such an instance is a bug in the caller: ValueError naming
-  the instance's index in the shard.
+  the instance's index in the shard. Integer features come back as int64, the weights as float32.
   """
   def check(row_ok: np.ndarray, problem: str) -> None:
     bad = np.flatnonzero(~row_ok)
     if bad.size:
       raise ValueError(f"instance {first_index + int(bad[0])} written to {path}: {problem}")
 
+  count = len(arrays["input_ids"])
   batch = {}
   for name in FEATURE_NAMES:
-    width = max_seq_length if name in SEQUENCE_FEATURES else max_predictions
-    expected_shape = () if name == "next_sentence_labels" else (width,)
-    allowed_shapes = {expected_shape, (1,)} if name == "next_sentence_labels" else {expected_shape}
-    check(np.array([instance[name].shape in allowed_shapes for instance in instances]),
-          f"{name} does not have the shape {expected_shape}")
-    array = np.stack([instance[name].reshape(expected_shape) for instance in instances])
+    array = arrays[name]
+    expected_shape = (count,) + _feature_shape(name, max_seq_length, max_predictions)
+    if name == "next_sentence_labels" and array.shape == (count, 1):
+      array = array.reshape(count)
+    if array.shape != expected_shape:
+      raise ValueError(f"instances {first_index}.. written to {path}: {name} has the shape {array.shape}, expected "
+                       f"{expected_shape}")
     if name == "masked_lm_weights":
-      batch[name] = array.astype(np.float32)
+      batch[name] = array.astype(np.float32, copy=False)
       continue
     if not np.issubdtype(array.dtype, np.integer):
       raise ValueError(f"instances {first_index}.. written to {path}: {name} has dtype {array.dtype}, not integer")
-    flat = array.reshape(len(instances), -1).astype(np.int64)
+    flat = array.reshape(count, math.prod(expected_shape[1:])).astype(np.int64)  # -1 fails for count 0
     check((flat >= 0).all(axis=1) & (flat < 2**32).all(axis=1), f"{name} must hold integers in [0, 2**32)")
-    batch[name] = array.astype(np.int64)
+    batch[name] = flat.reshape(expected_shape)
 
   positions = np.arange(max_seq_length)
   num_tokens = batch["input_mask"].sum(axis=1)
@@ -216,10 +242,7 @@ def _stack_instances(instances: Sequence[Mapping[str, np.ndarray]], max_seq_leng
   if vocab_size is not None:
     row_max = np.maximum(batch["input_ids"].max(axis=1, initial=0), batch["masked_lm_ids"].max(axis=1, initial=0))
     check(row_max < vocab_size, f"a token id is outside the vocabulary of {vocab_size} entries")
-  batch["num_tokens"] = num_tokens
-  batch["segment_b_start"] = segment_b_start
-  batch["num_predictions"] = num_predictions
-  return batch
+  return batch | {"num_tokens": num_tokens, "segment_b_start": segment_b_start, "num_predictions": num_predictions}
 
 
 def _max_id(batch: Mapping[str, np.ndarray]) -> int:
@@ -227,7 +250,8 @@ def _max_id(batch: Mapping[str, np.ndarray]) -> int:
 
 
 class _StreamingWriter:
-  """Common writer behaviour: buffering, vectorised chunks, temp file renamed on close, context manager."""
+  """Common writer behaviour: single instances buffered into vectorised chunks or whole batches written at once,
+  temp file renamed on close, context manager."""
 
   def __init__(self, path: str | os.PathLike, max_seq_length: int | None, max_predictions_per_seq: int | None,
                vocab_size: int | None):
@@ -261,6 +285,30 @@ class _StreamingWriter:
     for instance in instances:
       self.write(instance)
 
+  def write_batch(self, batch: Mapping[str, Any]) -> None:
+    """Writes n instances given as [n, ...] arrays of the `FEATURE_NAMES` (next_sentence_labels [n] or [n, 1]).
+
+    The fast path for generators that already hold instances as arrays: no per-instance copies or stacking. The
+    bytes are exactly those of `write`-ing the rows one by one (after any instances still queued by `write`), since
+    records are encoded independently and the checksum streams. The batch is encoded at once, so the caller bounds
+    memory by its batch size. A malformed row raises ValueError naming its index in the shard, before anything of
+    the batch is written.
+    """
+    self._flush()
+    try:
+      arrays = {name: np.asarray(batch[name]) for name in FEATURE_NAMES}
+    except KeyError as error:
+      raise ValueError(f"batch written to {self.path} at instance {self.count} lacks the feature {error}; expected "
+                       f"{list(FEATURE_NAMES)}") from None
+    for name in ("input_ids", "masked_lm_ids"):
+      if arrays[name].ndim != 2:
+        raise ValueError(f"batch written to {self.path} at instance {self.count}: {name} has the shape "
+                         f"{arrays[name].shape}, not [n, width]; use write() for a single instance")
+    if self.max_seq_length is None:
+      self.max_seq_length = arrays["input_ids"].shape[1]
+      self.max_predictions_per_seq = arrays["masked_lm_ids"].shape[1]
+    self._write_checked(arrays)
+
   def _flush(self) -> None:
     if not self._pending:
       return
@@ -268,12 +316,19 @@ class _StreamingWriter:
     if self.max_seq_length is None:
       self.max_seq_length = instances[0]["input_ids"].size
       self.max_predictions_per_seq = instances[0]["masked_lm_ids"].size
-    batch = _stack_instances(instances, self.max_seq_length, self.max_predictions_per_seq, self.vocab_size,
-                             self.count, self.path)
+    self._write_checked(_stack_instances(instances, self.max_seq_length, self.max_predictions_per_seq, self.count,
+                                         self.path))
+
+  def _write_checked(self, arrays: Mapping[str, np.ndarray]) -> None:
+    """Checks, encodes and appends [n, ...] arrays of instances."""
+    batch = _check_batch(arrays, self.max_seq_length, self.max_predictions_per_seq, self.vocab_size, self.count,
+                         self.path)
+    if not len(batch["num_tokens"]):
+      return  # an empty batch adds no bytes, as writing no instance would not
     data = self._encode(batch)
     self._file.write(data)
     self._crc = zlib.crc32(data, self._crc)
-    self.count += len(instances)
+    self.count += len(batch["num_tokens"])
     self.max_id = max(self.max_id, _max_id(batch))
 
   def _encode(self, batch: dict[str, np.ndarray]) -> bytes:

@@ -57,7 +57,7 @@ DEFAULT_MAX_SHARD_BYTES = 16 << 20  # ~0.1 GB of RAM per worker on top of ~0.1 G
 OUTPUT_PREFIX = "instances"
 
 _READ_CHUNK_BYTES = 1 << 20  # input read, decoded and tokenised this much at a time
-_WRITE_BLOCK = 4096  # instances gathered into padded arrays at once when writing
+_WRITE_BLOCK = 4096  # instances gathered into padded arrays and handed to the writer at once
 _PROGRESS_INTERVAL_S = 0.25
 # Share of an input shard's bytes credited to the progress bar by each phase, so the ETA tracks all three.
 _PHASE_SHARE = {"read": 0.3, "generate": 0.5, "write": 0.2}
@@ -491,7 +491,8 @@ class _DocumentGenerator:
 
 def write_instances(store: InstanceStore, order: Sequence[int], writer, max_seq_length: int,
                     max_predictions: int, on_block: Callable[[int], None] = lambda _: None) -> None:
-  """Streams the instances in `order` to a `records` writer as Google-schema dicts, padded in blocks."""
+  """Streams the instances in `order` to a `records` writer as Google-schema arrays, padded and written in blocks of
+  `_WRITE_BLOCK` instances (`write_batch`), so memory stays bounded by one block and no instance is copied alone."""
   tokens = np.frombuffer(store.tokens, store.tokens.typecode)
   bounds = np.frombuffer(store.bounds, np.int64)
   segment_b_starts = np.frombuffer(store.segment_b_starts, np.uint16)
@@ -519,8 +520,7 @@ def write_instances(store: InstanceStore, order: Sequence[int], writer, max_seq_
     else:
       batch["masked_lm_positions"] = batch["masked_lm_ids"] = np.zeros((len(block), 0), np.int32)
       batch["masked_lm_weights"] = np.zeros((len(block), 0), np.float32)
-    for row in range(len(block)):
-      writer.write({name: values[row] for name, values in batch.items()})
+    writer.write_batch(batch)
     on_block(len(block))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clinical_bert_jax import records
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.records import FEATURE_NAMES, PretrainingData, read_manifest
 from clinical_bert_jax.tokenization import FullTokenizer
@@ -337,6 +338,40 @@ def test_shards_are_separate_google_runs_and_workers_do_not_change_output(large_
                             options=InstanceOptions(dupe_factor=1, max_seq_length=64, random_seed=12345 + index))
     shard_file = tmp_path / "one" / one["shards"][index]["name"]
     assert_same_instances(read_all(shard_file), read_all(tmp_path / f"alone{index}"))
+
+
+class _RowByRowWriter:
+  """Hands every row of a block to `write` on its own: the generator's path before `write_batch`."""
+
+  def __init__(self, writer):
+    self.writer = writer
+
+  def write_batch(self, batch: dict[str, np.ndarray]) -> None:
+    for row in range(len(batch["input_ids"])):
+      self.writer.write({name: values[row] for name, values in batch.items()})
+
+
+@pytest.mark.parametrize("file_format", [records.FORMAT_NATIVE, records.FORMAT_TFRECORD])
+@pytest.mark.parametrize("masking", ["static", "none"])
+def test_block_writes_are_byte_identical_to_instance_writes(file_format, masking, inputs, vocabs, tmp_path,
+                                                           monkeypatch):
+  monkeypatch.setattr(cpd, "_WRITE_BLOCK", 150)  # several blocks, the last one partial
+  vocab_file, do_lower_case = vocabs["uncased"]
+  options = InstanceOptions(dupe_factor=2, max_seq_length=64, masking=masking)
+  tokenizer = FullTokenizer(str(vocab_file), do_lower_case)
+  vocab = cpd.VocabIds.from_tokenizer(tokenizer)
+  size = inputs["demo"].stat().st_size
+  corpus = cpd.read_corpus(cpd.ShardTask(str(inputs["demo"]), 0, size, 12345, "unused"), tokenizer, vocab)
+  store, order = cpd.generate_instances(corpus, options, vocab, 12345)
+  assert len(order) > 3 * 150 and len(order) % 150
+  infos = {}
+  for path, wrap in [(tmp_path / "blocks.bin", lambda writer: writer), (tmp_path / "rows.bin", _RowByRowWriter)]:
+    with records.open_writer(file_format, path, options.max_seq_length, options.stored_predictions,
+                             records.vocab_fingerprint(vocab_file)[1]) as writer:
+      cpd.write_instances(store, order, wrap(writer), options.max_seq_length, options.stored_predictions)
+    infos[path.name] = writer.info
+  assert (tmp_path / "blocks.bin").read_bytes() == (tmp_path / "rows.bin").read_bytes()
+  assert infos["blocks.bin"].checksum == infos["rows.bin"].checksum and infos["rows.bin"].count == len(order)
 
 
 def test_document_longer_than_a_shard_is_cut_at_a_line(tmp_path, vocabs):

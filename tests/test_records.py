@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -108,6 +109,49 @@ def test_round_trip_in_random_order(tmp_path, writer_class):
   assert single["input_ids"].shape == (SEQ_LEN,) and single["next_sentence_labels"].shape == ()
   np.testing.assert_array_equal(single["segment_ids"], instances[7]["segment_ids"])
   assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("writer_class", [NativeShardWriter, TFRecordWriter])
+def test_batch_writes_are_byte_identical_to_instance_writes(tmp_path, writer_class):
+  # 2,500 instances cross the per-instance writer's chunk boundaries; the batch writer gets uneven batches, a
+  # [n, 1] label column, an empty batch and single instances queued in between, as callers may mix them.
+  instances = make_instances(2500, seed=21, vocab_size=70_000)
+  one_by_one, batched = tmp_path / "one_by_one.bin", tmp_path / "batched.bin"
+  with writer_class(one_by_one, SEQ_LEN, PREDICTIONS, 70_000) as writer:
+    writer.write_many(instances)
+  expected_info = dataclasses.replace(writer.info, name=batched.name)
+  with writer_class(batched, SEQ_LEN, PREDICTIONS, 70_000) as writer:
+    writer.write_batch(stacked(instances[:1500]))
+    writer.write(instances[1500])
+    tail = stacked(instances[1501:])
+    writer.write_batch({name: values[:0] for name, values in tail.items()})
+    writer.write_batch(tail | {"next_sentence_labels": tail["next_sentence_labels"][:, None]})
+  assert one_by_one.read_bytes() == batched.read_bytes()
+  assert writer.info == expected_info and expected_info.count == 2500
+
+
+def test_batch_writes_reject_malformed_rows_and_fix_shapes_when_not_given(tmp_path):
+  instances = make_instances(5, seed=22)
+  batch = stacked(instances)
+  batch["input_mask"] = batch["input_mask"].copy()
+  batch["input_mask"][3, 0] = 0  # a hole in the mask: every instance has at least 3 tokens
+  for writer_class in (NativeShardWriter, TFRecordWriter):
+    writer = writer_class(tmp_path / "bad.bin", SEQ_LEN, PREDICTIONS, VOCAB_SIZE)
+    writer.write(instances[0])
+    with pytest.raises(ValueError, match=r"instance 4 written to .*bad\.bin: input_mask"):
+      writer.write_batch(batch)
+    writer.abort()
+    with pytest.raises(ValueError, match="input_ids has the shape"):
+      writer_class(tmp_path / "flat.bin", SEQ_LEN, PREDICTIONS, VOCAB_SIZE).write_batch(instances[0])
+    with pytest.raises(ValueError, match="lacks the feature 'segment_ids'"):
+      writer_class(tmp_path / "partial.bin", SEQ_LEN, PREDICTIONS, VOCAB_SIZE).write_batch(
+          {name: values for name, values in batch.items() if name != "segment_ids"})
+  assert os.listdir(tmp_path) == []
+  with TFRecordWriter(tmp_path / "unknown_shapes.tfrecord") as writer:
+    writer.write_batch(stacked(instances))
+  assert writer.info.count == 5
+  assert_batches_equal(PretrainingData.open(str(tmp_path / "unknown_shapes.tfrecord")).get_batch(np.arange(5)),
+                       stacked(instances))
 
 
 def test_native_shard_is_compact_and_switches_to_uint32_ids_for_large_vocabularies(tmp_path):
