@@ -275,8 +275,14 @@ def read_corpus(task: ShardTask, tokenizer: FullTokenizer, vocab: VocabIds,
 
 def _decode_error_message(task: ShardTask, data: bytes, error: UnicodeDecodeError, lines_before: int) -> str:
   """Names the file and line (counted from the file start) of undecodable bytes, without quoting the text."""
-  with open(task.path, "rb") as handle:
-    lines_before_shard = handle.read(task.start).count(b"\n")
+  lines_before_shard, remaining = 0, task.start
+  with open(task.path, "rb") as handle:  # counted in 16 MiB blocks: the shard may start gigabytes into the file
+    while remaining > 0:
+      block = handle.read(min(remaining, 16 << 20))
+      if not block:
+        break
+      lines_before_shard += block.count(b"\n")
+      remaining -= len(block)
   line_number = lines_before_shard + lines_before + data.count(b"\n", 0, error.start) + 1
   return (f"--input file {task.path} line {line_number} is not valid UTF-8 ({error.reason}); convert the file to "
           "UTF-8, e.g. with iconv")
@@ -807,8 +813,9 @@ def main(argv: Sequence[str]) -> None:
 
 def _warn_if_case_mismatch(vocab_file: str | os.PathLike, tokens: Sequence[str], do_lower_case: bool) -> None:
   """Cased text through an uncased vocabulary turns most capitalised words into [UNK]: say so before a long run."""
-  has_upper_case = any(token != token.lower() for token in tokens if not token.startswith("["))
-  if not do_lower_case and not has_upper_case:
+  from clinical_bert_jax.vocab import vocab_is_cased
+
+  if not do_lower_case and not vocab_is_cased(list(tokens)):
     logging.warning("%s has no upper-case tokens (an uncased vocabulary) but --do_lower_case is off", vocab_file)
 
 
