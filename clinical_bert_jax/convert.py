@@ -204,4 +204,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  run_absl(main)
+  run_absl(main, positional_args=True)

@@ -37,10 +37,11 @@ def cli_main(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]],
   return wrapped
 
 
-def run_absl(main: Callable[[Sequence[str]], None]) -> None:
+def run_absl(main: Callable[[Sequence[str]], None], positional_args: bool = False) -> None:
   """`absl.app.run(cli_main(main))`, also turning flag-parsing errors into one line.
 
   absl prints usage plus the error for a bad flag or a missing flagfile; we keep its one-line reason and exit 2.
+  Unless `positional_args` (tools with subcommands), anything that is not a --flag is refused here, once for all tools.
   """
   from absl import app, flags
 
@@ -51,4 +52,6 @@ def run_absl(main: Callable[[Sequence[str]], None]) -> None:
     report_and_exit(UserError(f"{error} (see --helpfull for the list of flags)"))
   except (OSError, IOError) as error:  # e.g. --flagfile that does not exist
     report_and_exit(UserError(f"cannot read flags: {error}"))
+  if not positional_args and len(argv) > 1:
+    report_and_exit(UserError(f"unexpected arguments {' '.join(argv[1:])!r}; every option is a --flag=value"))
   app.run(cli_main(main), argv=argv)

@@ -214,4 +214,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  run_absl(main)
+  run_absl(main, positional_args=True)

@@ -170,8 +170,6 @@ def read_prediction_file(path: str | os.PathLike) -> tuple[list[list[str]], list
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {list(argv[1:])}; usage: --predictions=FILE")
   path = flags.FLAGS.predictions
   if not path:
     raise UserError("--predictions is required: a file of 'word gold pred' lines")

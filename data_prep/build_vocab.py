@@ -222,8 +222,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
   build_vocab(FLAGS.input, FLAGS.output, FLAGS.vocab_size, cased=FLAGS.cased, method=FLAGS.method,
               num_unused=FLAGS.num_unused, min_frequency=FLAGS.min_frequency, limit_alphabet=FLAGS.limit_alphabet,
               sentencepiece_model_type=FLAGS.sentencepiece_model_type, overwrite=FLAGS.overwrite)

@@ -787,8 +787,6 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   from absl import flags
 
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; pass everything as --flag=value")
   values = flags.FLAGS
   options = InstanceOptions(
       max_seq_length=values.max_seq_length, max_predictions_per_seq=values.max_predictions_per_seq,

@@ -457,8 +457,6 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])!r}; every option is a --flag")
   FLAGS = flags.FLAGS
   manifest = format_notes(
       FLAGS.input, FLAGS.output_dir, categories=parse_categories(FLAGS.categories), source=FLAGS.source,

@@ -584,8 +584,6 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; all options are --flags")
   flag_values = flags.FLAGS
   if flag_values.task == "2006" and flag_values.seed is not None:
     logging.warning("--seed has no effect for --task=2006: its dev split is the last 30%% of the sentences")

@@ -323,8 +323,6 @@ def generate(num_notes: int, seed: int) -> bytes:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])!r}; every option is a --flag")
   data = generate(flags.FLAGS.num_notes, flags.FLAGS.seed)
   with atomic_write(flags.FLAGS.output, mode="wb") as handle:
     handle.write(data)

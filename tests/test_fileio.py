@@ -49,3 +49,11 @@ def _umask():
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def test_every_flag_only_tool_refuses_positional_arguments():
+  """run_absl refuses stray arguments once for all tools (a forgotten `--` is a common typo)."""
+  from tests.cli_util import assert_one_line_error, run_module
+
+  result = run_module("data_prep.synthetic_notes", "--output=/nonexistent/x.csv", "stray")
+  assert_one_line_error(result, "unexpected arguments 'stray'")

@@ -57,8 +57,6 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments {argv[1:]}; all options are --flags")
   values = flags.FLAGS
   builder = build(values.dataset, values.manual_dir, values.data_dir, values.overwrite)
   sizes = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
