@@ -22,8 +22,8 @@ from clinical_bert_jax.eval_tasks import bert_adam, grid, hf_checkpoint, mednli,
 from data_prep.conll import Sentence
 from tests.cli_util import assert_one_line_error, run_module
 
-NCBI = Path("/work/shared/data/ner/ncbi-disease")
-SNLI = Path("/work/shared/data/nli/snli-mednli-schema")
+NCBI = Path(__file__).parent / "data" / "ner" / "ncbi-disease"
+SNLI = Path(__file__).parent / "data" / "nli" / "snli-mednli-schema"
 # The CI machine is shared by many test processes: torch's default thread pool spins under contention, one thread
 # is several times faster there.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ from data_prep.format_mimic import NoteStats, category_stem, format_notes, iter_
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "data_prep" / "demo_corpus"
 SYNTHETIC = DEMO_CORPUS / "NOTEEVENTS_synthetic.csv"
-HEADER_ONLY_DEMO = REPO.parent / "shared" / "data" / "notes" / "mimic-iii-demo-schema" / "NOTEEVENTS.csv"
+HEADER_ONLY_DEMO = REPO / "tests" / "data" / "notes" / "mimic-iii-demo-schema" / "NOTEEVENTS.csv"
 MIMIC3_HEADER = ["row_id", "subject_id", "hadm_id", "chartdate", "charttime", "storetime", "category",
                  "description", "cgid", "iserror", "text"]
 # Stands in for protected note text: it must never appear in an error message or in logs.
@@ -134,9 +134,7 @@ BAD_INPUTS = {
     "extra_field": (b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"a\",\"" + SECRET.encode() + b"\"\n",
                     "line 2 has 4 fields but the header has 3"),
     "empty_file": (b"", "is empty"),
-    "header_only": (HEADER_ONLY_DEMO.read_bytes() if HEADER_ONLY_DEMO.exists() else
-                    b"row_id,subject_id,hadm_id,chartdate,charttime,storetime,category,description,cgid,iserror,text\n",
-                    "has a header but no note rows"),
+    "header_only": (HEADER_ONLY_DEMO.read_bytes(), "has a header but no note rows"),
     "only_error_rows": (b"ROW_ID,CATEGORY,ISERROR,TEXT\n1,Nursing,1,\"" + SECRET.encode() + b"\"\n",
                         r"no notes written .*'iserror': 1"),
     "truncated_gzip": (gzip.compress(b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"" + SECRET.encode() * 9 + b"\"\n")[:-12],

@@ -20,7 +20,7 @@ from data_prep import conll, format_mimic, i2b2
 from data_prep.tfds_builders import build, mednli
 from tests.cli_util import REPO, assert_one_line_error, run_module
 
-SNLI_DIR = Path("/work/shared/data/nli/snli-mednli-schema")
+SNLI_DIR = Path(__file__).parent / "data" / "nli" / "snli-mednli-schema"
 ACI_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv"
 SYNTHETIC_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"
 I2B2_FIXTURES = Path(__file__).parent / "fixtures" / "i2b2"

@@ -22,9 +22,9 @@ from clinical_bert_jax import tokenization
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.tokenization import FullTokenizer, load_vocab
 
-SHARED_NOTES = Path("/work/shared/data/notes")
+SHARED_NOTES = Path(__file__).parent / "data" / "notes"
 SAMPLE_TEXT = SHARED_NOTES / "bert-sample-text" / "sample_text.txt"
-ACI_BENCH_CSV = SHARED_NOTES / "aci-bench" / "NOTEEVENTS_aci_bench.csv"
+ACI_BENCH_CSV = Path(__file__).resolve().parents[1] / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv"
 
 EDGE_CASES = [
     "Café naïve résumé ÀÉÎÕÜ Zürich ZÜRICH straße STRASSE ǅ ﬁ Ⅻ",  # accents, ligatures, title case
