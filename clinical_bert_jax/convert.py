@@ -24,6 +24,7 @@ from clinical_bert_jax import model_io, weight_names
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
+from clinical_bert_jax.vocab import special_tokens_map
 
 FLAGS = flags.FLAGS
 PARITY_TOLERANCE = 1e-3  # max abs logit difference, fp32 on CPU (observed ~1e-5)
@@ -32,8 +33,7 @@ COMMANDS = ("from_hf", "from_tf", "to_hf")
 
 # ------------------------------------------------------------------------------------------------ export to HF
 def _tokenizer_files(do_lower_case: bool, model_max_length: int) -> dict[str, Any]:
-  special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-             "mask_token": "[MASK]"}
+  special = special_tokens_map()
   tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": do_lower_case,
                       "strip_accents": None, "tokenize_chinese_chars": True, "model_max_length": model_max_length,
                       "clean_up_tokenization_spaces": False, **special}

@@ -163,7 +163,7 @@ def write_embeddings(output: str, array: np.ndarray, index: dict) -> Path:
 def vocabulary_words(tokens: Sequence[str]) -> list[str]:
   """Whole-word vocabulary entries that can be neighbours: no `##` pieces, no `[...]` specials, some letter."""
   return [token for token in dict.fromkeys(tokens)
-          if token and not token.startswith("##") and not (token.startswith("[") and token.endswith("]"))
+          if token and not token.startswith(CONTINUATION_PREFIX) and not is_bracketed_special(token)
           and any(char.isalpha() for char in token)]
 
 

@@ -36,14 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.tokenization import load_vocab
+from clinical_bert_jax.vocab import CLS_TOKEN, CONTINUATION_PREFIX, MASK_TOKEN, PAD_TOKEN, SEP_TOKEN, read_vocab
 
 Array = jax.Array
 
 MASK_PROBABILITY = 0.8  # of a chosen position: becomes [MASK]
 KEEP_PROBABILITY = 0.1  # stays the original token; the remaining 0.1 becomes a random id
-NEVER_MASKED_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
-CONTINUATION_PREFIX = "##"
+NEVER_MASKED_TOKENS = (CLS_TOKEN, SEP_TOKEN, PAD_TOKEN)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,21 +56,21 @@ class MaskingVocab:
 
   @classmethod
   def from_tokens(cls, tokens: Sequence[str], source: str = "vocabulary") -> "MaskingVocab":
-    """`tokens[i]` is the token with id i (the line order of `vocab.txt`)."""
+    """`tokens[i]` is the token with id i (the line order of `vocab.txt`, as `vocab.read_vocab` returns it)."""
     ids = {}
     for index, token in enumerate(tokens):
       ids.setdefault(token, index)
-    missing = [token for token in ("[MASK]",) + NEVER_MASKED_TOKENS if token not in ids]
+    missing = [token for token in (MASK_TOKEN,) + NEVER_MASKED_TOKENS if token not in ids]
     if missing:
       raise UserError(f"{source} has no {', '.join(missing)} token; dynamic masking needs a BERT vocabulary")
-    return cls(vocab_size=len(tokens), mask_token_id=ids["[MASK]"],
+    return cls(vocab_size=len(tokens), mask_token_id=ids[MASK_TOKEN],
                special_token_ids=tuple(ids[token] for token in NEVER_MASKED_TOKENS),
                is_continuation=np.array([token.startswith(CONTINUATION_PREFIX) for token in tokens], dtype=bool))
 
   @classmethod
   def from_vocab_file(cls, vocab_file: str | os.PathLike) -> "MaskingVocab":
-    """Ids exactly as Google's `load_vocab` assigns them (one token per line; see `tokenization.load_vocab`)."""
-    return cls.from_tokens(list(load_vocab(vocab_file)), source=f"vocabulary {vocab_file}")
+    """The tables of a vocab.txt, read by `vocab.read_vocab` (the reader the tokenizer and the model use)."""
+    return cls.from_tokens(read_vocab(vocab_file), source=f"vocabulary {vocab_file}")
 
 
 def prediction_budget_table(max_seq_length: int, max_predictions_per_seq: int,

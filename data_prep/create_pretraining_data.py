@@ -48,7 +48,8 @@ from absl import logging
 from clinical_bert_jax import records
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
-from clinical_bert_jax.tokenization import CONTINUATION_PREFIX, FullTokenizer
+from clinical_bert_jax.tokenization import FullTokenizer
+from clinical_bert_jax.vocab import CONTINUATION_PREFIX
 from data_prep.build_vocab import CLS, MASK, SEP, UNK, check_vocab, expand_inputs
 
 MASKING_MODES = ("static", "none")
