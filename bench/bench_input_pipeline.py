@@ -125,7 +125,7 @@ def main(argv) -> None:
       print(f"wrote {FLAGS.num_instances} {file_format} instances in {write_seconds:.1f} s", flush=True)
       for batch_size in batch_sizes:
         pipeline = PretrainingInput(data, batch_size, seed=0)
-        sync = _rate(lambda: next(pipeline), FLAGS.seconds)
+        sync = _rate(lambda: next(pipeline), FLAGS.seconds)  # noqa: B023 (called right here)
         with Prefetcher(PretrainingInput(data, batch_size, seed=1), FLAGS.prefetch) as prefetcher:
           threaded = _rate(lambda: next(prefetcher), FLAGS.seconds)
         rows.append((file_format, batch_size, sync, threaded))

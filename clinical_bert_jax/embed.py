@@ -29,6 +29,7 @@ from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.eval_tasks.hf_checkpoint import (HfCheckpoint, WordPieceEncoder, load_pretrained,
                                                         open_checkpoint, resolve_device)
 from clinical_bert_jax.fileio import atomic_write
+from clinical_bert_jax.vocab import CONTINUATION_PREFIX, is_bracketed_special
 
 DEFAULT_QUERIES = ["glucose", "seizure", "pneumonia", "Transfer", "Admitted", "Discharge", "beach", "newspaper",
                    "table"]

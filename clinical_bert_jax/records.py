@@ -1027,9 +1027,9 @@ class PretrainingData:
     """Checks that the data fits the model about to train on it; UserError naming the first mismatch.
 
     `vocab_size` is the number of entries of the vocabulary file (`vocab_fingerprint`), not an embedding table
-    padded for speed: shards record the former. Token ids are checked against `vocab_size` here for native shards (footer max id) and on every read for
-    TFRecords, because an out-of-range id would be silently clamped by JAX's gather. Pass
-    `max_predictions_per_seq=None` when the trainer does not use the stored predictions (dynamic masking).
+    padded for speed: shards record the former. Token ids are checked against `vocab_size` here for native shards
+    (footer max id) and on every read for TFRecords, because an out-of-range id would be silently clamped by JAX's
+    gather. Pass `max_predictions_per_seq=None` when the trainer does not use the stored predictions (dynamic masking).
     """
     manifest = self.manifest or {}
     where = f"the manifest of {self.shards[0].path.parent}"
