@@ -22,6 +22,8 @@ from clinical_bert_jax import tokenization
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.tokenization import FullTokenizer, load_vocab
 
+pytestmark = pytest.mark.slow  # Google's tokenizer as oracle in a subprocess
+
 SHARED_NOTES = Path(__file__).parent / "data" / "notes"
 SAMPLE_TEXT = SHARED_NOTES / "bert-sample-text" / "sample_text.txt"
 ACI_BENCH_CSV = Path(__file__).resolve().parents[1] / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv"
