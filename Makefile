@@ -8,7 +8,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
             HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DEMO_DIR ?= demo_out
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -19,8 +19,16 @@ $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+lint: install
+	$(PY) -m ruff check .
+
+# Everything (<= 15 min on 2 cores).
 test: install
 	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 tests
+
+# The unit tier (< 3 min on 2 cores): no training runs, no CLI subprocess suites, no TF/PyTorch oracles.
+test-fast: install
+	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=10 -m "not slow" tests
 
 demo: install
 	$(TEST_ENV) bash scripts/demo.sh $(DEMO_DIR)

@@ -31,6 +31,7 @@ from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.input_pipeline import Prefetcher, PretrainingInput
 from clinical_bert_jax.masking import MaskingVocab, dynamic_mask
 from clinical_bert_jax.records import FORMAT_NATIVE, FORMAT_TFRECORD, PretrainingData, open_writer
+from data_prep.build_vocab import special_tokens
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_instances", 20000, "synthetic instances written per format")
@@ -98,7 +99,7 @@ def _rate(step: Callable[[], object], seconds: float, warmup: int = 3) -> float:
 
 
 def _masking_ms(batch_size: int, whole_word: bool) -> float:
-  tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  tokens = special_tokens(99)  # Google's layout: [PAD], [unused0..98], [UNK], [CLS], [SEP], [MASK]
   tokens += [f"##p{i}" if i % 5 == 0 else f"w{i}" for i in range(FLAGS.vocab_size - len(tokens))]
   vocab = MaskingVocab.from_tokens(tokens)
   mask = jax.jit(functools.partial(
@@ -125,7 +126,7 @@ def main(argv) -> None:
       print(f"wrote {FLAGS.num_instances} {file_format} instances in {write_seconds:.1f} s", flush=True)
       for batch_size in batch_sizes:
         pipeline = PretrainingInput(data, batch_size, seed=0)
-        sync = _rate(lambda: next(pipeline), FLAGS.seconds)
+        sync = _rate(lambda: next(pipeline), FLAGS.seconds)  # noqa: B023 (called right here)
         with Prefetcher(PretrainingInput(data, batch_size, seed=1), FLAGS.prefetch) as prefetcher:
           threaded = _rate(lambda: next(prefetcher), FLAGS.seconds)
         rows.append((file_format, batch_size, sync, threaded))

@@ -23,8 +23,7 @@ import numpy as np
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.model import BertForPreTraining
 from clinical_bert_jax.model_io import LoadedModel, load_model
-
-MASK_TOKEN = "[MASK]"
+from clinical_bert_jax.vocab import CLS_TOKEN, MASK_TOKEN, SEP_TOKEN
 
 
 @dataclasses.dataclass
@@ -66,7 +65,7 @@ class Bert:
   def batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
             max_length: int = 128) -> dict[str, np.ndarray]:
     """`[CLS] A [SEP] (B [SEP])`, segment ids, padding mask; sequences longer than max_length are truncated."""
-    cls_id, sep_id = self._special_id("[CLS]"), self._special_id("[SEP]")
+    cls_id, sep_id = self._special_id(CLS_TOKEN), self._special_id(SEP_TOKEN)
     rows = []
     for index, text in enumerate(texts):
       first = self._pieces(text)

@@ -1,8 +1,8 @@
 """BERT hyperparameters, read from and written to the two formats users hold.
 
 Hugging Face `config.json` and Google's `bert_config.json` carry the same numbers under mostly the same names; the traps
-are in the defaults (Google's code defaults `type_vocab_size` to 16, HF to 2) and in `hidden_act`, where `gelu` means the
-exact erf form in both and `gelu_new` the tanh approximation (bert-pretraining.md §4).
+are in the defaults (Google's code defaults `type_vocab_size` to 16, HF to 2) and in `hidden_act`, where `gelu` means
+the exact erf form in both and `gelu_new` the tanh approximation (bert-pretraining.md §4).
 """
 
 from __future__ import annotations

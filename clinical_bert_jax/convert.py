@@ -1,7 +1,8 @@
 """Checkpoint conversion: Hugging Face ⇄ ours ⇄ Google TF.
 
   python -m clinical_bert_jax.convert from_hf --model_dir=DIR --output_dir=OUT
-  python -m clinical_bert_jax.convert from_tf --tf_checkpoint=PREFIX --bert_config=FILE [--vocab_file=F] --output_dir=OUT
+  python -m clinical_bert_jax.convert from_tf --tf_checkpoint=PREFIX --bert_config=FILE [--vocab_file=F] \
+      --output_dir=OUT
   python -m clinical_bert_jax.convert to_hf --checkpoint_dir=DIR [--step=N] --output_dir=OUT
 
 `to_hf` writes what `transformers` users expect (config.json, model.safetensors, vocab.txt, tokenizer_config.json with
@@ -21,9 +22,9 @@ import numpy as np
 from absl import flags, logging
 
 from clinical_bert_jax import model_io, weight_names
-from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
+from clinical_bert_jax.vocab import special_tokens_map
 
 FLAGS = flags.FLAGS
 PARITY_TOLERANCE = 1e-3  # max abs logit difference, fp32 on CPU (observed ~1e-5)
@@ -32,8 +33,7 @@ COMMANDS = ("from_hf", "from_tf", "to_hf")
 
 # ------------------------------------------------------------------------------------------------ export to HF
 def _tokenizer_files(do_lower_case: bool, model_max_length: int) -> dict[str, Any]:
-  special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-             "mask_token": "[MASK]"}
+  special = special_tokens_map()
   tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": do_lower_case,
                       "strip_accents": None, "tokenize_chinese_chars": True, "model_max_length": model_max_length,
                       "clean_up_tokenization_spaces": False, **special}
@@ -169,7 +169,8 @@ def _write_ours(loaded: model_io.LoadedModel, output_dir: str) -> None:
   with atomic_output_dir(output_dir, FLAGS.overwrite) as staging:
     model_io.save_our_dir(loaded, staging)
   if loaded.report.get("initialised"):
-    print(f"note: the checkpoint has no pretraining heads; freshly initialised: {', '.join(loaded.report['initialised'])}")
+    print("note: the checkpoint has no pretraining heads; freshly initialised: "
+          f"{', '.join(loaded.report['initialised'])}")
   if loaded.report.get("skipped"):
     print(f"note: skipped task-specific tensors: {', '.join(loaded.report['skipped'])}")
   print(f"wrote {output_dir} ({loaded.config.num_hidden_layers} layers, vocab {loaded.config.vocab_size}, "

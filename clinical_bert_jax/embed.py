@@ -29,6 +29,7 @@ from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.eval_tasks.hf_checkpoint import (HfCheckpoint, WordPieceEncoder, load_pretrained,
                                                         open_checkpoint, resolve_device)
 from clinical_bert_jax.fileio import atomic_write
+from clinical_bert_jax.vocab import CONTINUATION_PREFIX, is_bracketed_special
 
 DEFAULT_QUERIES = ["glucose", "seizure", "pneumonia", "Transfer", "Admitted", "Discharge", "beach", "newspaper",
                    "table"]
@@ -163,7 +164,7 @@ def write_embeddings(output: str, array: np.ndarray, index: dict) -> Path:
 def vocabulary_words(tokens: Sequence[str]) -> list[str]:
   """Whole-word vocabulary entries that can be neighbours: no `##` pieces, no `[...]` specials, some letter."""
   return [token for token in dict.fromkeys(tokens)
-          if token and not token.startswith("##") and not (token.startswith("[") and token.endswith("]"))
+          if token and not token.startswith(CONTINUATION_PREFIX) and not is_bracketed_special(token)
           and any(char.isalpha() for char in token)]
 
 

@@ -23,6 +23,9 @@ static shapes allow:
 - `masked_lm_positions` ascending, padded with 0 and weight 0; `masked_lm_ids` the original ids.
 
 The random stream cannot reproduce Google's Python `random` draws: statistics match, individual masks do not.
+
+Shape comments: B batch rows, S sequence length, P `max_predictions_per_seq`; inside the per-row helpers (vmapped)
+the leading B is absent.
 """
 
 from __future__ import annotations
@@ -36,14 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.tokenization import load_vocab
+from clinical_bert_jax.vocab import CLS_TOKEN, CONTINUATION_PREFIX, MASK_TOKEN, PAD_TOKEN, SEP_TOKEN, read_vocab
 
 Array = jax.Array
 
 MASK_PROBABILITY = 0.8  # of a chosen position: becomes [MASK]
 KEEP_PROBABILITY = 0.1  # stays the original token; the remaining 0.1 becomes a random id
-NEVER_MASKED_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
-CONTINUATION_PREFIX = "##"
+NEVER_MASKED_TOKENS = (CLS_TOKEN, SEP_TOKEN, PAD_TOKEN)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,21 +59,21 @@ class MaskingVocab:
 
   @classmethod
   def from_tokens(cls, tokens: Sequence[str], source: str = "vocabulary") -> "MaskingVocab":
-    """`tokens[i]` is the token with id i (the line order of `vocab.txt`)."""
+    """`tokens[i]` is the token with id i (the line order of `vocab.txt`, as `vocab.read_vocab` returns it)."""
     ids = {}
     for index, token in enumerate(tokens):
       ids.setdefault(token, index)
-    missing = [token for token in ("[MASK]",) + NEVER_MASKED_TOKENS if token not in ids]
+    missing = [token for token in (MASK_TOKEN,) + NEVER_MASKED_TOKENS if token not in ids]
     if missing:
       raise UserError(f"{source} has no {', '.join(missing)} token; dynamic masking needs a BERT vocabulary")
-    return cls(vocab_size=len(tokens), mask_token_id=ids["[MASK]"],
+    return cls(vocab_size=len(tokens), mask_token_id=ids[MASK_TOKEN],
                special_token_ids=tuple(ids[token] for token in NEVER_MASKED_TOKENS),
                is_continuation=np.array([token.startswith(CONTINUATION_PREFIX) for token in tokens], dtype=bool))
 
   @classmethod
   def from_vocab_file(cls, vocab_file: str | os.PathLike) -> "MaskingVocab":
-    """Ids exactly as Google's `load_vocab` assigns them (one token per line; see `tokenization.load_vocab`)."""
-    return cls.from_tokens(list(load_vocab(vocab_file)), source=f"vocabulary {vocab_file}")
+    """The tables of a vocab.txt, read by `vocab.read_vocab` (the reader the tokenizer and the model use)."""
+    return cls.from_tokens(read_vocab(vocab_file), source=f"vocabulary {vocab_file}")
 
 
 def prediction_budget_table(max_seq_length: int, max_predictions_per_seq: int,
@@ -106,39 +108,41 @@ def dynamic_mask(rng: Array, input_ids: Array, input_mask: Array, *, max_predict
   """
   if whole_word and is_continuation is None:
     raise ValueError("whole_word masking needs the is_continuation table (MaskingVocab.is_continuation)")
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  real = jnp.asarray(input_mask) > 0
+  input_ids = jnp.asarray(input_ids, jnp.int32)  # [B, S]
+  real = jnp.asarray(input_mask) > 0  # [B, S] bool
   seq_len = input_ids.shape[1]
   order_rng, decision_rng, replacement_rng = jax.random.split(rng, 3)
 
-  candidate = real & ~jnp.isin(input_ids, jnp.asarray(special_token_ids, jnp.int32))
+  candidate = real & ~jnp.isin(input_ids, jnp.asarray(special_token_ids, jnp.int32))  # [B, S] bool
   if whole_word:
-    continues_word = jnp.asarray(is_continuation, bool)[input_ids]
-    has_earlier_candidate = (jnp.cumsum(candidate, axis=1) - candidate) > 0
-    word_start = candidate & ~(continues_word & has_earlier_candidate)
+    continues_word = jnp.asarray(is_continuation, bool)[input_ids]  # [B, S] bool: a "##" piece
+    has_earlier_candidate = (jnp.cumsum(candidate, axis=1) - candidate) > 0  # [B, S] bool
+    word_start = candidate & ~(continues_word & has_earlier_candidate)  # [B, S] bool
   else:
-    word_start = candidate
-  word_id = jnp.cumsum(word_start, axis=1) - 1  # for a candidate: index of its word within the row
-  budget = jnp.asarray(prediction_budget_table(seq_len, max_predictions_per_seq, masked_lm_prob))[real.sum(axis=1)]
+    word_start = candidate  # [B, S] bool
+  word_id = jnp.cumsum(word_start, axis=1) - 1  # [B, S]; for a candidate: index of its word within the row
+  budget_table = jnp.asarray(prediction_budget_table(seq_len, max_predictions_per_seq, masked_lm_prob))  # [S + 1]
+  budget = budget_table[real.sum(axis=1)]  # [B]
 
   # Word starts sort first, in random order; everything else after them (key 2 > any uniform draw).
-  visit_key = jnp.where(word_start, jax.random.uniform(order_rng, input_ids.shape), 2.0)
+  visit_key = jnp.where(word_start, jax.random.uniform(order_rng, input_ids.shape), 2.0)  # [B, S]
   choose = jax.vmap(lambda *row: _choose_words(*row, fill_after_overflow=whole_word))
-  chosen = choose(visit_key, word_start, word_id, candidate, budget)
+  chosen = choose(visit_key, word_start, word_id, candidate, budget)  # [B, S] bool
 
   # The 80/10/10 draw is read at each position's word start, i.e. once per word under whole-word masking.
-  decision = jax.random.uniform(decision_rng, input_ids.shape)
+  decision = jax.random.uniform(decision_rng, input_ids.shape)  # [B, S]
   if whole_word:
-    positions = jnp.arange(seq_len)
-    word_start_position = jax.lax.cummax(jnp.where(word_start, positions, 0), axis=1)
-    decision = jnp.take_along_axis(decision, word_start_position, axis=1)
-  random_ids = jax.random.randint(replacement_rng, input_ids.shape, 0, vocab_size, dtype=jnp.int32)
+    positions = jnp.arange(seq_len)  # [S]
+    word_start_position = jax.lax.cummax(jnp.where(word_start, positions, 0), axis=1)  # [B, S]
+    decision = jnp.take_along_axis(decision, word_start_position, axis=1)  # [B, S]
+  random_ids = jax.random.randint(replacement_rng, input_ids.shape, 0, vocab_size, dtype=jnp.int32)  # [B, S]
   corrupted = jnp.where(decision < MASK_PROBABILITY, jnp.int32(mask_token_id),
-                        jnp.where(decision < MASK_PROBABILITY + KEEP_PROBABILITY, input_ids, random_ids))
-  masked_input_ids = jnp.where(chosen, corrupted, input_ids)
+                        jnp.where(decision < MASK_PROBABILITY + KEEP_PROBABILITY, input_ids, random_ids))  # [B, S]
+  masked_input_ids = jnp.where(chosen, corrupted, input_ids)  # [B, S]
 
-  masked_lm_positions, masked_lm_weights = _sorted_positions(chosen, max_predictions_per_seq)
-  masked_lm_ids = jnp.where(masked_lm_weights > 0, jnp.take_along_axis(input_ids, masked_lm_positions, axis=1), 0)
+  masked_lm_positions, masked_lm_weights = _sorted_positions(chosen, max_predictions_per_seq)  # [B, P] each
+  original_ids = jnp.take_along_axis(input_ids, masked_lm_positions, axis=1)  # [B, P]
+  masked_lm_ids = jnp.where(masked_lm_weights > 0, original_ids, 0)  # [B, P]
   return masked_input_ids, masked_lm_positions, masked_lm_ids, masked_lm_weights
 
 
@@ -151,16 +155,17 @@ def _choose_words(visit_key: Array, word_start: Array, word_id: Array, candidate
   budget is then smaller than one word, so a short `while_loop` (usually 0-2 iterations) finishes the job.
   """
   seq_len = visit_key.shape[0]
-  slots = jnp.arange(seq_len)
-  word_size = jnp.zeros(seq_len, jnp.int32).at[jnp.where(candidate, word_id, seq_len)].add(1, mode="drop")
-  order = jnp.argsort(visit_key)
-  is_word = word_start[order]
-  size = jnp.where(is_word, word_size[jnp.clip(word_id[order], 0)], 0)
-  taken = jnp.cumsum(size)
-  chosen_in_order = is_word & (taken <= budget)
+  slots = jnp.arange(seq_len)  # [S]
+  # word_size[w]: pieces of word w of the row (indexed by word id, not position).
+  word_size = jnp.zeros(seq_len, jnp.int32).at[jnp.where(candidate, word_id, seq_len)].add(1, mode="drop")  # [S]
+  order = jnp.argsort(visit_key)  # [S] positions in visiting order; everything below is indexed by visit slot
+  is_word = word_start[order]  # [S] bool
+  size = jnp.where(is_word, word_size[jnp.clip(word_id[order], 0)], 0)  # [S]
+  taken = jnp.cumsum(size)  # [S]
+  chosen_in_order = is_word & (taken <= budget)  # [S] bool
 
   if fill_after_overflow:
-    overflow = is_word & (taken > budget)
+    overflow = is_word & (taken > budget)  # [S] bool
 
     def still_filling(state):
       _, remaining, last_visited = state
@@ -168,7 +173,7 @@ def _choose_words(visit_key: Array, word_start: Array, word_id: Array, candidate
 
     def take_next_fitting_word(state):
       chosen, remaining, last_visited = state
-      fits = is_word & (slots > last_visited) & (size <= remaining)
+      fits = is_word & (slots > last_visited) & (size <= remaining)  # [S] bool
       found = fits.any()
       slot = jnp.argmax(fits)
       chosen = chosen | (found & (slots == slot))
@@ -181,19 +186,19 @@ def _choose_words(visit_key: Array, word_start: Array, word_id: Array, candidate
                                                (chosen_in_order, remaining, first_overflow))
 
   chosen_words = jnp.zeros(seq_len, bool).at[jnp.where(is_word, word_id[order], seq_len)].set(
-      chosen_in_order, mode="drop")
-  return candidate & chosen_words[jnp.clip(word_id, 0)]
+      chosen_in_order, mode="drop")  # [S] bool, indexed by word id
+  return candidate & chosen_words[jnp.clip(word_id, 0)]  # [S] bool, indexed by position
 
 
 def _sorted_positions(chosen: Array, max_predictions_per_seq: int) -> tuple[Array, Array]:
   """The chosen positions of each row in ascending order, padded with position 0 and weight 0 to P slots."""
   batch, seq_len = chosen.shape
   slots = min(max_predictions_per_seq, seq_len)
-  keyed = jnp.where(chosen, jnp.arange(seq_len, dtype=jnp.int32), seq_len)
-  smallest = -jax.lax.top_k(-keyed, slots)[0]  # ascending
+  keyed = jnp.where(chosen, jnp.arange(seq_len, dtype=jnp.int32), seq_len)  # [B, S]; unchosen sort last
+  smallest = -jax.lax.top_k(-keyed, slots)[0]  # [B, min(P, S)] ascending
   if slots < max_predictions_per_seq:
-    smallest = jnp.pad(smallest, ((0, 0), (0, max_predictions_per_seq - slots)), constant_values=seq_len)
-  real_slot = smallest < seq_len
+    smallest = jnp.pad(smallest, ((0, 0), (0, max_predictions_per_seq - slots)), constant_values=seq_len)  # [B, P]
+  real_slot = smallest < seq_len  # [B, P] bool
   return jnp.where(real_slot, smallest, 0).astype(jnp.int32), real_slot.astype(jnp.float32)
 
 

@@ -11,9 +11,9 @@ functions of the run (bitwise reproducible on CPU); `perf/*` are wall-clock meas
 FLOP count (for MFU, bert-pretraining.md §9.1/§9.4): per token and layer the matmuls of Q, K, V, attention
 output (4·H² MACs) and the feed-forward (2·H·I MACs), plus bidirectional attention counted in full (QKᵀ and PV:
 2·S·H MACs); the masked-LM head only at the P prediction slots (transform H² + decoder H·V MACs each, Google's sparse
-head); the pooler and NSP head once per sequence. 1 MAC = 2 FLOPs, training = 3 × forward (backward = 2 × forward). Embedding
-look-ups, LayerNorm, softmax and GELU are not counted. MFU = achieved model FLOP/s / (devices × peak), with the
-device's dense bf16 peak from `PEAK_BF16_FLOPS` whatever the compute dtype (so fp32 runs show their real distance
+head); the pooler and NSP head once per sequence. 1 MAC = 2 FLOPs, training = 3 × forward (backward = 2 × forward).
+Embedding look-ups, LayerNorm, softmax and GELU are not counted. MFU = achieved model FLOP/s / (devices × peak), with
+the device's dense bf16 peak from `PEAK_BF16_FLOPS` whatever the compute dtype (so fp32 runs show their real distance
 from what the chip could do); devices not in the table (CPU included) get no MFU.
 """
 

@@ -31,7 +31,8 @@ from clinical_bert_jax.masking import MaskingVocab
 from clinical_bert_jax.optimizers import OPTIMIZER_NAMES
 from clinical_bert_jax.records import PretrainingData, vocab_fingerprint
 
-MASKING_MODES = ("auto", "static", "dynamic")
+# Where the train step gets its masks (--masking of pretrain); not the data tool's DATA_MASKING_MODES.
+TRAIN_MASKING_MODES = ("auto", "static", "dynamic")
 FLAGS_FILE = "flags.txt"
 TRAINING_INFO_FILE = "training_info.json"
 # Per-process flags: not written to flags.txt, which describes the run, not one process of it.
@@ -189,8 +190,8 @@ def _write_run_files(workdir: Path, model: _Model, options: PretrainOptions, fla
 def check_options(options: PretrainOptions) -> None:
   """Cheap checks of everything that does not need the data or the model (fail before any work)."""
   cfg = options.train
-  if options.masking not in MASKING_MODES:
-    raise UserError(f"--masking={options.masking!r} is not known; use one of {', '.join(MASKING_MODES)}")
+  if options.masking not in TRAIN_MASKING_MODES:
+    raise UserError(f"--masking={options.masking!r} is not known; use one of {', '.join(TRAIN_MASKING_MODES)}")
   for flag, value in (("--max_seq_length", options.max_seq_length), ("--train_batch_size", cfg.train_batch_size),
                       ("--max_predictions_per_seq", cfg.max_predictions_per_seq),
                       ("--save_checkpoints_steps", cfg.save_checkpoints_steps),
@@ -310,8 +311,9 @@ def define_flags() -> None:
                        "Split each global batch into N sequential micro-batches (same update, less memory).")
   flags.DEFINE_enum("compute_dtype", defaults.compute_dtype, list(train.COMPUTE_DTYPES),
                     "Activation/matmul dtype; parameters and optimizer state stay float32.")
-  flags.DEFINE_enum("masking", "auto", list(MASKING_MODES), "static: the masks stored in the data (Google); dynamic: "
-                    "new masks every step on the device; auto: dynamic only for data written with masking=none.")
+  flags.DEFINE_enum("masking", "auto", list(TRAIN_MASKING_MODES), "static: the masks stored in the data (Google); "
+                    "dynamic: new masks every step on the device; auto: dynamic only for data written with "
+                    "masking=none.")
   flags.DEFINE_bool("whole_word_mask", defaults.whole_word_mask, "Dynamic masking: mask whole words.")
   flags.DEFINE_float("masked_lm_prob", defaults.masked_lm_prob, "Dynamic masking: fraction of tokens predicted.")
   flags.DEFINE_enum("parallelism", defaults.parallelism, list(train.PARALLELISMS),

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import functools
 import glob
-import hashlib
 import json
 import math
 import mmap
@@ -46,6 +45,7 @@ import numpy as np
 from clinical_bert_jax import __version__
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.fileio import atomic_write
+from clinical_bert_jax.vocab import vocab_fingerprint  # noqa: F401  (records.vocab_fingerprint: its old home)
 
 # Feature names and dtypes in Google's order (create_pretraining_data.write_instance_to_example_files).
 SEQUENCE_FEATURES = ("input_ids", "input_mask", "segment_ids")
@@ -101,19 +101,6 @@ def shard_file_name(prefix: str, index: int, num_shards: int, file_format: str =
   """`<prefix>-00003-of-00008.cbj` (or `.tfrecord`): sorts in shard order and tells how many shards to expect."""
   suffix = {FORMAT_NATIVE: NATIVE_SUFFIX, FORMAT_TFRECORD: TFRECORD_SUFFIX}[file_format]
   return f"{prefix}-{index:05d}-of-{num_shards:05d}{suffix}"
-
-
-def vocab_fingerprint(vocab_file: str | os.PathLike) -> tuple[str, int]:
-  """(sha256 hex of the file bytes, number of entries): identifies the vocabulary a dataset was built with.
-
-  The size counts lines, as Google's `load_vocab` assigns one id per line.
-  """
-  try:
-    data = Path(vocab_file).read_bytes()
-  except OSError as error:
-    raise UserError(f"cannot read vocabulary file {vocab_file}: {error.strerror}; check the path") from None
-  size = data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
-  return hashlib.sha256(data).hexdigest(), size
 
 
 _REQUIRED_MANIFEST_KEYS = ("format", "vocab_sha256", "vocab_size", "do_lower_case", "max_seq_length",
@@ -1040,9 +1027,9 @@ class PretrainingData:
     """Checks that the data fits the model about to train on it; UserError naming the first mismatch.
 
     `vocab_size` is the number of entries of the vocabulary file (`vocab_fingerprint`), not an embedding table
-    padded for speed: shards record the former. Token ids are checked against `vocab_size` here for native shards (footer max id) and on every read for
-    TFRecords, because an out-of-range id would be silently clamped by JAX's gather. Pass
-    `max_predictions_per_seq=None` when the trainer does not use the stored predictions (dynamic masking).
+    padded for speed: shards record the former. Token ids are checked against `vocab_size` here for native shards
+    (footer max id) and on every read for TFRecords, because an out-of-range id would be silently clamped by JAX's
+    gather. Pass `max_predictions_per_seq=None` when the trainer does not use the stored predictions (dynamic masking).
     """
     manifest = self.manifest or {}
     where = f"the manifest of {self.shards[0].path.parent}"

@@ -37,15 +37,13 @@ import itertools
 import os
 import re
 import unicodedata
-from pathlib import Path
 from typing import Callable, Iterable
 
 from tokenizers import models
 
 from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.vocab import CONTINUATION_PREFIX, UNK_TOKEN, read_vocab, token_ids
 
-UNK_TOKEN = "[UNK]"
-CONTINUATION_PREFIX = "##"
 MAX_INPUT_CHARS_PER_WORD = 200  # google-research/bert tokenization.WordpieceTokenizer default
 
 # Google's `_is_chinese_char` ranges (CJK Unified Ideographs and their extensions, compatibility ideographs).
@@ -60,30 +58,8 @@ _WORD_MEMO_LIMIT = 1 << 18
 
 
 def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
-  """Token -> id exactly as Google's `load_vocab`: lines split on "\\n", "\\r" dropped, stripped, first id wins.
-
-  Google reads the file with `tf.gfile.GFile.readline`, which splits on "\\n" only and drops every "\\r". A repeated
-  token keeps its first id and later tokens are numbered densely (`len(vocab)`), as in Google's code.
-  """
-  try:
-    data = Path(vocab_file).read_bytes()
-  except OSError as error:
-    raise UserError(f"cannot read vocabulary file {vocab_file}: {error.strerror}; check --vocab_file") from None
-  data = data.replace(b"\r", b"")
-  try:
-    lines = data.decode("utf-8").split("\n")
-  except UnicodeDecodeError as error:
-    line_number = data.count(b"\n", 0, error.start) + 1
-    raise UserError(f"vocabulary file {vocab_file} line {line_number} is not valid UTF-8; pass a BERT vocab.txt "
-                    "(UTF-8, one token per line)") from None
-  if lines[-1] == "":
-    lines.pop()  # readline() returns "" at the end of the file: a final newline opens no extra line
-  vocab: dict[str, int] = {}
-  for token in map(str.strip, lines):
-    vocab.setdefault(token, len(vocab))
-  if not vocab:
-    raise UserError(f"vocabulary file {vocab_file} is empty; pass a BERT vocab.txt")
-  return vocab
+  """Token -> id, ids in line order: `vocab.read_vocab`'s rules (Google's `load_vocab` for every file it accepts)."""
+  return token_ids(read_vocab(vocab_file))
 
 
 class _CharTable(dict):

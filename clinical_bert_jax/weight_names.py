@@ -36,8 +36,9 @@ def flax_to_tf(path: tuple[str, ...]) -> tuple[str, bool]:
   if path == ("cls", "predictions", "bias"):
     return "cls/predictions/output_bias", False
   if path[:2] == ("cls", "seq_relationship"):
-    return ("cls/seq_relationship/output_weights", True) if path[2] == "kernel" else ("cls/seq_relationship/output_bias",
-                                                                                      False)
+    if path[2] == "kernel":
+      return "cls/seq_relationship/output_weights", True
+    return "cls/seq_relationship/output_bias", False
   parts = list(path)
   if parts[-1] == "embedding":
     parts.pop()

@@ -25,10 +25,10 @@ from absl import flags, logging
 
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_write
+from clinical_bert_jax.vocab import CONTINUATION_PREFIX, SPECIAL_TOKENS, missing_special_tokens, read_vocab
 
-PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-REQUIRED_SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
-CONTINUATION_PREFIX = "##"
+PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS  # short names (vocab.py holds the table)
+REQUIRED_SPECIAL_TOKENS = SPECIAL_TOKENS
 SENTENCEPIECE_WORD_START = "\u2581"  # "▁"
 METHODS = ("wordpiece", "sentencepiece")
 # sentencepiece holds its training sentences in memory; beyond this many it trains on a uniform sample.
@@ -41,22 +41,13 @@ def special_tokens(num_unused: int) -> list[str]:
 
 
 def check_vocab(vocab_file: str | os.PathLike) -> list[str]:
-  """Tokens of a vocab.txt in id order (Google's reading: one per line, stripped); UserError if unusable for BERT.
+  """Tokens of a vocab.txt in id order (`vocab.read_vocab`); UserError if the file is unusable for BERT.
 
   Tools that take a --vocab_file call this first, so a vocabulary without the special tokens fails with a clear
   message instead of a KeyError deep inside tokenisation or masking.
   """
-  try:
-    with open(vocab_file, encoding="utf-8") as handle:
-      tokens = [line.strip() for line in handle]
-  except OSError as error:
-    raise UserError(f"cannot read vocabulary file {vocab_file}: {error.strerror}; check the path") from None
-  except UnicodeDecodeError:
-    raise UserError(f"vocabulary file {vocab_file} is not UTF-8 text; pass a BERT vocab.txt") from None
-  if not tokens:
-    raise UserError(f"vocabulary file {vocab_file} is empty; pass a BERT vocab.txt")
-  present = set(tokens)
-  missing = [token for token in REQUIRED_SPECIAL_TOKENS if token not in present]
+  tokens = read_vocab(vocab_file)
+  missing = missing_special_tokens(tokens, REQUIRED_SPECIAL_TOKENS)
   if missing:
     raise UserError(f"vocabulary file {vocab_file} lacks the special tokens {' '.join(missing)}; pass a BERT "
                     "vocab.txt or rebuild it with data_prep.build_vocab")

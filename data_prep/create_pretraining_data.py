@@ -32,13 +32,11 @@ from __future__ import annotations
 import array
 import bisect
 import dataclasses
-import multiprocessing
+import functools
 import os
-import queue
 import random
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,10 +46,13 @@ from absl import logging
 from clinical_bert_jax import records
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
-from clinical_bert_jax.tokenization import CONTINUATION_PREFIX, FullTokenizer
+from clinical_bert_jax.tokenization import FullTokenizer
+from clinical_bert_jax.vocab import CONTINUATION_PREFIX
+from data_prep import workers
 from data_prep.build_vocab import CLS, MASK, SEP, UNK, check_vocab, expand_inputs
 
-MASKING_MODES = ("static", "none")
+# What the data stores (--masking of this tool, "masking" in the manifest); not pretrain's TRAIN_MASKING_MODES.
+DATA_MASKING_MODES = ("static", "none")
 OUTPUT_FORMATS = {"native": records.FORMAT_NATIVE, "tfrecord": records.FORMAT_TFRECORD}
 DEFAULT_MAX_SHARD_BYTES = 16 << 20  # ~0.1 GB of RAM per worker on top of ~0.1 GB of code and tables
 OUTPUT_PREFIX = "instances"
@@ -90,8 +91,8 @@ class InstanceOptions:
         raise UserError(f"--{name}={getattr(self, name)} must be a probability in [0, 1]")
     if self.dupe_factor < 1:
       raise UserError(f"--dupe_factor={self.dupe_factor} must be at least 1")
-    if self.masking not in MASKING_MODES:
-      raise UserError(f"--masking={self.masking} is not one of {', '.join(MASKING_MODES)}")
+    if self.masking not in DATA_MASKING_MODES:
+      raise UserError(f"--masking={self.masking} is not one of {', '.join(DATA_MASKING_MODES)}")
 
   @property
   def stored_predictions(self) -> int:
@@ -603,16 +604,9 @@ class _ShardProcessor:
     }
 
 
-def _worker_loop(job: _Job, tasks: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
-  """A worker process: takes (index, task) until None; reports progress, entries and errors on `results`."""
-  try:
-    process = _ShardProcessor(job, lambda *update: results.put(("progress", update)))
-    for index, task in iter(tasks.get, None):
-      results.put(("done", (index, process(task))))
-  except UserError as error:
-    results.put(("error", error))
-  except BaseException:  # a bug: hand the parent the traceback, which names code and counts, never note text
-    results.put(("error", RuntimeError(f"worker process failed:\n{traceback.format_exc()}")))
+def _make_shard_processor(job: _Job, report: Callable[[Any], None]) -> _ShardProcessor:
+  """A worker's state (see `workers.ordered_map`): progress updates go to the parent as (bytes, instances)."""
+  return _ShardProcessor(job, lambda *update: report(update))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -697,55 +691,16 @@ def _run(tasks: list[ShardTask], job: _Job, num_workers: int, show_progress: boo
     bar.update(byte_credit)
 
   with bar:
-    if min(num_workers, len(tasks)) == 1:
-      process = _ShardProcessor(job, show)
-      return [process(task) for task in tasks]
-    return _run_in_workers(tasks, job, min(num_workers, len(tasks)), show)
-
-
-def _run_in_workers(tasks: list[ShardTask], job: _Job, num_workers: int,
-                    show: Callable[[float, int], None]) -> list[dict[str, Any]]:
-  """Spawned worker processes take the tasks largest first; the first error stops them all.
-
-  Plain processes and queues rather than a `multiprocessing.Pool`: a pool never reports a worker that died (e.g.
-  killed for lack of memory) and would wait forever. spawn, not fork: no inherited threads or locks; the flags are
-  defined under __main__ only, so re-importing this module in a child defines nothing twice.
-  """
-  context = multiprocessing.get_context("spawn")
-  task_queue, result_queue = context.Queue(), context.Queue()
-  for index in sorted(range(len(tasks)), key=lambda index: tasks[index].start - tasks[index].end):
-    task_queue.put((index, tasks[index]))
-  for _ in range(num_workers):
-    task_queue.put(None)
-  processes = [context.Process(target=_worker_loop, args=(job, task_queue, result_queue), daemon=True)
-               for _ in range(num_workers)]
-  for process in processes:
-    process.start()
-  entries: dict[int, dict[str, Any]] = {}
-  try:
-    while len(entries) < len(tasks):
-      try:
-        kind, payload = result_queue.get(timeout=_PROGRESS_INTERVAL_S)
-      except queue.Empty:
-        dead = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
-        if dead:
-          raise UserError(f"a worker process died (exit status {dead[0]}, -9 means killed, usually for lack of "
-                          "memory); lower --num_workers or --max_shard_bytes") from None
-        continue
-      if kind == "progress":
-        show(*payload)
-      elif kind == "done":
-        entries[payload[0]] = payload[1]
-      else:
-        raise payload
-  except BaseException:
-    for process in processes:
-      process.terminate()  # before the caller removes the staging directory they write into
-    raise
-  finally:
-    for process in processes:
-      process.join()
-  return [entries[index] for index in range(len(tasks))]
+    num_workers = min(num_workers, len(tasks))
+    order = list(range(len(tasks)))
+    if num_workers > 1:
+      order.sort(key=lambda index: tasks[index].start - tasks[index].end)  # largest first: workers finish together
+    results = list(workers.ordered_map(functools.partial(_make_shard_processor, job),
+                                       [tasks[index] for index in order], num_workers=num_workers,
+                                       max_in_flight=len(tasks), on_progress=lambda update: show(*update),
+                                       died_hint="lower --num_workers or --max_shard_bytes"))
+    entries = dict(zip(order, results))
+    return [entries[index] for index in range(len(tasks))]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -771,7 +726,7 @@ def _define_flags() -> None:
                        "ClinicalBERT: 5).")
   flags.DEFINE_integer("random_seed", 12345, "Seed of Python's random.Random (shard k of a file: seed + k).")
   flags.DEFINE_bool("do_whole_word_mask", False, "Mask whole words (Google's later option; ClinicalBERT: off).")
-  flags.DEFINE_enum("masking", "static", list(MASKING_MODES), "static: Google's masks; none: unmasked pairs for "
+  flags.DEFINE_enum("masking", "static", list(DATA_MASKING_MODES), "static: Google's masks; none: unmasked pairs for "
                     "dynamic masking at training time.")
   flags.DEFINE_integer("num_workers", 1, "Worker processes; input shards are generated in parallel. Each holds one "
                        "input shard in memory.")

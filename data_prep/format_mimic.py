@@ -19,23 +19,22 @@ are identified by their ROW_ID / note_id and the line where they start.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import csv
 import dataclasses
+import functools
 import gzip
 import io
 import json
-import multiprocessing
 import re
 import zlib
 from pathlib import Path
-from typing import Collection, Iterable, Iterator, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 from absl import flags, logging
 
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
-from data_prep import sections, sentences
+from data_prep import sections, sentences, workers
 
 SOURCES = ("auto", "mimic3", "mimic4")
 MANIFEST_NAME = "manifest.json"
@@ -294,16 +293,10 @@ class NoteFormatter:
     return "\n".join(note_sentences) + "\n\n", len(note_sentences)
 
 
-_worker_formatter: NoteFormatter | None = None
-
-
-def _init_worker(options: FormatOptions) -> None:
-  global _worker_formatter
-  _worker_formatter = NoteFormatter(options)
-
-
-def _format_chunk(texts: list[str]) -> list[tuple[str | None, int]]:
-  return [_worker_formatter(text) for text in texts]
+def _make_chunk_formatter(options: FormatOptions, report) -> Callable[[list[str]], list[tuple[str | None, int]]]:
+  """A worker's state (see `workers.ordered_map`): one NoteFormatter, applied to each text of a chunk."""
+  formatter = NoteFormatter(options)
+  return lambda texts: [formatter(text) for text in texts]
 
 
 def _chunks(notes: Iterable[Note]) -> Iterator[list[Note]]:
@@ -321,36 +314,22 @@ def _chunks(notes: Iterable[Note]) -> Iterator[list[Note]]:
 
 def _format_in_order(notes: Iterable[Note], options: FormatOptions,
                      num_workers: int) -> Iterator[tuple[Note, str | None, int]]:
-  """(note, block, sentences) in input order, formatted in `num_workers` processes.
+  """(note, block, sentences) in input order, formatted in `num_workers` processes (`workers.ordered_map`).
 
-  `Pool.imap` would read the whole input ahead of slow workers; submitting chunks with at most two per worker in
-  flight keeps memory bounded by the chunk size instead of the file size. A worker that dies raises
-  BrokenProcessPool here instead of hanging the run.
+  Notes go to the workers in chunks, at most two per worker in flight, so memory is bounded by the chunk size
+  instead of the file size; a worker that dies is a one-line error instead of a hang.
   """
-  if num_workers == 1:
-    formatter = NoteFormatter(options)
-    for note in notes:
-      yield (note, *formatter(note.text))
-    return
-  # spawn: workers never inherit the parent's state (threads, open shards), the same on every platform.
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_init_worker, initargs=(options,)) as pool:
-    pending: collections.deque = collections.deque()
-    try:
-      for chunk in _chunks(notes):
-        pending.append((chunk, pool.submit(_format_chunk, [note.text for note in chunk])))
-        while len(pending) > 2 * num_workers or (pending and pending[0][1].done()):
-          yield from _pair(*pending.popleft())
-      while pending:
-        yield from _pair(*pending.popleft())
-    finally:
-      for _, future in pending:  # on an error, do not format what will never be written
-        future.cancel()
+  chunks: collections.deque[list[Note]] = collections.deque()  # sent to the workers, not yet paired with results
 
+  def texts_of_chunks() -> Iterator[list[str]]:
+    for chunk in _chunks(notes):
+      chunks.append(chunk)
+      yield [note.text for note in chunk]
 
-def _pair(chunk: list[Note], future: concurrent.futures.Future) -> Iterator[tuple[Note, str | None, int]]:
-  for note, (block, count) in zip(chunk, future.result()):
-    yield note, block, count
+  for results in workers.ordered_map(functools.partial(_make_chunk_formatter, options), texts_of_chunks(),
+                                     num_workers=num_workers, died_hint="lower --num_workers"):
+    for note, (block, count) in zip(chunks.popleft(), results):
+      yield note, block, count
 
 
 class _ShardWriter:

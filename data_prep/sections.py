@@ -3,7 +3,8 @@
 ClinicalBERT split every note into "sections" with Willie Boag's heuristic rules (clinicalBERT
 `lm_pretraining/heuristic_tokenize.py`, `sent_tokenize_rules`) before sentence splitting. The sections decide where
 sentences may start, so the pretraining text depends on them; `split_sections` re-implements those seven steps
-(Alsentzer et al. 2019, §4.2; the original `heuristic_tokenize.py`) so that the corpus can be rebuilt comparably to the paper.
+(Alsentzer et al. 2019, §4.2; the original `heuristic_tokenize.py`) so that the corpus can be rebuilt comparably to
+the paper.
 
 Two bugs of the original are reproduced by default (`bugs="original"`) because the released models were trained on
 their output (clinicalBERT issue #4):

@@ -1,10 +1,13 @@
 """The Python API returns what transformers returns for the same checkpoint and text."""
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
 import clinical_bert_jax as cbj
+
+pytestmark = pytest.mark.slow  # loads a real BERT and runs it
 
 
 def test_encode_matches_transformers_and_fill_mask_ranks(tiny_hf_dir):

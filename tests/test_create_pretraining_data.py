@@ -33,6 +33,8 @@ from data_prep.create_pretraining_data import InstanceOptions, create_pretrainin
 from tests.cli_util import REPO, assert_one_line_error, run_module
 from tests.test_tokenization import ACI_BENCH_CSV, SAMPLE_TEXT, uncased_vocab_file, write_cased_vocab
 
+pytestmark = pytest.mark.slow  # Google's TF generator as oracle, CLI runs
+
 DEMO_NOTES = 40  # ACI-BENCH notes in the demo slice: enough documents for negatives, small for the oracle
 
 EDGE_TEXT = (

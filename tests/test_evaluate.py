@@ -22,6 +22,8 @@ from clinical_bert_jax.eval_tasks import bert_adam, grid, hf_checkpoint, mednli,
 from data_prep.conll import Sentence
 from tests.cli_util import assert_one_line_error, run_module
 
+pytestmark = pytest.mark.slow  # fine-tunes with PyTorch, CLI runs
+
 NCBI = Path(__file__).parent / "data" / "ner" / "ncbi-disease"
 SNLI = Path(__file__).parent / "data" / "nli" / "snli-mednli-schema"
 # The CI machine is shared by many test processes: torch's default thread pool spins under contention, one thread

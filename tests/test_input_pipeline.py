@@ -272,6 +272,7 @@ def _two_process_worker(port: str, process_id: str, data_glob: str, output: str)
       json.dump({"batches": batches, "state": on_device.get_state()}, handle)
 
 
+@pytest.mark.slow  # two JAX processes
 def test_two_real_processes_assemble_the_single_process_global_batches(data_dir, tmp_path):
   with socket.socket() as probe:
     probe.bind(("localhost", 0))

@@ -10,6 +10,8 @@ import transformers
 from clinical_bert_jax import losses, model, model_io, weight_names
 from clinical_bert_jax.config import BertConfig
 
+pytestmark = pytest.mark.slow  # PyTorch/transformers model oracle
+
 TOLERANCE = 1e-4
 
 

@@ -8,10 +8,13 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 from clinical_bert_jax import checkpointing, model_io
 from test_pretrain import (cli_args, compile_cache, deterministic_records, make_corpus,  # noqa: F401 (fixture)
                            pretrain_command, subprocess_env)
+
+pytestmark = pytest.mark.slow  # multi-process pretraining
 
 STEPS = 12
 

@@ -22,6 +22,8 @@ import pytest
 
 from tests.cli_util import REPO
 
+pytestmark = pytest.mark.slow  # runs the notebooks
+
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_NAMES = ("quickstart.ipynb", "colab_tpu_pretraining.ipynb")
 PROBE_MARKER = "@@notebook-probe@@"

@@ -15,6 +15,8 @@ from clinical_bert_jax import model, optimizers
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 
+pytestmark = pytest.mark.slow  # TF/PyTorch optimizer oracles
+
 # ---------------------------------------------------------------------------------------------------------- toy problem
 # pred = (x @ kernel + bias) * scale + ln_bias, mean squared error. The names put one leaf in each weight-decay class:
 # a decayed kernel, a plain bias, and LayerNorm scale/bias.

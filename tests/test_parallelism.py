@@ -20,8 +20,9 @@ from clinical_bert_jax.records import PretrainingData
 from test_pretrain import PREDICTIONS, TINY_MODEL, deterministic_records, make_corpus
 
 STEPS = 8
-pytestmark = pytest.mark.skipif(jax.device_count() < 8,
-                                reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+pytestmark = [pytest.mark.slow,  # trains on 8 simulated devices
+              pytest.mark.skipif(jax.device_count() < 8,
+                                 reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.records import NativeShardWriter, TFRecordWriter, vocab_fingerprint, write_manifest
 
+pytestmark = pytest.mark.slow  # trains and spawns pretrain
+
 SEQ_LEN = 32
 PREDICTIONS = 5
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -389,6 +389,7 @@ def test_unpacked_repeated_fields_decode_like_packed_ones():
     assert all(np.array_equal(decode_example(example)[name], np.atleast_1d(instance[name])) for name in FEATURE_NAMES)
 
 
+@pytest.mark.slow  # imports TensorFlow (~15 s)
 def test_tensorflow_reads_our_tfrecords_and_we_read_tensorflows(tmp_path):
   tf = pytest.importorskip("tensorflow")
   instances = make_instances(12, seed=17)

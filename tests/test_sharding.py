@@ -193,6 +193,7 @@ MULTI_PROCESS_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two JAX processes
 def test_host_local_to_global_across_two_processes(tmp_path):
   with socket.socket() as probe:
     probe.bind(("localhost", 0))

@@ -20,6 +20,8 @@ from data_prep import conll, format_mimic, i2b2
 from data_prep.tfds_builders import build, mednli
 from tests.cli_util import REPO, assert_one_line_error, run_module
 
+pytestmark = pytest.mark.slow  # TensorFlow Datasets builds
+
 SNLI_DIR = Path(__file__).parent / "data" / "nli" / "snli-mednli-schema"
 ACI_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv"
 SYNTHETIC_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"

@@ -22,6 +22,8 @@ from clinical_bert_jax import tokenization
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.tokenization import FullTokenizer, load_vocab
 
+pytestmark = pytest.mark.slow  # Google's tokenizer as oracle in a subprocess
+
 SHARED_NOTES = Path(__file__).parent / "data" / "notes"
 SAMPLE_TEXT = SHARED_NOTES / "bert-sample-text" / "sample_text.txt"
 ACI_BENCH_CSV = Path(__file__).resolve().parents[1] / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv"
@@ -189,8 +191,11 @@ def test_word_memo_limit_does_not_change_results(vocabs, corpus_lines, monkeypat
 
 def test_load_vocab_follows_google(tmp_path):
   path = tmp_path / "vocab.txt"
-  path.write_bytes(b"[PAD]\r\n[UNK]\n  padded  \nb\xc3\xa9\n[UNK]\nlast")
-  assert load_vocab(path) == {"[PAD]": 0, "[UNK]": 1, "padded": 2, "bé": 3, "last": 4}  # repeat keeps first id
+  path.write_bytes(b"[PAD]\r\n[UNK]\n  padded  \nb\xc3\xa9\nlast")
+  assert load_vocab(path) == {"[PAD]": 0, "[UNK]": 1, "padded": 2, "bé": 3, "last": 4}
+  path.write_bytes(b"[PAD]\n[UNK]\n[PAD]\n")  # Google and Hugging Face number a repeat differently: refused
+  with pytest.raises(UserError, match="line 3 repeats the token of line 1"):
+    load_vocab(path)
   path.write_bytes(b"[PAD]\n[UNK]\n\n")
   assert load_vocab(path) == {"[PAD]": 0, "[UNK]": 1, "": 2}  # an empty line is a token; the final newline is not
 

@@ -13,7 +13,6 @@ when it says, else the vocabulary (Bio_ClinicalBERT, which ships no tokenizer_co
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as python_logging
 import tempfile
 from pathlib import Path
