@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a subprocess per flagfile
+
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"train_batch_size": 32, "max_seq_length": 128, "max_predictions_per_seq": 20, "num_warmup_steps": 10_000,
          "learning_rate": 5e-5, "optimizer": "bert_adam", "masking": "static", "seed": 12345}
