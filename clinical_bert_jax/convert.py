@@ -119,7 +119,7 @@ def export_hf(loaded: model_io.LoadedModel, output_dir: str | Path, *, overwrite
   from safetensors.numpy import save_file
 
   if loaded.vocab_file is None:
-    raise UserError(f"{loaded.source} has no vocab.txt; pass --vocab_file")
+    raise UserError(f"{loaded.source} has neither vocab.txt nor tokenizer.json; pass --vocab_file")
   model_io.check_vocab_matches(loaded.vocab_file, loaded.config, loaded.source)
   if do_lower_case is None:
     do_lower_case = loaded.do_lower_case

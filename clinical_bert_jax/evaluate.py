@@ -197,7 +197,7 @@ def main(argv: Sequence[str]) -> None:
 def define_flags() -> None:
   """Flags are defined only when run as a program, so that importing this module never clashes with other tools."""
   flags.DEFINE_string("model_dir", None, "Hugging Face BERT directory (config.json, model.safetensors or "
-                      "pytorch_model.bin, vocab.txt, optional tokenizer_config.json).")
+                      "pytorch_model.bin, vocab.txt or a BERT tokenizer.json, optional tokenizer_config.json).")
   flags.DEFINE_string("model_name", None, "Row name of this model in results.md (default: the model directory's name).")
   flags.DEFINE_string("data_dir", None, "mednli: folder with one train/dev/test *.jsonl each; ner: folder with "
                       "train/dev/test BIO files.")
