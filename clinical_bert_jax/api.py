@@ -39,7 +39,7 @@ class Bert:
     from clinical_bert_jax.tokenization import FullTokenizer
 
     if self.loaded.vocab_file is None:
-      raise UserError(f"{self.loaded.source} has no vocab.txt; cannot tokenise text")
+      raise UserError(f"{self.loaded.source} has neither vocab.txt nor tokenizer.json; cannot tokenise text")
     return FullTokenizer(self.loaded.vocab_file, do_lower_case=bool(self.loaded.do_lower_case))
 
   @cached_property

@@ -5,9 +5,9 @@
       --output_dir=OUT
   python -m clinical_bert_jax.convert to_hf --checkpoint_dir=DIR [--step=N] --output_dir=OUT
 
-`to_hf` writes what `transformers` users expect (config.json, model.safetensors, vocab.txt, tokenizer_config.json with
-the right `do_lower_case`, special_tokens_map.json, a model card) and, when transformers is installed, reloads the
-export in PyTorch and compares its logits with the Flax model before the output directory appears. An export whose
+`to_hf` writes what `transformers` users expect (config.json, model.safetensors, vocab.txt, tokenizer.json,
+tokenizer_config.json with the right `do_lower_case`, special_tokens_map.json, a model card with Hub metadata) and,
+when transformers is installed, reloads the export in PyTorch and compares its logits with the Flax model before the output directory appears. An export whose
 logits differ never lands — the failure mode of earlier Flax exports (transformers #12506, #26813).
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import flags, logging
 
-from clinical_bert_jax import model_io, weight_names
+from clinical_bert_jax import hf_tokenizer_json, model_io, weight_names
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
 from clinical_bert_jax.vocab import special_tokens_map
@@ -40,17 +40,29 @@ def _tokenizer_files(do_lower_case: bool, model_max_length: int) -> dict[str, An
   return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
 
 
-def _model_card(loaded: model_io.LoadedModel, do_lower_case: bool, model_max_length: int) -> str:
+def _model_card(loaded: model_io.LoadedModel, do_lower_case: bool, model_max_length: int,
+                base_model: str | None = None) -> str:
+  """README.md with Hub metadata; no local path (the card travels with the weights)."""
   config = loaded.config
   trained = loaded.trained_seq_length
-  lines = [
-      "---", "library_name: transformers", "tags: [bert, clinical, fill-mask, clinical_bert_jax]", "---", "",
-      "# BERT exported by clinical_bert_jax", "",
-      f"- Source: `{loaded.source}`" + (f", training step {loaded.step}" if loaded.step is not None else ""),
+  base_model = base_model or loaded.base_model
+  source_kind = loaded.source.split(":", 1)[0]
+  metadata = ["---", "language: en", "library_name: transformers", "pipeline_tag: fill-mask",
+              "tags: [bert, clinical, fill-mask, clinical_bert_jax]"]
+  if base_model:
+    metadata.append(f"base_model: {base_model}")
+  metadata += ["# license: set the licence before publishing (that of the base model and of your training data's "
+               "data use agreement)", "---"]
+  lines = metadata + [
+      "", "# BERT exported by clinical_bert_jax", "",
+      f"- Exported from: a clinical_bert_jax {'pretraining run' if source_kind == 'workdir' else 'checkpoint'}"
+      + (f", training step {loaded.step}" if loaded.step is not None else "")
+      + (f", continued from `{base_model}`" if base_model else ""),
       f"- Architecture: BERT, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-      f"{config.num_attention_heads} heads, vocab {config.vocab_size}, `hidden_act={config.hidden_act}`",
+      f"{config.num_attention_heads} heads, vocab {config.vocab_size}, `hidden_act={config.hidden_act}` "
+      f"({'exact erf GELU' if config.hidden_act == 'gelu' else config.hidden_act}; see docs/conversion.md)",
       f"- Tokenizer: WordPiece, {'uncased (lower-cased)' if do_lower_case else 'cased (case is kept)'}; "
-      f"`model_max_length={model_max_length}`",
+      f"`model_max_length={model_max_length}`. " + hf_tokenizer_json.MODEL_CARD_TOKENIZER_NOTE,
   ]
   if trained:
     lines.append(f"- Sequence length during pretraining: {trained}. Positions beyond {trained} were not updated by "
@@ -101,12 +113,13 @@ def _verify_export(directory: Path, loaded: model_io.LoadedModel) -> float:
 
 
 def export_hf(loaded: model_io.LoadedModel, output_dir: str | Path, *, overwrite: bool = False,
-              do_lower_case: bool | None = None, model_max_length: int | None = None, verify: bool = True) -> Path:
+              do_lower_case: bool | None = None, model_max_length: int | None = None, verify: bool = True,
+              base_model: str | None = None) -> Path:
   """Writes `loaded` as a Hugging Face BertForPreTraining directory (atomically) and returns its path."""
   from safetensors.numpy import save_file
 
   if loaded.vocab_file is None:
-    raise UserError(f"{loaded.source} has no vocab.txt; pass --vocab_file")
+    raise UserError(f"{loaded.source} has neither vocab.txt nor tokenizer.json; pass --vocab_file")
   model_io.check_vocab_matches(loaded.vocab_file, loaded.config, loaded.source)
   if do_lower_case is None:
     do_lower_case = loaded.do_lower_case
@@ -118,9 +131,12 @@ def export_hf(loaded: model_io.LoadedModel, output_dir: str | Path, *, overwrite
     tensors = weight_names.named_arrays_from_params(loaded.params, "pt")
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(loaded.vocab_file, staging / "vocab.txt")
+    (staging / hf_tokenizer_json.TOKENIZER_JSON).write_text(
+        hf_tokenizer_json.tokenizer_json_for(model_io.read_vocab(loaded.vocab_file), do_lower_case), encoding="utf-8")
     for name, content in _tokenizer_files(do_lower_case, model_max_length).items():
       (staging / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    (staging / "README.md").write_text(_model_card(loaded, do_lower_case, model_max_length), encoding="utf-8")
+    card = _model_card(loaded, do_lower_case, model_max_length, base_model)
+    (staging / "README.md").write_text(card, encoding="utf-8")
     if verify:
       try:
         import torch  # noqa: F401
@@ -148,6 +164,8 @@ def define_flags() -> None:
                     "Tokenizer casing to record; auto = from tokenizer_config.json or the vocab.")
   flags.DEFINE_integer("model_max_length", None,
                        "to_hf: tokenizer model_max_length (default: max_position_embeddings).")
+  flags.DEFINE_string("base_model", None, "to_hf: Hub id of the model this one was continued from, for the model "
+                      "card (default: read from a Hugging Face cache path of the run's init checkpoint, else none).")
   flags.DEFINE_boolean("verify", True, "to_hf: reload in transformers and compare logits with Flax.")
 
 
@@ -199,8 +217,9 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.vocab_file:
       loaded.vocab_file = Path(FLAGS.vocab_file)
     export_hf(loaded, output_dir, overwrite=FLAGS.overwrite, do_lower_case=_casing_flag(),
-              model_max_length=FLAGS.model_max_length, verify=FLAGS.verify)
-    print(f"wrote {output_dir}: config.json, model.safetensors, vocab.txt, tokenizer_config.json, README.md")
+              model_max_length=FLAGS.model_max_length, verify=FLAGS.verify, base_model=FLAGS.base_model)
+    print(f"wrote {output_dir}: config.json, model.safetensors, vocab.txt, tokenizer.json, tokenizer_config.json, "
+          "README.md")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def run_task(command: str) -> Path:
     raise UserError(f"ner needs --task, one of {', '.join(NER_TASKS)}")
   if command == "mednli" and FLAGS.task:
     raise UserError("--task is for ner only; mednli has a single label set")
+  if command == "mednli" and FLAGS["split"].present:
+    raise UserError("--split is for ner only; mednli uses its train/dev/test files as given")
   points, seeds = _grid_from_flags(command)
   max_train, max_eval = _positive_or_none("max_train_examples"), _positive_or_none("max_eval_examples")
   eval_batch_size = _positive_or_none("eval_batch_size")
@@ -111,7 +113,7 @@ def run_task(command: str) -> Path:
     task = mednli.MedNliTask(FLAGS.data_dir, encoder, max_seq_length, max_train, max_eval)
     run_key = "mednli"
   else:
-    task = ner.NerTask(FLAGS.task, FLAGS.data_dir, encoder, max_seq_length, max_train, max_eval)
+    task = ner.NerTask(FLAGS.task, FLAGS.data_dir, encoder, max_seq_length, max_train, max_eval, FLAGS.split)
     run_key = FLAGS.task if FLAGS.task != "bio" else f"bio-{dataset}"
   output_root = Path(FLAGS.output_dir)
   run_dir = output_root / model_name / run_key
@@ -123,6 +125,7 @@ def run_task(command: str) -> Path:
   from clinical_bert_jax.eval_tasks import training
 
   device = hf_checkpoint.resolve_device(FLAGS.device)
+  optimizer_name = task.optimizer if FLAGS.optimizer == "paper" else FLAGS.optimizer
   logging.info("%s on %s: train %d, dev %d, test %d examples; %d grid points × %d seeds on %s", run_key, dataset,
                len(task.train), len(task.dev), len(task.test), len(points), len(seeds), device)
 
@@ -130,7 +133,8 @@ def run_task(command: str) -> Path:
     training.seed_everything(seed)
     model = hf_checkpoint.load_pretrained(checkpoint, task.model_class, num_labels=task.num_labels)
     description = f"lr={point.learning_rate:g} bs={point.train_batch_size} ep={point.num_train_epochs} seed={seed}"
-    train_summary = training.fine_tune(model, task.train, point, seed, device, encoder.pad_id, description)
+    train_summary = training.fine_tune(model, task.train, point, seed, device, encoder.pad_id, description,
+                                       optimizer_name)
     scores = {}
     for split, examples in (("dev", task.dev), ("test", task.test)):
       predictions = training.predict(model, examples, eval_batch_size, device, encoder.pad_id)
@@ -155,6 +159,7 @@ def run_task(command: str) -> Path:
         "do_lower_case": checkpoint.do_lower_case,
         "data_sizes": {"train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
         "settings": {"max_seq_length": max_seq_length, "eval_batch_size": eval_batch_size, "device": str(device),
+                     "optimizer": optimizer_name,
                      "max_train_examples": max_train, "max_eval_examples": max_eval, "seeds": seeds},
         **task.details(),
         **summary,
@@ -192,7 +197,7 @@ def main(argv: Sequence[str]) -> None:
 def define_flags() -> None:
   """Flags are defined only when run as a program, so that importing this module never clashes with other tools."""
   flags.DEFINE_string("model_dir", None, "Hugging Face BERT directory (config.json, model.safetensors or "
-                      "pytorch_model.bin, vocab.txt, optional tokenizer_config.json).")
+                      "pytorch_model.bin, vocab.txt or a BERT tokenizer.json, optional tokenizer_config.json).")
   flags.DEFINE_string("model_name", None, "Row name of this model in results.md (default: the model directory's name).")
   flags.DEFINE_string("data_dir", None, "mednli: folder with one train/dev/test *.jsonl each; ner: folder with "
                       "train/dev/test BIO files.")
@@ -208,6 +213,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("eval_batch_size", 32, "Batch size for dev/test prediction (does not change the results).")
   flags.DEFINE_integer("max_train_examples", None, "Use only the first N training examples (quick runs).")
   flags.DEFINE_integer("max_eval_examples", None, "Use only the first N dev and the first N test examples.")
+  flags.DEFINE_enum("split", "paper", ["paper", "given"], "ner only: `paper` = run_ner.py's re-split (train+dev "
+                    "pooled, seed-42 shuffle, 9 chunks: train on 0-7, select on 8; official test); `given` = the files' "
+                    "train/dev as they are.")
+  flags.DEFINE_enum("optimizer", "paper", ["paper", "google_adamw_pt", "bert_adam_pt"], "Fine-tuning optimizer; "
+                    "paper = what the original script of the task used (ner: google_adamw_pt, mednli: bert_adam_pt).")
   flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where to fine-tune; auto = cuda when available.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing OUTPUT_DIR/<model_name>/<task>/.")
 

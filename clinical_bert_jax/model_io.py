@@ -23,6 +23,7 @@ from flax.traverse_util import flatten_dict
 from clinical_bert_jax import weight_names
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.hf_tokenizer_json import vocab_file_in
 from clinical_bert_jax.model import init_params, param_shapes
 from clinical_bert_jax.vocab import read_do_lower_case, read_vocab, vocab_is_cased
 
@@ -39,6 +40,7 @@ class LoadedModel:
   report: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   step: int | None = None
   trained_seq_length: int | None = None
+  base_model: str | None = None  # Hub id of the model this one continued from, when known (model cards)
 
 
 # ------------------------------------------------------------------------------------------------ vocab helpers
@@ -111,7 +113,7 @@ def load_hf_dir(directory: Path, seed: int = 0) -> LoadedModel:
     found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
     raise UserError(f"{directory} has no model.safetensors or pytorch_model.bin (found: {found})")
   params, report = weight_names.params_from_named_arrays(arrays, _fresh_reference(config, seed), "pt", str(directory))
-  vocab = directory / "vocab.txt" if (directory / "vocab.txt").is_file() else None
+  vocab = vocab_file_in(directory)
   if vocab is not None:
     check_vocab_matches(vocab, config, str(directory))
   return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"hf:{directory}", report)
@@ -135,10 +137,11 @@ def load_our_dir(directory: Path) -> LoadedModel:
   config = BertConfig.load(directory / "config.json")
   params = check_params_match(weight_names.unflatten_params(_read_safetensors(directory / OUR_PARAMS_FILE)),
                               config, str(directory))
-  vocab = directory / "vocab.txt" if (directory / "vocab.txt").is_file() else None
+  vocab = vocab_file_in(directory)
   meta = _read_json(directory / "training_info.json")
   return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"ours:{directory}",
-                     step=meta.get("step"), trained_seq_length=meta.get("max_seq_length"))
+                     step=meta.get("step"), trained_seq_length=meta.get("max_seq_length"),
+                     base_model=hub_id_from_path(meta.get("init_checkpoint")))
 
 
 def check_params_match(params: dict[str, Any], config: BertConfig, source: str) -> dict[str, Any]:
@@ -155,6 +158,19 @@ def check_params_match(params: dict[str, Any], config: BertConfig, source: str) 
       raise UserError(f"{source}: tensor {name} has shape {list(found[name].shape)} but the config needs "
                       f"{list(shape)}")
   return params
+
+
+def hub_id_from_path(spec: str | None) -> str | None:
+  """`org/name` of a checkpoint path inside a Hugging Face cache (`.../models--org--name/snapshots/...`), else None.
+
+  The only base model we can name without guessing: a local path is never written into a model card.
+  """
+  if not spec:
+    return None
+  for part in reversed(Path(spec.split(":", 1)[-1] if spec[:3] in ("hf:", "tf:") else spec).parts):
+    if part.startswith("models--") and part.count("--") >= 2:
+      return part.removeprefix("models--").replace("--", "/", 1)
+  return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -189,10 +205,11 @@ def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
     reason = " ".join(str(error).split())[:200]
     raise UserError(f"{workdir}: checkpoint at step {step} cannot be restored ({reason})") from None
   params = jax.tree.map(np.asarray, restored["params"])
-  vocab = workdir / "vocab.txt" if (workdir / "vocab.txt").is_file() else None
+  vocab = vocab_file_in(workdir)
   info = _read_json(workdir / "training_info.json")
   return LoadedModel(config, params, vocab, read_do_lower_case(workdir, vocab), f"workdir:{workdir}@{step}",
-                     step=step, trained_seq_length=info.get("max_seq_length"))
+                     step=step, trained_seq_length=info.get("max_seq_length"),
+                     base_model=hub_id_from_path(info.get("init_checkpoint")))
 
 
 def load_model(spec: str | os.PathLike, step: int | None = None, bert_config_file: str | None = None,

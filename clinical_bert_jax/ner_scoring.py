@@ -4,7 +4,8 @@ The paper's i2b2 F1 is not `conlleval` and not a token metric: it is what the or
 (`ner_detokenize.py` → `format_for_i2b2_eval.py` → `score_i2b2.py`, see clinicalbert-paper.md §7.4):
 
 1. sub-token predictions become word labels: a word takes the label predicted on its FIRST sub-token; the placeholder
-   labels `X`, `[CLS]`, `[SEP]` mean `O`; words that got no sub-token (lost to truncation) are `O`;
+   labels `X`, `[CLS]`, `[SEP]` mean `O`; words that got no sub-token (lost to truncation) are `O`, and so is the
+   word whose pieces straddle the length cut;
 2. an orphan `I-T` (at sentence start, after `O`, or after a different type) is read as `B-T`, for gold and
    predictions alike, and BIO runs become concepts (sentence index, first word, last word, type);
 3. micro precision/recall/F1 of exact concept matches, pooled over all types: no partial credit.
@@ -49,12 +50,14 @@ class SpanScores:
 
 
 def first_subtoken_word_labels(token_labels: Sequence[str], token_word_ids: Sequence[int | None],
-                               num_words: int) -> list[str]:
+                               num_words: int, cut_word: int | None = None) -> list[str]:
   """Word labels from per-sub-token labels: each word takes its first sub-token's label.
 
   `token_word_ids[i]` is the word that sub-token `i` belongs to (None for [CLS]/[SEP]/padding). Placeholder labels
   (`X`, `[CLS]`, `[SEP]`) become `O`, and words never reached by a sub-token (truncated away, or words the tokenizer
-  reduces to nothing) stay `O`, as in the original `ner_detokenize.py`.
+  reduces to nothing) stay `O`, as in the original `ner_detokenize.py`. `cut_word`, the word whose pieces straddle
+  the length cut, is `O` too: the original skips a word with a piece at the cut position and pads the sentence
+  with `O`.
   """
   if len(token_labels) != len(token_word_ids):
     raise ValueError(f"{len(token_labels)} token labels but {len(token_word_ids)} word ids")
@@ -66,7 +69,7 @@ def first_subtoken_word_labels(token_labels: Sequence[str], token_word_ids: Sequ
     if not 0 <= word < num_words:
       raise ValueError(f"word id {word} outside a sentence of {num_words} words")
     seen.add(word)
-    word_labels[word] = OUTSIDE if label in NON_WORD_LABELS else label
+    word_labels[word] = OUTSIDE if label in NON_WORD_LABELS or word == cut_word else label
   return word_labels
 
 

@@ -141,6 +141,18 @@ def _open_data(pattern: str, flag: str, options: PretrainOptions, vocab: tuple[s
       max_predictions_per_seq=options.train.max_predictions_per_seq, flag=flag)
 
 
+def _check_casing(data: PretrainingData, flag: str, model: _Model) -> None:
+  """Data tokenised with another casing than the model's would train on [UNK]s (or on pieces the model never saw)."""
+  data_lower = (data.manifest or {}).get("do_lower_case")
+  if data_lower is not None and model.do_lower_case is not None and bool(data_lower) != model.do_lower_case:
+    def describe(lower: bool) -> str:
+      return "uncased (do_lower_case=true)" if lower else "cased (do_lower_case=false)"
+
+    raise UserError(f"{flag}: casing mismatch: the data's manifest says {describe(bool(data_lower))} but the model (vocabulary "
+                    f"{model.vocab_file}) is {describe(model.do_lower_case)}; regenerate the data with "
+                    f"create_pretraining_data --do_lower_case={str(model.do_lower_case).lower()}")
+
+
 def _uses_dynamic_masking(data: PretrainingData, masking: str, flag: str) -> bool:
   """Whether the train step must mask `data` itself; UserError for unmasked data with --masking=static."""
   unmasked = input_pipeline.needs_dynamic_masking(data)
@@ -223,6 +235,9 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
   train_data = _open_data(options.input_file, "--input_file", options, vocab)
   eval_data = (_open_data(options.eval_input_file, "--eval_input_file", options, vocab)
                if options.eval_input_file else None)
+  _check_casing(train_data, "--input_file", model)
+  if eval_data is not None:
+    _check_casing(eval_data, "--eval_input_file", model)
   train_dynamic = _uses_dynamic_masking(train_data, options.masking, "--input_file")
   eval_dynamic = eval_data is not None and _uses_dynamic_masking(eval_data, "auto", "--eval_input_file")
   masking_vocab = MaskingVocab.from_vocab_file(model.vocab_file) if train_dynamic or eval_dynamic else None

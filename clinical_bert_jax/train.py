@@ -330,7 +330,9 @@ class PmapRuntime:
     return state.params, {"opt_state": state.opt_state, "rng": state.rng, "step": state.step}
 
   def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {name: jax.device_put(np.reshape(values, (self.num_devices, -1) + np.shape(values)[1:]), self.stacked)
+    # An explicit per-device size: -1 cannot be inferred for the zero-width prediction slots of unmasked data.
+    return {name: jax.device_put(np.reshape(values, (self.num_devices, len(values) // self.num_devices)
+                                            + np.shape(values)[1:]), self.stacked)
             for name, values in batch.items()}
 
   def train_step(self, state: TrainState, batch: Any, micro_step: int) -> tuple[TrainState, Any]:

@@ -10,10 +10,12 @@ Face's splits on a lone one, and on a repeated token Google keeps the last id wh
 two disagree about such files and a model trained on one reading silently mis-reads the other. So a stray "\\r" and
 a repeated token are errors, one line naming the file and the line, as are an empty file and invalid UTF-8.
 
-Casing: `do_lower_case` comes from `tokenizer_config.json` when it has the key. Without it, the vocabulary decides: a
-vocabulary with upper-case word pieces belongs to a cased model. That is what `emilyalsentzer/Bio_ClinicalBERT`
-needs (it ships no tokenizer_config.json and is cased; transformers' default of lower-casing silently degrades it,
-ClinicalBERT issue #26), and an uncased vocabulary without the file is still lower-cased.
+Casing: `do_lower_case` comes from `tokenizer_config.json` when it has the key, else (in a directory without
+vocab.txt, as transformers 5 saves it) from `tokenizer.json`'s normaliser (`clinical_bert_jax.hf_tokenizer_json`).
+Otherwise the vocabulary decides: a vocabulary with upper-case word pieces belongs to a cased model. That is what
+`emilyalsentzer/Bio_ClinicalBERT` needs (it ships no tokenizer_config.json and is cased; transformers' default of
+lower-casing silently degrades it, ClinicalBERT issue #26), and an uncased vocabulary without the file is still
+lower-cased.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def read_do_lower_case(directory: str | os.PathLike, vocab_file: str | os.PathLi
       raise UserError(f"{tokenizer_config} cannot be read as JSON ({error}); fix or delete it") from None
     if isinstance(settings, dict) and settings.get("do_lower_case") is not None:
       return bool(settings["do_lower_case"])
+  if not (Path(directory) / "vocab.txt").is_file():  # saved by transformers 5: tokenizer.json only
+    from clinical_bert_jax.hf_tokenizer_json import tokenizer_json_casing
+
+    from_tokenizer_json = tokenizer_json_casing(directory)
+    if from_tokenizer_json is not None:
+      return from_tokenizer_json
   if vocab_file is None:
     return None
   lower = not vocab_is_cased(read_vocab(vocab_file))

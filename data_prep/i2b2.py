@@ -30,19 +30,12 @@ from absl import logging
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.fileio import atomic_output_dir
 from data_prep import conll
-from data_prep.conll import Sentence
+from data_prep.conll import I2B2_ENTITY_TYPES, Sentence
 
 TASKS = ("2006", "2010", "2012", "2014")
 
 # Entity types in the order of the original `run_ner.py` label lists (which fixes the label ids).
-ENTITY_TYPES = {
-    "2006": ("ID", "HOSPITAL", "PATIENT", "PHONE", "DATE", "DOCTOR", "LOCATION", "AGE"),
-    "2010": ("problem", "treatment", "test"),
-    "2012": ("OCCURRENCE", "EVIDENTIAL", "TREATMENT", "CLINICAL_DEPT", "PROBLEM", "TEST"),
-    "2014": ("IDNUM", "HOSPITAL", "PATIENT", "PHONE", "DATE", "DOCTOR", "LOCATION-OTHER", "AGE", "BIOID", "STATE",
-             "ZIP", "HEALTHPLAN", "ORGANIZATION", "MEDICALRECORD", "CITY", "STREET", "COUNTRY", "URL", "USERNAME",
-             "PROFESSION", "FAX", "EMAIL", "DEVICE"),
-}
+ENTITY_TYPES = I2B2_ENTITY_TYPES  # one table, in clinical_bert_jax.bio_format (the NER evaluator reads it)
 
 # Where the official releases keep their train and test data, relative to --input_dir. Each entry may be a file or a
 # directory (searched recursively); an entry not found directly under --input_dir is looked for recursively.

@@ -4,6 +4,7 @@ incomplete checkpoints are skipped; a workdir of another configuration is refuse
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -35,6 +36,16 @@ def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float 
     time.sleep(0.01)
 
 
+def _first_logged_step(stdout: str) -> int:
+  """The step of an attempt's first progress line (`step N/TOTAL ...`)."""
+  return int(re.search(r"\bstep (\d+)/\d+", stdout).group(1))
+
+
+def _next_log_step(checkpoint_step: int) -> int:
+  every = LEARNING_RUN["log_every_steps"]
+  return (checkpoint_step // every + 1) * every
+
+
 def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path, compile_cache):
   corpus = make_corpus(tmp_path / "data", train_count=2048, tfrecord=True)  # Google-format training records
   env = subprocess_env(compile_cache)
@@ -52,7 +63,8 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   killed.kill()
   killed.communicate()
   assert killed.returncode == -signal.SIGKILL
-  assert max(checkpointing.restorable_steps(interrupted)) < STEPS
+  killed_at = max(checkpointing.restorable_steps(interrupted))
+  assert killed_at < STEPS
 
   # A checkpoint directory that never got orbax's commit marker must be skipped (and set aside), not resumed from.
   (checkpoints / "350").mkdir()
@@ -62,6 +74,8 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   stdout, stderr = preempted.communicate(timeout=120)
   assert preempted.returncode == 0, stderr[-3000:]
   assert "resuming" in stdout and "received SIGTERM" in stdout
+  assert _first_logged_step(stdout) == _next_log_step(killed_at)  # it began at the checkpoint, not at step 0
+  assert "eval at step 0" not in stdout
   assert "checkpoints/350 is incomplete" in stderr
   assert not (checkpoints / "350").exists() and any((interrupted / checkpointing.INCOMPLETE_DIR).iterdir())
   stopped_at = max(checkpointing.restorable_steps(interrupted))
@@ -70,6 +84,7 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert "resuming" in finished.stdout
+  assert _first_logged_step(finished.stdout) == _next_log_step(stopped_at)
 
   assert deterministic_records(interrupted) == deterministic_records(straight)
   assert [record["step"] for record in deterministic_records(straight) if "train/loss" in record] == list(

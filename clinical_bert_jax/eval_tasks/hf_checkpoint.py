@@ -22,6 +22,7 @@ from absl import logging
 
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.hf_tokenizer_json import vocab_file_in
 from clinical_bert_jax.tokenization import FullTokenizer
 from clinical_bert_jax.vocab import read_do_lower_case
 
@@ -81,13 +82,14 @@ def _export_to_hf(directory: Path, output_dir: Path, flag: str) -> None:
 def _open_hf_dir(directory: Path, flag: str) -> HfCheckpoint:
   if not (directory / "config.json").is_file():
     raise UserError(f"{flag}={directory} is not a BERT checkpoint: no config.json (expected config.json, "
-                    "model.safetensors or pytorch_model.bin, vocab.txt)")
+                    "model.safetensors or pytorch_model.bin, vocab.txt or tokenizer.json)")
   config = BertConfig.load(directory / "config.json")
   if not any((directory / name).is_file() for name in WEIGHT_FILES):
     raise UserError(f"{flag}={directory} is not a BERT checkpoint: neither {' nor '.join(WEIGHT_FILES)} found")
-  vocab_file = directory / "vocab.txt"
-  if not vocab_file.is_file():
-    raise UserError(f"{flag}={directory} has no vocab.txt; copy the vocabulary the model was trained with into it")
+  vocab_file = vocab_file_in(directory)
+  if vocab_file is None:
+    raise UserError(f"{flag}={directory} has neither vocab.txt nor tokenizer.json; copy the vocabulary the model was "
+                    "trained with into it")
   return HfCheckpoint(directory, config, vocab_file, bool(read_do_lower_case(directory, vocab_file)), source=directory)
 
 

@@ -133,6 +133,7 @@ class MedNliTask:
 
   metric = "accuracy"
   num_labels = len(LABELS)
+  optimizer = "bert_adam_pt"  # run_classifier.py trained with pytorch-pretrained-bert's BertAdam
 
   def __init__(self, data_dir: str | Path, encoder: WordPieceEncoder, max_seq_length: int,
                max_train_examples: int | None, max_eval_examples: int | None):

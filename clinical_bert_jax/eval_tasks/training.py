@@ -18,7 +18,7 @@ import torch
 import tqdm
 
 from clinical_bert_jax.eval_tasks import IGNORED_LABEL
-from clinical_bert_jax.eval_tasks.bert_adam import BertAdam, parameter_groups
+from clinical_bert_jax.eval_tasks.torch_optimizers import make_optimizer
 from clinical_bert_jax.eval_tasks.grid import Hyperparameters
 
 
@@ -50,17 +50,20 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def fine_tune(model: torch.nn.Module, examples: Sequence[dict], hyper: Hyperparameters, seed: int,
-              device: torch.device, pad_id: int, description: str) -> dict[str, float]:
+              device: torch.device, pad_id: int, description: str,
+              optimizer_name: str = "bert_adam_pt") -> dict[str, float]:
   """Trains `model` in place; returns the step count, the mean loss of the last epoch and the wall time.
 
   The schedule's length is the number of updates actually made (ceil(N / batch) per epoch), so the learning rate
-  reaches 0 at the end; the original computed int(N / batch) × epochs but still ran the last partial batch.
+  reaches 0 at the end; run_classifier.py computed int(N / batch) × epochs but still ran the last partial batch, and
+  run_ner.py ran int(N × epochs / batch) full batches from a repeated stream. `optimizer_name` is one of
+  `torch_optimizers.OPTIMIZERS` (MedNLI: bert_adam_pt, NER: google_adamw_pt, as the original scripts).
   """
   started = time.monotonic()
   steps_per_epoch = math.ceil(len(examples) / hyper.train_batch_size)
   total_steps = steps_per_epoch * hyper.num_train_epochs
-  optimizer = BertAdam(parameter_groups(model, hyper.weight_decay), lr=hyper.learning_rate, total_steps=total_steps,
-                       warmup=hyper.warmup_proportion)
+  optimizer = make_optimizer(optimizer_name, model, hyper.learning_rate, total_steps, hyper.warmup_proportion,
+                             hyper.weight_decay)
   order_rng = torch.Generator().manual_seed(seed)
   model.to(device).train()
   last_epoch_loss = 0.0
