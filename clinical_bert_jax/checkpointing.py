@@ -32,15 +32,26 @@ are added, so save-time and restore-time meshes may differ; a change of any sing
 lanes, and random damage to several elements goes unnoticed with probability about 2**-64. `data_state` is small
 JSON and gets a SHA-256 of its canonical form.
 
+Storage failures (a full disk, a read-only filesystem, permission denied, an I/O error), whether raised by the save
+call or by the background write and surfaced at the next save, `wait` or `close`, become one UserError naming the
+checkpoint and what to do; the unfinished `*.orbax-checkpoint-tmp*` directories are removed and the previous
+checkpoints stay as they were. Orbax's own log records of such failures keep their one line but lose the traceback.
+
 All processes of a multi-process run call every method here (orbax coordinates them); only process 0 moves files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import logging as python_logging
+import os
+import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,12 +62,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.errors import STORAGE_ERRNOS, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 INCOMPLETE_DIR = "checkpoints_incomplete"
 COMMIT_MARKER = "commit_success.txt"
 METADATA_FILE = "_CHECKPOINT_METADATA"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step (or item) directory still being written
 ITEMS = ("params", "train_state", "data_state")
 CHECKSUM_ITEM = "checksums"  # optional: checkpoints written before verification existed lack it
 CHECKSUM_ALGORITHM = "cbj-mix32x2-v1"
@@ -167,6 +179,60 @@ def incomplete_reason(step_dir: Path) -> str | None:
   return f"missing {', '.join(missing)}" if missing else None
 
 
+# ------------------------------------------------------------------------------------------- storage failures
+def storage_failure(error: BaseException) -> tuple[str, int | None] | None:
+  """(reason, errno) when `error` (or what caused it) is a storage failure; tensorstore reports those as ValueErrors
+  with an `os_error_code`, Python as OSErrors."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+      return f"{error.strerror} ({errno.errorcode[error.errno]})", error.errno
+    match = re.search(r"os_error_code='?(\d+)", str(error))
+    if match and int(match.group(1)) in STORAGE_ERRNOS:
+      code = int(match.group(1))
+      return f"{os.strerror(code)} ({errno.errorcode[code]})", code
+    if re.search(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|No space left|Read-only file system", str(error)):
+      return _one_line(error, 160), None
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _QuietOrbaxStorageFailures(python_logging.Filter):
+  """Orbax logs a failed background write from every thread involved, each with a traceback; the UserError raised in
+  the main thread names it in one line. Drops those records (storage failures, and anything after a store gave up);
+  other orbax records with a traceback keep their first line."""
+
+  abandoned = False
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    if not record.exc_info or f"{os.sep}orbax{os.sep}" not in (record.pathname or ""):
+      return True
+    if self.abandoned or storage_failure(record.exc_info[1]) is not None:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+_ORBAX_LOG_FILTER = _QuietOrbaxStorageFailures()
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+  """Waits for orbax's background writer threads (they may still write after the first of them failed)."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+      threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))  # orbax's join() re-raises
+
+
+def _remove_tree(path: Any) -> None:
+  if hasattr(path, "rmtree"):  # etils.epath (also gs://)
+    with contextlib.suppress(Exception):
+      path.rmtree()
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class CheckpointStore:
   """The run's checkpoints; wraps one orbax CheckpointManager."""
 
@@ -178,6 +244,43 @@ class CheckpointStore:
       self._manager = ocp.CheckpointManager(self.directory, item_names=(*ITEMS, CHECKSUM_ITEM), options=options)
     except OSError as error:
       raise UserError(f"cannot create {self.directory}: {error.strerror}; check --output_dir") from None
+    self._writing_step: int | None = None  # the newest save started (its files may still be being written)
+    self._failed = False
+    python_logging.getLogger("absl").addFilter(_ORBAX_LOG_FILTER)  # idempotent
+
+  @contextlib.contextmanager
+  def _storage_errors(self, step: int | None):
+    """Turns a storage failure of a save (this one or the one still in flight) into one UserError, cleaning up."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as error:
+      failure = storage_failure(error)
+      if failure is None:
+        raise
+      reason, code = failure
+      named = re.search(rf"{CHECKPOINT_DIR}/(\d+)", f"{error} {getattr(error, 'filename', '')}")
+      failed_step = int(named.group(1)) if named else self._writing_step if self._writing_step is not None else step
+      self._abandon()
+      kept = [other for other in restorable_steps(self.workdir) if other != failed_step]
+      previous = (f"the previous checkpoint (step {kept[-1]}) is intact and a rerun resumes from it" if kept else
+                  "no earlier checkpoint exists, so a rerun starts from the beginning")
+      advice = STORAGE_ERRNOS.get(code, "free space or choose another --output_dir")
+      raise UserError(f"cannot write checkpoint {self.directory}/{failed_step}: {reason}; {advice}; {previous}"
+                      ) from None
+
+  def _abandon(self) -> None:
+    """After a failed save: lets orbax's threads finish, removes the unfinished directories (process 0)."""
+    self._failed = True
+    _ORBAX_LOG_FILTER.abandoned = True
+    with contextlib.suppress(Exception):
+      self._manager.close()
+    _join_orbax_threads()
+    if jax.process_index() == 0:
+      with contextlib.suppress(Exception):
+        for path in self.directory.glob(f"*{TMP_SUFFIX}*"):
+          _remove_tree(path)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -188,7 +291,7 @@ class CheckpointStore:
     The checksums are computed here, synchronously, from the very arrays handed to orbax (before the caller may
     donate their buffers to the next step), and saved as one more item of the same checkpoint.
     """
-    if step in self._manager.all_steps():
+    if self._failed or step in self._manager.all_steps():
       return False
     train_state, data_state = dict(train_state), dict(data_state)
     checksums = checkpoint_checksums(params, train_state, data_state)
@@ -196,7 +299,10 @@ class CheckpointStore:
                               train_state=ocp.args.StandardSave(train_state),
                               data_state=ocp.args.JsonSave(data_state),
                               **{CHECKSUM_ITEM: ocp.args.JsonSave(checksums)})
-    return bool(self._manager.save(step, args=args, force=True))
+    with self._storage_errors(step):
+      started = bool(self._manager.save(step, args=args, force=True))
+    self._writing_step = step if started else self._writing_step
+    return started
 
   def restore(self, step: int, abstract_params: Any, abstract_train_state: Any) -> Restored:
     """Restores `step` into the shapes, dtypes and shardings of the abstract (ShapeDtypeStruct) targets and verifies
@@ -285,12 +391,20 @@ class CheckpointStore:
     self._manager.reload()
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is on disk (UserError when it could not be written)."""
+    if self._failed:
+      return
+    with self._storage_errors(None):
+      self._manager.wait_until_finished()
+    self._writing_step = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    if self._failed:
+      return
+    with self._storage_errors(None):
+      self._manager.wait_until_finished()
+      self._manager.close()
+    self._writing_step = None
 
 
 def restorable_steps(workdir: str | Path) -> list[int]:
