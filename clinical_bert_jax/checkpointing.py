@@ -51,6 +51,7 @@ import logging as python_logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,6 +216,37 @@ class _QuietOrbaxStorageFailures(python_logging.Filter):
 
 
 _ORBAX_LOG_FILTER = _QuietOrbaxStorageFailures()
+_ASYNCIO_LOG_FILTER = None  # set below
+
+
+class _QuietAsyncioStorageFailures(python_logging.Filter):
+  """asyncio's "Future exception was never retrieved" for the writes orbax abandoned after a storage failure."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return error is None or not (_ORBAX_LOG_FILTER.abandoned or storage_failure(error) is not None)
+
+
+_ASYNCIO_LOG_FILTER = _QuietAsyncioStorageFailures()
+
+
+def _quiet_late_callbacks() -> None:
+  """When a write fails, tensorstore completes the writes still in flight and calls back into the event loop that
+  orbax already closed; each callback reports "RuntimeError: Event loop is closed" with a traceback through
+  sys.unraisablehook. Nothing is lost by those (the step is abandoned and reported in one line), so they are
+  dropped; every other unraisable exception is printed as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_cbj_quiet", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+      return
+    previous(unraisable)
+
+  hook._cbj_quiet = True
+  sys.unraisablehook = hook
 
 
 def _join_orbax_threads(timeout_s: float = 60.0) -> None:
@@ -247,6 +279,8 @@ class CheckpointStore:
     self._writing_step: int | None = None  # the newest save started (its files may still be being written)
     self._failed = False
     python_logging.getLogger("absl").addFilter(_ORBAX_LOG_FILTER)  # idempotent
+    python_logging.getLogger("asyncio").addFilter(_ASYNCIO_LOG_FILTER)
+    _quiet_late_callbacks()
 
   @contextlib.contextmanager
   def _storage_errors(self, step: int | None):
