@@ -349,7 +349,13 @@ def _format_in_order(notes: Iterable[Note], options: FormatOptions,
 
 
 def _pair(chunk: list[Note], future: concurrent.futures.Future) -> Iterator[tuple[Note, str | None, int]]:
-  for note, (block, count) in zip(chunk, future.result()):
+  try:
+    results = future.result()
+  except concurrent.futures.process.BrokenProcessPool:
+    raise UserError("a worker process died (killed, or out of memory) while formatting the notes from input line "
+                    f"{chunk[0].line_number}; nothing was written: rerun, with a lower --num_workers if memory is short"
+                    ) from None
+  for note, (block, count) in zip(chunk, results):
     yield note, block, count
 
 
