@@ -271,7 +271,9 @@ class CheckpointStore:
   def __init__(self, workdir: str | Path, keep: int, async_save: bool = True):
     self.workdir = Path(workdir).resolve()
     self.directory = self.workdir / CHECKPOINT_DIR
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    # cleanup_tmp_directories: what a SIGKILLed run was still writing is removed when the next one opens the store.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     try:
       self._manager = ocp.CheckpointManager(self.directory, item_names=(*ITEMS, CHECKSUM_ITEM), options=options)
     except OSError as error:

@@ -84,6 +84,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False,
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(staging, final)
+  except OSError as error:
+    shutil.rmtree(staging, ignore_errors=True)
+    if error.filename is None or str(staging) in str(error.filename):  # name what the user asked for, not a temp
+      raise OSError(error.errno, error.strerror, str(final)) from None
+    raise
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
@@ -104,7 +109,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
       handle.flush()
       os.fsync(handle.fileno())
     os.replace(tmp_name, final)
-  except BaseException:
+  except BaseException as error:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp_name)
+    if isinstance(error, OSError) and (error.filename is None or error.filename == tmp_name):
+      raise OSError(error.errno, error.strerror, str(final)) from None
     raise

@@ -46,7 +46,7 @@ import numpy as np
 from absl import logging
 
 from clinical_bert_jax import records
-from clinical_bert_jax.errors import UserError, describe_os_error, is_storage_error, run_absl
+from clinical_bert_jax.errors import UserError, is_storage_error, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
 from clinical_bert_jax.tokenization import CONTINUATION_PREFIX, FullTokenizer
 from data_prep.build_vocab import CLS, MASK, SEP, UNK, check_vocab, expand_inputs
@@ -614,8 +614,8 @@ def _worker_loop(job: _Job, tasks: multiprocessing.Queue, results: multiprocessi
   except OSError as error:
     if not is_storage_error(error):
       results.put(("error", RuntimeError(f"worker process failed:\n{traceback.format_exc()}")))
-    else:  # a full disk or I/O error: the parent reports it in one line and removes the staging directory
-      results.put(("error", UserError(describe_os_error(error))))
+    else:  # a full disk or I/O error: re-raised in the parent, which removes the staging directory
+      results.put(("error", OSError(error.errno, error.strerror, error.filename)))
   except BaseException:  # a bug: hand the parent the traceback, which names code and counts, never note text
     results.put(("error", RuntimeError(f"worker process failed:\n{traceback.format_exc()}")))
 
