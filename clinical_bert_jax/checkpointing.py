@@ -193,7 +193,8 @@ def storage_failure(error: BaseException) -> tuple[str, int | None] | None:
     if match and int(match.group(1)) in STORAGE_ERRNOS:
       code = int(match.group(1))
       return f"{os.strerror(code)} ({errno.errorcode[code]})", code
-    if re.search(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|No space left|Read-only file system", str(error)):
+    # Not a bare RESOURCE_EXHAUSTED: on an accelerator that is also how XLA reports running out of device memory.
+    if re.search(r"PERMISSION_DENIED|No space left on device|Read-only file system|Disk quota exceeded", str(error)):
       return _one_line(error, 160), None
     error = error.__cause__ or error.__context__
   return None
@@ -400,14 +401,17 @@ class CheckpointStore:
         continue
       try:
         restored = self.restore(step, abstract_params, abstract_train_state)
-      except Exception as error:
-        skipped.append(f"step {step} fails verification ({_one_line(error, 120)})")
+      except VerificationError as error:
+        skipped.append(f"step {step} fails verification ({error})")
+        continue
+      except Exception as error:  # orbax/tensorstore raise many types for damaged files
+        skipped.append(f"step {step} cannot be restored ({_one_line(error, 120)})")
         continue
       note = "; ".join(skipped) + "; " if skipped else ""
       how = "verified: its checksums match" if restored.verified else "not verified: it has no checksums"
       return f"{note}the last good checkpoint is step {step} in {self.directory} ({how}), where a rerun resumes"
     if skipped:
-      return "; ".join(skipped) + f"; no checkpoint in {self.directory} verifies"
+      return "; ".join(skipped) + f"; no checkpoint in {self.directory} can be resumed from"
     return "no checkpoint was saved"
 
   def _set_aside(self, failures: list[tuple[int, str]]) -> None:

@@ -11,7 +11,6 @@ reason.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import signal
@@ -38,7 +37,7 @@ TMP_MARKERS = (".tmp-", ".orbax-checkpoint-tmp", ".old-")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _namespace_prefix() -> tuple[str, ...] | None:
   """How to run a child in its own mount namespace (where it may mount a tmpfs), or None."""
   if shutil.which("unshare") is None:
@@ -219,18 +218,25 @@ def _all_values(tree) -> np.ndarray:
   return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
 
-def test_sigterm_during_the_first_evaluation_saves_and_exits_0(corpus, tmp_path, compile_cache):
+def test_sigterm_during_evaluation_saves_and_exits_0(tmp_path, compile_cache):
+  """SIGTERM when the step-20 log line appears: the step-20 checkpoint save and a 128-batch evaluation follow it.
+  The evaluation finishes, the next step runs, its checkpoint is saved, exit 0; the rerun completes."""
+  corpus = make_corpus(tmp_path / "data", train_count=256, eval_count=2048)
   workdir = tmp_path / "run"
-  process = subprocess.Popen(pretrain_command(*cli_args(corpus, workdir, **RUN)), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=subprocess_env(compile_cache,
-                                                                                   PYTHONUNBUFFERED="1"))
-  # The metric writer opens its TensorBoard file just before the loop, whose first act is the step-0 evaluation.
-  _wait_for(lambda: any(workdir.glob("events.out.tfevents.*")), process, "the metric writer")
+  command = pretrain_command(*cli_args(corpus, workdir, **{**RUN, "max_eval_steps": 128}))
+  env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  lines: list[str] = []
+  seen = lambda: lines.append(process.stdout.readline()) or lines[-1].startswith("step 20/40")
+  _wait_for(seen, process, "the step-20 line", poll=0)
   process.send_signal(signal.SIGTERM)
   out, err = process.communicate(timeout=300)
+  out = "".join(lines) + out
   assert process.returncode == 0 and "received SIGTERM" in out, err[-3000:]
-  assert "Traceback" not in err
-  assert checkpointing.restorable_steps(workdir)
+  assert "Traceback" not in err and "eval at step 20" in out
+  assert max(checkpointing.restorable_steps(workdir)) == 21
+  rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0 and "step 40/40" in rerun.stdout, rerun.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------- training: storage
