@@ -219,11 +219,11 @@ def _all_values(tree) -> np.ndarray:
 
 
 def test_sigterm_during_evaluation_saves_and_exits_0(tmp_path, compile_cache):
-  """SIGTERM when the step-20 log line appears: the step-20 checkpoint save and a 128-batch evaluation follow it.
+  """SIGTERM when the step-20 log line appears: the step-20 checkpoint save and a 48-batch evaluation follow it.
   The evaluation finishes, the next step runs, its checkpoint is saved, exit 0; the rerun completes."""
-  corpus = make_corpus(tmp_path / "data", train_count=256, eval_count=2048)
+  corpus = make_corpus(tmp_path / "data", train_count=256, eval_count=768)
   workdir = tmp_path / "run"
-  command = pretrain_command(*cli_args(corpus, workdir, **{**RUN, "max_eval_steps": 128}))
+  command = pretrain_command(*cli_args(corpus, workdir, **{**RUN, "max_eval_steps": 48}))
   env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
   process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   lines: list[str] = []
