@@ -184,13 +184,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
   """Params of a pretraining workdir at `step` (default: the latest complete checkpoint)."""
-  import orbax.checkpoint as ocp
-
-  from clinical_bert_jax.checkpointing import restorable_steps
+  from clinical_bert_jax.checkpointing import read_params, restorable_steps
 
   config = BertConfig.load(workdir / "config.json")
-  manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=ocp.CheckpointManagerOptions(
-      read_only=True))
   steps = restorable_steps(workdir)  # orbax's all_steps() also lists unfinished step directories
   if not steps:
     raise UserError(f"{workdir}/checkpoints holds no complete checkpoint; train first or pass another directory")
@@ -199,12 +195,7 @@ def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
   elif step not in steps:
     raise UserError(f"{workdir}: no checkpoint at step {step}; available steps: {', '.join(map(str, steps))}")
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _fresh_reference(config))
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  except Exception as error:  # orbax raises many types for damaged checkpoints
-    reason = " ".join(str(error).split())[:200]
-    raise UserError(f"{workdir}: checkpoint at step {step} cannot be restored ({reason})") from None
-  params = jax.tree.map(np.asarray, restored["params"])
+  params = read_params(workdir, step, target)  # verified against the checksums saved with it
   vocab = vocab_file_in(workdir)
   info = _read_json(workdir / "training_info.json")
   return LoadedModel(config, params, vocab, read_do_lower_case(workdir, vocab), f"workdir:{workdir}@{step}",

@@ -488,7 +488,6 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   batches = DevicePrefetcher(Prefetcher(train_input, cfg.prefetch_batches), cfg.prefetch_batches, runtime.put_batch)
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
-  last_good_checkpoint = start_step if restored is not None else None
 
   def log(step: int, values: Mapping[str, float]) -> None:
     writer.write(step, values)
@@ -509,8 +508,7 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
     nonlocal window, last_train
     values = _combine_micro_steps([runtime.host_values(stats) for stats in device_stats])
     if not _is_finite(values):
-      where = (f"the last good checkpoint is step {last_good_checkpoint} in {store.directory}"
-               if last_good_checkpoint is not None else "no checkpoint was saved")
+      where = store.resume_point(*runtime.abstract_checkpoint())  # re-verified: names the step a rerun uses
       raise UserError(f"training diverged: non-finite loss or gradient at step {step}; stopped without saving "
                       f"({where}); lower --learning_rate, keep --clip_norm on, or check the data")
     if step == start_step + 1:
@@ -549,7 +547,6 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
         if save_now:
           data_state = {"input": batches.get_state(), "metric_window": window.state()}
           store.save(step, *runtime.checkpoint_items(state), data_state=data_state)
-          last_good_checkpoint = step
         if eval_now:
           run_eval(step)
           perf.restart(step)  # throughput measures training, not evaluation

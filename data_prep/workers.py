@@ -8,7 +8,8 @@ have the same semantics:
   lazily from the iterable), so a slow worker never makes the parent read a whole file ahead.
 * Each worker builds its state once (`make_worker(report)` returns the function applied to every input), e.g. a
   tokenizer with its caches; `report(payload)` sends progress to the parent's `on_progress` mid-task.
-* A `UserError` in a worker reaches the caller as itself; any other exception as a RuntimeError carrying the worker's
+* A `UserError` in a worker reaches the caller as itself, and so does a storage `OSError` (full disk, I/O error:
+  `errors.is_storage_error`); any other exception as a RuntimeError carrying the worker's
   traceback (code and counts, never input text). A worker that dies (killed for lack of memory, a crash) is one
   line: `UserError("a worker process died (exit status -9: killed, ...); <hint>")`, never a hang.
 * On any error, or when the caller stops iterating, every worker is terminated before the error propagates, so
@@ -27,7 +28,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from clinical_bert_jax.errors import UserError
+from clinical_bert_jax.errors import UserError, is_storage_error
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -68,6 +69,11 @@ def _worker_main(make_worker: Callable[[Report], Callable[[Any], Any]], tasks: m
       results.put(("done", (index, worker(item))))
   except UserError as error:
     results.put(("error", error))
+  except OSError as error:
+    if is_storage_error(error):  # a full disk or I/O error: re-raised in the caller, which cleans up and says one line
+      results.put(("error", OSError(error.errno, error.strerror, error.filename)))
+    else:
+      results.put(("error", RuntimeError(f"worker process failed:\n{traceback.format_exc()}")))
   except BaseException:  # a bug: hand the parent the traceback, which names code and counts, never input text
     results.put(("error", RuntimeError(f"worker process failed:\n{traceback.format_exc()}")))
 

@@ -1,5 +1,6 @@
 """Checkpoints: a run killed (SIGKILL) and preempted (SIGTERM) ends bitwise identical to an uninterrupted one;
-incomplete checkpoints are skipped; a workdir of another configuration is refused."""
+incomplete checkpoints are skipped; damaged ones fail verification against the checksums saved with them; a workdir of
+another configuration is refused."""
 
 from __future__ import annotations
 
@@ -136,7 +137,9 @@ def test_incomplete_latest_checkpoints_are_skipped_and_set_aside(tmp_path, caplo
   assert store.all_steps() == [10]
   assert sorted(path.name.split("-")[0] for path in (tmp_path / checkpointing.INCOMPLETE_DIR).iterdir()) == [
       "20", "30", "40"]
-  assert sum("is incomplete" in record.getMessage() for record in caplog.records) == 3
+  messages = [record.getMessage() for record in caplog.records]
+  assert sum("is incomplete" in message for message in messages) == 2
+  assert sum("/20 cannot be restored" in message for message in messages) == 1
   assert store.save(20, *_state(20), data_state={})  # the step number is free again
   store.close()
 
@@ -170,3 +173,114 @@ def test_resumed_metrics_drop_what_the_interrupted_attempt_logged_after_its_chec
   writer.write(0, {"eval/loss": 2.5})
   writer.close()
   assert metrics_io.read_metrics(path) == [{"step": 0, "eval/loss": 2.5}]
+
+
+# ------------------------------------------------------------------------------------------------------ checksums
+def _random_state(seed: int):
+  rng = np.random.default_rng(seed)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(256,)), jnp.bfloat16)}}
+  train_state = {"opt_state": {"mu": params}, "rng": jnp.asarray([seed, 1], jnp.uint32),
+                 "step": jnp.asarray(seed, jnp.int32)}
+  return params, train_state
+
+
+def _flip(path, offset: int | None = None, count: int = 4) -> None:
+  data = bytearray(path.read_bytes())
+  offset = len(data) // 2 if offset is None else offset
+  data[offset:offset + count] = bytes(byte ^ 0xFF for byte in data[offset:offset + count])
+  path.write_bytes(bytes(data))
+
+
+def _largest_file(directory):
+  return max((path for path in directory.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
+
+
+def test_array_checksums_ignore_sharding_and_catch_any_single_change():
+  """The checksum is a function of the global values only (how the array is split over devices does not matter), and
+  changing one element (also just its sign bit, or swapping two elements) changes it."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  values = np.random.default_rng(0).normal(size=(16, 24)).astype(np.float32)
+  reference = checkpointing.array_checksums({"a": values})
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+  for spec in (PartitionSpec("x", "y"), PartitionSpec("y", "x"), PartitionSpec(None, "x"), PartitionSpec()):
+    placed = jax.device_put(values, NamedSharding(mesh, spec))
+    assert checkpointing.array_checksums({"a": placed}) == reference, spec
+  variants = []
+  for change in range(3):
+    other = values.copy()
+    if change == 0:
+      other[3, 5] = np.nextafter(other[3, 5], np.float32(np.inf))  # the last bit of one element
+    elif change == 1:
+      other[[0, 15], [0, 23]] *= -1  # the sign bits of two elements
+    else:
+      other[[2, 7]] = other[[7, 2]]  # two rows swapped
+    variants.append(checkpointing.array_checksums({"a": other})["['a']"])
+  assert len(set(variants + [reference["['a']"]])) == 4
+  for dtype in (np.int32, np.uint8, np.float16, np.bool_):  # every dtype a train state holds
+    assert checkpointing.array_checksums({"a": values.astype(dtype)}) != checkpointing.array_checksums(
+        {"a": (values + 1).astype(dtype)}) or dtype == np.bool_
+
+
+def test_a_damaged_checkpoint_that_still_decodes_is_named_and_skipped(tmp_path, caplog):
+  """Bytes overwritten in the array data of the newest step: orbax reads finite, wrong numbers without complaint; the
+  checksums catch it, the step is set aside in one log line and the previous verified step is resumed."""
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  for step in (10, 20):
+    store.save(step, *_random_state(step), data_state={"input": {"index": step}})
+  store.close()
+  directory = tmp_path / checkpointing.CHECKPOINT_DIR
+  _flip(_largest_file(directory / "20" / "train_state"))
+
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  with pytest.raises(checkpointing.VerificationError, match=r"checksum mismatch in train_state\['opt_state'\]"):
+    store.restore(20, *map(_abstract, _random_state(0)))
+  restored = store.restore_latest(*map(_abstract, _random_state(0)))
+  assert restored.step == 10 and restored.verified
+  np.testing.assert_array_equal(restored.params["dense"]["kernel"], _random_state(10)[0]["dense"]["kernel"])
+  lines = [record.getMessage() for record in caplog.records if "fails verification" in record.getMessage()]
+  assert len(lines) == 1 and "checkpoints/20 fails verification" in lines[0] and "\n" not in lines[0]
+  assert store.all_steps() == [10]
+  store.close()
+
+
+def test_when_no_checkpoint_verifies_the_run_stops_instead_of_starting_over(tmp_path):
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  store.save(10, *_random_state(10), data_state={"input": {"index": 10}})
+  store.close()
+  _flip(_largest_file(tmp_path / checkpointing.CHECKPOINT_DIR / "10" / "params"))
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  with pytest.raises(UserError, match="no checkpoint in .* verifies .*step 10 fails verification.*does not start over"):
+    store.restore_latest(*map(_abstract, _random_state(0)))
+  store.close()
+  assert checkpointing.restorable_steps(tmp_path) == [10]  # kept where it was, for the user to inspect
+
+
+def test_data_state_and_checksum_files_are_verified_too(tmp_path):
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  store.save(10, *_random_state(10), data_state={"input": {"index": 10, "epoch": 0}})
+  store.close()
+  step_dir = tmp_path / checkpointing.CHECKPOINT_DIR / "10"
+  metadata = step_dir / "data_state" / "metadata"
+  metadata.write_text(metadata.read_text().replace('"index": 10', '"index": 11'))  # still valid JSON
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  with pytest.raises(checkpointing.VerificationError, match="data_state"):
+    store.restore(10, *map(_abstract, _random_state(0)))
+  store.close()
+
+
+def test_old_checkpoints_without_checksums_restore_with_a_warning(tmp_path, caplog):
+  """Checkpoints written before verification existed: resumed (refusing would strand every existing run), with a
+  warning naming the step; readers (export, cbj.load) say the same."""
+  import shutil
+
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  store.save(10, *_random_state(10), data_state={"input": {"index": 10}})
+  store.close()
+  shutil.rmtree(tmp_path / checkpointing.CHECKPOINT_DIR / "10" / checkpointing.CHECKSUM_ITEM)
+  store = checkpointing.CheckpointStore(tmp_path, keep=5)
+  restored = store.restore_latest(*map(_abstract, _random_state(0)))
+  store.close()
+  assert restored.step == 10 and not restored.verified
+  assert any("/10 has no checksums" in record.getMessage() for record in caplog.records)
