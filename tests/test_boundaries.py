@@ -44,7 +44,5 @@ def test_the_static_check_sees_imports():
   assert "clinical_bert_jax/api.py" in _package_files_importing("clinical_bert_jax.tokenization")
 
 
-@pytest.mark.xfail(strict=False, reason="clinical_bert_jax/eval_tasks/ner.py imports data_prep.i2b2/conll; issue 10 "
-                   "moves that code")
 def test_clinical_bert_jax_never_imports_data_prep():
   assert _package_files_importing("data_prep") == []
