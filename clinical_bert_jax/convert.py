@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import flags, logging
 
-from clinical_bert_jax import model_io, weight_names
+from clinical_bert_jax import dp, model_io, weight_names
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
@@ -57,7 +57,7 @@ def _model_card(loaded: model_io.LoadedModel, do_lower_case: bool, model_max_len
                  "this pretraining run; prefer inputs of at most that length.")
   lines += [
       "- Training data: see the `flags.txt` and data manifest of the pretraining run (the notes themselves are "
-      "credentialed and not included).", "",
+      "credentialed and not included).", "", *dp.model_card_lines(loaded.source, loaded.step),
       "## Load", "", "```python", "from transformers import AutoTokenizer, AutoModelForMaskedLM",
       'tokenizer = AutoTokenizer.from_pretrained("PATH")', 'model = AutoModelForMaskedLM.from_pretrained("PATH")',
       "```", "",
