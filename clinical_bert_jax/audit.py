@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from clinical_bert_jax import model_io
 from clinical_bert_jax.errors import UserError, run_absl
@@ -518,6 +518,8 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
   if len(argv) != 2:
     raise UserError(f"usage: python -m clinical_bert_jax.audit {{{'|'.join(SUBCOMMANDS)}}} --model=DIR "
                     "--output_dir=DIR [...]")

@@ -81,7 +81,7 @@ def test_private_step_equals_the_dp_sgd_formula(setup):
   clip = 0.5
   hand = _hand_dp_gradient(bert, params, batch, clip)
   noiseless = _step_grads(bert, params, batch, dp_l2_clip=clip)
-  np.testing.assert_allclose(noiseless, hand, rtol=2e-4, atol=1e-7)
+  np.testing.assert_allclose(noiseless, hand, rtol=2e-4, atol=5e-7)
   # Clipping was active: the unclipped per-example gradients are larger than C here.
   assert not np.allclose(_hand_dp_gradient(bert, params, batch, 1e9), hand, rtol=1e-2)
   # The noise: the same step with σ = 1.3 differs by N(0, (σC)²) / B per coordinate.
@@ -117,26 +117,27 @@ def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
     state, _ = step(state, {name: values[micro * 4:(micro + 1) * 4] for name, values in batch.items()},
                     jnp.int32(micro))
   accumulated = np.asarray(ravel_pytree(params)[0] - ravel_pytree(state.params)[0], np.float64)
-  np.testing.assert_allclose(accumulated, whole, rtol=2e-4, atol=1e-7)
-  # pmap over 8 devices (one example each): psum of clipped sums, noise drawn once with the same key on every device.
-  devices = jax.local_device_count()
-  if BATCH % devices:
-    pytest.skip("needs a device count dividing the batch")
-  for sigma in (1.3,):  # the same noise too: one draw, from a key that does not depend on the device
-    cfg = train.TrainConfig(max_predictions_per_seq=PREDICTIONS, dp_l2_clip=clip, dp_noise_multiplier=sigma)
-    tx = optax.sgd(1.0)
-    state = train.TrainState(params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)),
-                             step=jnp.zeros((), jnp.int32))
-    stacked = jax.tree.map(lambda value: jnp.stack([value] * devices), state)
-    pmapped = jax.pmap(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None,
-                                         axis_name=train.PMAP_AXIS), axis_name=train.PMAP_AXIS, in_axes=(0, 0, None))
-    sharded = {name: values.reshape((devices, -1) + values.shape[1:]) for name, values in batch.items()}
-    new_state, _ = pmapped(stacked, sharded, jnp.int32(0))
-    per_device = [np.asarray(ravel_pytree(jax.tree.map(lambda value, i=i: value[i], new_state.params))[0])
-                  for i in range(devices)]
-    assert all(np.array_equal(per_device[0], other) for other in per_device[1:])  # the same update everywhere
-    single = _step_grads(bert, params, batch, dp_l2_clip=clip, dp_noise_multiplier=sigma)
-    np.testing.assert_allclose(np.asarray(ravel_pytree(params)[0]) - per_device[0], single, rtol=2e-3, atol=1e-6)
+  np.testing.assert_allclose(accumulated, whole, rtol=2e-4, atol=5e-7)
+  # pmap over 2 devices: psum of clipped sums, noise drawn once with the same key on every device.
+  devices = 2
+  if jax.local_device_count() < devices:
+    pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, as conftest sets)")
+  sigma = 1.3  # the same noise too: one draw, from a key that does not depend on the device
+  cfg = train.TrainConfig(max_predictions_per_seq=PREDICTIONS, dp_l2_clip=clip, dp_noise_multiplier=sigma)
+  tx = optax.sgd(1.0)
+  state = train.TrainState(params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)),
+                           step=jnp.zeros((), jnp.int32))
+  stacked = jax.tree.map(lambda value: jnp.stack([value] * devices), state)
+  pmapped = jax.pmap(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None,
+                                       axis_name=train.PMAP_AXIS), axis_name=train.PMAP_AXIS, in_axes=(0, 0, None),
+                     devices=jax.local_devices()[:devices])
+  sharded = {name: values.reshape((devices, -1) + values.shape[1:]) for name, values in batch.items()}
+  new_state, _ = pmapped(stacked, sharded, jnp.int32(0))
+  per_device = [np.asarray(ravel_pytree(jax.tree.map(lambda value, i=i: value[i], new_state.params))[0])
+                for i in range(devices)]
+  assert all(np.array_equal(per_device[0], other) for other in per_device[1:])  # the same update everywhere
+  single = _step_grads(bert, params, batch, dp_l2_clip=clip, dp_noise_multiplier=sigma)
+  np.testing.assert_allclose(np.asarray(ravel_pytree(params)[0]) - per_device[0], single, rtol=2e-3, atol=1e-6)
 
 
 def _gaussian_epsilon(sigma: float, delta: float) -> float:
