@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import flags, logging
 
-from clinical_bert_jax import hf_tokenizer_json, model_io, weight_names
+from clinical_bert_jax import dp, hf_tokenizer_json, model_io, weight_names
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
 from clinical_bert_jax.vocab import special_tokens_map
@@ -69,7 +69,7 @@ def _model_card(loaded: model_io.LoadedModel, do_lower_case: bool, model_max_len
                  "this pretraining run; prefer inputs of at most that length.")
   lines += [
       "- Training data: see the `flags.txt` and data manifest of the pretraining run (the notes themselves are "
-      "credentialed and not included).", "",
+      "credentialed and not included).", "", *dp.model_card_lines(loaded.source, loaded.step),
       "## Load", "", "```python", "from transformers import AutoTokenizer, AutoModelForMaskedLM",
       'tokenizer = AutoTokenizer.from_pretrained("PATH")', 'model = AutoModelForMaskedLM.from_pretrained("PATH")',
       "```", "",

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 from absl import flags, logging
 
-from clinical_bert_jax import checkpointing, input_pipeline, model_io, train
+from clinical_bert_jax import checkpointing, dp, input_pipeline, model_io, train
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_write
@@ -168,6 +168,8 @@ def _check_batches_fit(cfg: train.TrainConfig, train_data: PretrainingData,
   if cfg.micro_batch_size > len(train_data):
     raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.micro_batch_size} sequences per step but "
                     f"--input_file has only {len(train_data)} instances; lower it or generate more data")
+  if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
+    dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
   if eval_data is not None and cfg.eval_batch_size > len(eval_data):
     raise UserError(f"--eval_batch_size={cfg.eval_batch_size} is larger than the {len(eval_data)} instances of "
                     "--eval_input_file; lower it")
@@ -342,6 +344,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", defaults.seed, "Seed of initialisation, data order, dropout and dynamic masks.")
   flags.DEFINE_integer("log_every_steps", defaults.log_every_steps, "Log metrics every N steps.")
   flags.DEFINE_string("export_hf_dir", None, "At the end, export the model here as a Hugging Face directory.")
+  flags.DEFINE_float("dp_noise_multiplier", defaults.dp_noise_multiplier, "DP-SGD noise multiplier σ: Gaussian noise "
+                     "of std σ·C on the sum of clipped per-example gradients (docs/privacy.md). Needs --dp_l2_clip.")
+  flags.DEFINE_float("dp_l2_clip", defaults.dp_l2_clip, "DP-SGD per-example gradient L2 bound C (0: DP off).")
+  flags.DEFINE_float("dp_delta", defaults.dp_delta, "DP-SGD: the δ at which ε is reported (metrics, model card).")
+  flags.DEFINE_enum("dp_accountant", defaults.dp_accountant, ["rdp", "pld"], "DP-SGD accountant (dp-accounting).")
   flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed), or "
                       "auto (Cloud TPU pods, SLURM: JAX finds the processes).")
   flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
@@ -361,7 +368,8 @@ def options_from_flags() -> PretrainOptions:
       save_checkpoints_steps=FLAGS.save_checkpoints_steps, keep_checkpoints=FLAGS.keep_checkpoints,
       async_checkpointing=FLAGS.async_checkpointing, log_every_steps=FLAGS.log_every_steps,
       eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size,
-      max_eval_steps=FLAGS.max_eval_steps)
+      max_eval_steps=FLAGS.max_eval_steps, dp_noise_multiplier=FLAGS.dp_noise_multiplier,
+      dp_l2_clip=FLAGS.dp_l2_clip, dp_delta=FLAGS.dp_delta, dp_accountant=FLAGS.dp_accountant)
   return PretrainOptions(
       input_file=FLAGS.input_file, output_dir=FLAGS.output_dir, train=cfg, eval_input_file=FLAGS.eval_input_file,
       init_checkpoint=FLAGS.init_checkpoint, bert_config_file=FLAGS.bert_config_file, vocab_file=FLAGS.vocab_file,

@@ -47,7 +47,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clinical_bert_jax import checkpointing, losses, masking, metrics_io, model, optimizers, sharding
+from clinical_bert_jax import checkpointing, dp, losses, masking, metrics_io, model, optimizers, sharding
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.input_pipeline import DevicePrefetcher, EvalInput, PretrainingInput, Prefetcher
@@ -91,6 +91,10 @@ class TrainConfig:
   eval_batch_size: int = 8
   max_eval_steps: int = 100
   prefetch_batches: int = 2
+  dp_noise_multiplier: float = 0.0  # DP-SGD (dp.py): on when dp_l2_clip > 0
+  dp_l2_clip: float = 0.0
+  dp_delta: float = 1e-5
+  dp_accountant: str = "rdp"
 
   @property
   def micro_batch_size(self) -> int:
@@ -132,6 +136,14 @@ def _mask_if_dynamic(batch: Mapping[str, jax.Array], key: jax.Array, vocab: mask
                             masked_lm_prob=cfg.masked_lm_prob, whole_word=cfg.whole_word_mask)
 
 
+def _example_loss(bert: nn.Module, params: Any, example: Mapping[str, jax.Array], dropout_key: jax.Array):
+  """One sequence's own loss (its MLM loss over its own prediction weights + its NSP loss) and its sums; DP-SGD
+  clips the gradient of this."""
+  batch = jax.tree.map(lambda value: value[None], dict(example))
+  sums = losses.pretraining_sums(_apply_model(bert, params, batch, dropout_key), batch)
+  return losses.metrics_from_sums(sums)["loss"], sums
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], micro_step: jax.Array, *, bert: nn.Module,
                tx: optax.GradientTransformation, cfg: TrainConfig, vocab: masking.MaskingVocab | None,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -141,6 +153,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], micro_step: ja
   gradient of the global loss.
   """
   key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), micro_step)
+  noise_key = dp.noise_key(key)  # the same on every device
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   mask_key, dropout_key = jax.random.split(key)
@@ -153,9 +166,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], micro_step: ja
       normalisers = jax.lax.psum(normalisers, axis_name)
     return losses.metrics_from_sums({**sums, **normalisers})["loss"], sums
 
-  grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
-  if axis_name is not None:
-    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):  # DP-SGD: per-example clipping, noise (dp.py)
+    example_loss = functools.partial(_example_loss, bert)
+    grads, sums, _ = dp.private_gradient(example_loss, state.params, batch, example_key=dropout_key,
+                                         noise_key=noise_key, noise_multiplier=cfg.dp_noise_multiplier,
+                                         l2_clip=cfg.dp_l2_clip, micro_steps=cfg.grad_accum_steps, axis_name=axis_name)
+  else:
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+      grads, sums = jax.lax.psum((grads, sums), axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                             step=state.step + (micro_step == cfg.grad_accum_steps - 1).astype(state.step.dtype))
@@ -361,6 +380,7 @@ def validate_config(cfg: TrainConfig) -> None:
   over processes and devices. Cheap; run it before any real work."""
   optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
                             cfg.weight_decay, cfg.clip_norm, cfg.grad_accum_steps, schedule=cfg.lr_schedule)
+  dp.check_settings(cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant)
   if cfg.compute_dtype not in COMPUTE_DTYPES:
     raise UserError(f"--compute_dtype={cfg.compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
   if cfg.parallelism not in PARALLELISMS:
@@ -467,6 +487,15 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   eval_input = (EvalInput(eval_data, cfg.eval_batch_size, cfg.max_eval_steps) if eval_data is not None else None)
   store = checkpointing.CheckpointStore(workdir, cfg.keep_checkpoints, cfg.async_checkpointing)
   restored = store.restore_latest(*runtime.abstract_checkpoint())
+  dp_record = None
+  if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
+    dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
+    dp_record = dp.accounting_record(cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant,
+                                     cfg.train_batch_size, len(train_data))
+  if restored is not None:
+    dp.check_resume(workdir, dp_record)
+  elif is_primary:
+    dp.write_record(workdir, dp_record)  # None: removes a stale record of an earlier private run
   if restored is not None:
     state = runtime.state_from_checkpoint(restored)
     train_input.set_state(restored.data_state["input"])
@@ -517,6 +546,8 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
     if step % cfg.log_every_steps == 0 or step == cfg.num_train_steps:
       last_train = {f"train/{name}": value for name, value in window.summary().items()}
       last_train["train/learning_rate"] = float(schedule(step - 1))
+      if dp_record is not None:
+        last_train["train/dp_epsilon"] = dp.epsilon_at(dp_record, step)
       log(step, {**last_train, **perf.measure(step, cfg.num_train_steps)})
       window = metrics_io.MetricWindow()
 
