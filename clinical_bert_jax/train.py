@@ -620,8 +620,8 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
           pending = None
         if save_now:
           data_state = {"input": batches.get_state(), "metric_window": window.state()}
+          writer.flush()  # the metrics up to this step are stored before the checkpoint that a resume starts from
           store.save(step, *runtime.checkpoint_items(state), data_state=data_state)
-          writer.flush()  # what was logged up to the checkpoint is stored with it (a gs:// workdir uploads it now)
           last_good_checkpoint = step
         if eval_now:
           run_eval(step)

@@ -235,3 +235,15 @@ def test_atomic_write_on_object_storage_leaves_nothing_on_failure(emulator):
   assert fileio.as_path(f"{BUCKET}/atomic/a.json").read_text() == "previous"
   assert fileio.glob(f"{BUCKET}/atomic/*.json") == [f"{BUCKET}/atomic/a.json"]
   assert fileio.glob(f"{BUCKET}/atomic/*.none") == []
+
+
+def test_the_documented_pod_command_takes_every_path_from_the_bucket(emulator, compile_cache, tmp_path):
+  """experiments/tpu_pod.cfg as documented (YOUR_BUCKET filled in), on one CPU process: its flags parse, the XLA
+  cache and workdir are on gs://, and the first input it reads is looked up in the bucket."""
+  flagfile = tmp_path / "tpu_pod.cfg"
+  flagfile.write_text((REPO / "experiments" / "tpu_pod.cfg").read_text().replace("YOUR_BUCKET", "data"))
+  env = subprocess_env(compile_cache, STORAGE_EMULATOR_HOST=emulator.endpoint)
+  result = _tool("clinical_bert_jax.pretrain", f"--flagfile={flagfile}", "--coordinator_address=", env=env)
+  assert_one_line_error(result, "checkpoint gs://data/models/bert-base-cased not found")
+  assert result.returncode == 2
+  assert not fileio.as_path(f"{BUCKET}/runs/clinical_bert_pod").exists()  # nothing written before the inputs check
