@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from gcs_emulator import running_emulator  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_shards", 4, "shards the instances are split into")
+flags.DEFINE_integer("repeats", 3, "measurements per configuration and source (median reported)")
 
 
 def _write_shards(directory: Path) -> None:
@@ -54,6 +56,7 @@ def _write_shards(directory: Path) -> None:
   records.write_manifest(directory, {
       "format": records.FORMAT_NATIVE, "vocab_sha256": None, "vocab_size": FLAGS.vocab_size, "do_lower_case": False,
       "max_seq_length": FLAGS.max_seq_length, "max_predictions_per_seq": FLAGS.max_predictions_per_seq,
+      "masking": "static",
       "shards": [info.to_json() for info in infos]})
 
 
@@ -81,16 +84,17 @@ def main(argv) -> None:
     warm = time.perf_counter() - start
     peer = _open(str(local), cache)
     for batch_size in (int(size) for size in FLAGS.batch_sizes):
-      rates = []
-      for data in (remote, peer):
-        with Prefetcher(PretrainingInput(data, batch_size, seed=1), FLAGS.prefetch) as prefetcher:
-          rates.append(local_bench._rate(lambda: next(prefetcher), FLAGS.seconds) * batch_size)
-      rows.append((batch_size, *rates))
+      rates: dict[str, list[float]] = {"remote": [], "peer": []}
+      for repeat in range(FLAGS.repeats):  # alternating, so load changes on a shared machine hit both alike
+        for name, data in (("remote", remote), ("peer", peer))[::1 if repeat % 2 == 0 else -1]:
+          with Prefetcher(PretrainingInput(data, batch_size, seed=1), FLAGS.prefetch) as prefetcher:
+            rates[name].append(local_bench._rate(lambda: next(prefetcher), FLAGS.seconds) * batch_size)
+      rows.append((batch_size, statistics.median(rates["remote"]), statistics.median(rates["peer"])))
   print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
         f"{FLAGS.num_instances} instances in {FLAGS.num_shards} native shards ({size / 2**20:.1f} MiB); "
         f"cold open (download + checksum + open) {cold:.2f} s = {size / 2**20 / cold:.1f} MiB/s, "
         f"warm open (cached) {warm:.2f} s\n")
-  print("| batch | instances/s from gs:// (cached) | instances/s local (peer) | ratio |")
+  print("| batch | instances/s from gs:// (cached), median | instances/s local (peer), median | ratio |")
   print("|---|---|---|---|")
   for batch_size, from_gcs, from_local in rows:
     print(f"| {batch_size}x{FLAGS.max_seq_length} | {from_gcs:,.0f} | {from_local:,.0f} | "

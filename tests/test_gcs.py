@@ -242,7 +242,7 @@ def test_the_documented_pod_command_takes_every_path_from_the_bucket(emulator, c
   cache and workdir are on gs://, and the first input it reads is looked up in the bucket."""
   flagfile = tmp_path / "tpu_pod.cfg"
   flagfile.write_text((REPO / "experiments" / "tpu_pod.cfg").read_text().replace("YOUR_BUCKET", "data"))
-  env = subprocess_env(compile_cache, STORAGE_EMULATOR_HOST=emulator.endpoint)
+  env = subprocess_env(compile_cache, devices=4, STORAGE_EMULATOR_HOST=emulator.endpoint)  # its mesh: fsdp 4
   result = _tool("clinical_bert_jax.pretrain", f"--flagfile={flagfile}", "--coordinator_address=", env=env)
   assert_one_line_error(result, "checkpoint gs://data/models/bert-base-cased not found")
   assert result.returncode == 2

@@ -251,7 +251,7 @@ def test_tpu_notebook_stops_with_one_message_when_jax_sees_no_tpu(tmp_path):
   """RUN_ON_TPU = True on a machine without a TPU: the platform check stops the notebook before anything long."""
   notebook = json.loads((NOTEBOOKS / "colab_tpu_pretraining.ipynb").read_text(encoding="utf-8"))
   for cell in notebook["cells"]:
-    cell["source"] = [line.replace("RUN_ON_TPU = False", "RUN_ON_TPU = True") for line in cell["source"]]
+    cell["source"] = [re.sub(r"^RUN_ON_TPU = False\b", "RUN_ON_TPU = True", line) for line in cell["source"]]
   armed = tmp_path / "armed.ipynb"
   armed.write_text(json.dumps(notebook), encoding="utf-8")
   sandbox = tmp_path / "cwd"
