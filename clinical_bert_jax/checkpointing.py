@@ -128,7 +128,7 @@ class CheckpointStore:
       logging.warning("checkpoint %s/%d is incomplete (%s): skipping it, moved to %s", self.directory, step, reason,
                       target)
       if jax.process_index() == 0 and fileio.is_remote(target):
-        fileio.as_path(self.directory / str(step)).rename(target)  # object storage: copy + delete, recursively
+        fileio.move_tree(self.directory / str(step), target)  # object storage: copy + delete, recursively
       elif jax.process_index() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(step)), str(target))

@@ -288,6 +288,18 @@ def mirrored_dir(path: str | os.PathLike, flag: str) -> Iterator[Path]:
       raise storage_error(path, error, flag, "cannot upload the result") from None
 
 
+def move_tree(source: AnyPath, target: AnyPath) -> None:
+  """Moves a (remote) directory: server-side copies, then deletes (object storage has no directory rename; not
+  gcsfs's mv, which first tries the objects.move API that emulators lack)."""
+  import fsspec
+
+  filesystem, source_key = fsspec.core.url_to_fs(str(source))
+  _, target_key = fsspec.core.url_to_fs(str(target))
+  for key in filesystem.find(source_key):
+    filesystem.copy(key, target_key + key[len(source_key):])
+  filesystem.rm(source_key, recursive=True)
+
+
 def remove_tree(path: AnyPath) -> None:
   path = as_path(path)
   if is_remote(path):

@@ -109,6 +109,10 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
   from clinical_bert_jax import checkpointing
 
   assert 10 <= max(checkpointing.restorable_steps(interrupted)) < 40
+  # A step that never got orbax's commit marker (a save cut short) is not a checkpoint: orbax's step API skips it.
+  with fileio.atomic_write(f"{interrupted}/checkpoints/35/params/partial", mode="wb") as handle:
+    handle.write(b"cut short")
+  assert 35 not in checkpointing.restorable_steps(interrupted)
   resumed = subprocess.run(pretrain(interrupted, f"--export_hf_dir={BUCKET}/hf"), env=env, capture_output=True,
                            text=True, timeout=300, cwd=REPO)
   _ok(resumed)
