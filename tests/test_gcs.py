@@ -90,7 +90,7 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
             f"--bert_config_file={BUCKET}/bert_config.json", f"--vocab_file={BUCKET}/vocab.txt",
             f"--output_dir={workdir}", f"--data_cache_dir={tmp_path / 'cache'}", *RUN, *extra]
 
-  straight = subprocess.run(pretrain(f"{BUCKET}/straight"), env=env, capture_output=True, text=True, timeout=300,
+  straight = subprocess.run(pretrain(f"{BUCKET}/straight"), env=env, capture_output=True, text=True, timeout=900,
                             cwd=REPO)
   _ok(straight)
 
@@ -114,7 +114,7 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
     handle.write(b"cut short")
   assert 35 not in checkpointing.restorable_steps(interrupted)
   resumed = subprocess.run(pretrain(interrupted, f"--export_hf_dir={BUCKET}/hf"), env=env, capture_output=True,
-                           text=True, timeout=300, cwd=REPO)
+                           text=True, timeout=900, cwd=REPO)
   _ok(resumed)
   assert "resuming" in resumed.stdout
 
@@ -150,7 +150,7 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
   assert not any(".tmp-" in uri for uri in _objects(BUCKET))
 
   # A workdir on a bucket this machine may only read: one line, after the inputs were checked, nothing written.
-  refused = subprocess.run(pretrain(f"{READONLY}/run"), env=env, capture_output=True, text=True, timeout=300,
+  refused = subprocess.run(pretrain(f"{READONLY}/run"), env=env, capture_output=True, text=True, timeout=900,
                            cwd=REPO)
   assert_one_line_error(refused, f"--output_dir={READONLY}/run", "permission denied")
   assert refused.returncode == 2 and _objects(READONLY) == []
