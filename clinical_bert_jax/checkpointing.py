@@ -38,6 +38,10 @@ checkpoint and what to do; the unfinished `*.orbax-checkpoint-tmp*` directories 
 checkpoints stay as they were. Orbax's own log records of such failures keep their one line but lose the traceback.
 
 All processes of a multi-process run call every method here (orbax coordinates them); only process 0 moves files.
+
+The workdir may be a `gs://` URI (fileio.as_path): orbax writes there directly (tensorstore for the arrays, with
+`commit_success.txt` as the completion marker on object storage), and steps are discovered through orbax's public
+`ocp.path.step.checkpoint_steps` (finalized steps only) before the content check of `incomplete_reason`.
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
+from clinical_bert_jax import fileio
 from clinical_bert_jax.errors import STORAGE_ERRNOS, UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -174,7 +180,7 @@ def _one_line(error: BaseException, limit: int = 240) -> str:
   return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
 
 
-def incomplete_reason(step_dir: Path) -> str | None:
+def incomplete_reason(step_dir: Any) -> str | None:
   """Why a step directory is not a finished checkpoint, or None when it looks complete."""
   missing = [name for name in (COMMIT_MARKER, METADATA_FILE, *ITEMS) if not (step_dir / name).exists()]
   return f"missing {', '.join(missing)}" if missing else None
@@ -270,13 +276,15 @@ class CheckpointStore:
   """The run's checkpoints; wraps one orbax CheckpointManager."""
 
   def __init__(self, workdir: str | Path, keep: int, async_save: bool = True):
-    self.workdir = Path(workdir).resolve()
+    self.workdir = fileio.as_path(workdir)
+    if not fileio.is_remote(self.workdir):
+      self.workdir = self.workdir.resolve()
     self.directory = self.workdir / CHECKPOINT_DIR
     # cleanup_tmp_directories: what a SIGKILLed run was still writing is removed when the next one opens the store.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     try:
-      self._manager = ocp.CheckpointManager(self.directory, item_names=(*ITEMS, CHECKSUM_ITEM), options=options)
+      self._manager = ocp.CheckpointManager(_orbax_path(self.directory), item_names=(*ITEMS, CHECKSUM_ITEM), options=options)
     except OSError as error:
       raise UserError(f"cannot create {self.directory}: {error.strerror}; check --output_dir") from None
     self._writing_step: int | None = None  # the newest save started (its files may still be being written)
@@ -421,7 +429,9 @@ class CheckpointStore:
     for step, reason in failures:
       target = self.workdir / INCOMPLETE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
       logging.warning("checkpoint %s/%d %s: skipping it, moved to %s", self.directory, step, reason, target)
-      if jax.process_index() == 0:
+      if jax.process_index() == 0 and fileio.is_remote(target):
+        fileio.move_tree(self.directory / str(step), target)  # object storage: copy + delete, recursively
+      elif jax.process_index() == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(step)), str(target))
     if jax.process_count() > 1:
@@ -447,20 +457,29 @@ class CheckpointStore:
     self._writing_step = None
 
 
+def _orbax_path(path: Any) -> Any:
+  """The path type orbax expects: etils.epath for URIs, pathlib locally (as before)."""
+  return epath.Path(str(path)) if fileio.is_remote(path) else path
+
+
 def restorable_steps(workdir: str | Path) -> list[int]:
-  """Steps under `WORKDIR/checkpoints` whose directories are complete (for readers such as `model_io`)."""
-  directory = Path(workdir) / CHECKPOINT_DIR
-  if not directory.is_dir():
+  """Steps under `WORKDIR/checkpoints` that orbax reports finalized and whose content is complete (for readers
+  such as `model_io`); local or `gs://`."""
+  directory = fileio.as_path(workdir) / CHECKPOINT_DIR
+  try:
+    steps = ocp.path.step.checkpoint_steps(_orbax_path(directory))
+  except FileNotFoundError:
     return []
-  return sorted(int(path.name) for path in directory.iterdir()
-                if path.name.isdigit() and path.is_dir() and incomplete_reason(path) is None)
+  return sorted(step for step in steps if incomplete_reason(directory / str(step)) is None)
 
 
 def read_params(workdir: str | Path, step: int, target: Any) -> Any:
   """The verified `params` item of `WORKDIR/checkpoints/<step>` as host arrays shaped like `target` (for readers such
   as `model_io`: export, evaluation, the Python API). UserError when it cannot be read or fails verification."""
-  directory = Path(workdir) / CHECKPOINT_DIR
-  manager = ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(read_only=True))
+  directory = fileio.as_path(workdir) / CHECKPOINT_DIR
+  if not fileio.is_remote(directory):
+    directory = directory.resolve()
+  manager = ocp.CheckpointManager(_orbax_path(directory), options=ocp.CheckpointManagerOptions(read_only=True))
   verified = (directory / str(step) / CHECKSUM_ITEM).exists()
   items = {"params": ocp.args.StandardRestore(target)}
   if verified:

@@ -23,7 +23,7 @@ from absl import flags, logging
 
 from clinical_bert_jax import dp, hf_tokenizer_json, model_io, weight_names
 from clinical_bert_jax.errors import UserError, run_absl
-from clinical_bert_jax.fileio import atomic_output_dir
+from clinical_bert_jax.fileio import as_path, atomic_output_dir, local_copy
 from clinical_bert_jax.vocab import special_tokens_map
 
 FLAGS = flags.FLAGS
@@ -146,7 +146,7 @@ def export_hf(loaded: model_io.LoadedModel, output_dir: str | Path, *, overwrite
       else:
         difference = _verify_export(staging, loaded)
         logging.info("export check: PyTorch and Flax logits agree (max abs difference %.2e)", difference)
-  return Path(output_dir)
+  return as_path(output_dir)
 
 
 # --------------------------------------------------------------------------------------------------- commands
@@ -202,7 +202,7 @@ def main(argv: Sequence[str]) -> None:
   command = argv[1]
   output_dir = _required("output_dir", command)
   if command == "from_hf":
-    directory = Path(_required("model_dir", command))
+    directory = local_copy(_required("model_dir", command), "--model_dir")
     if not directory.is_dir():
       raise UserError(f"--model_dir={directory} not found or not a directory")
     if not (directory / "config.json").is_file():
@@ -215,7 +215,7 @@ def main(argv: Sequence[str]) -> None:
   else:
     loaded = model_io.load_model(_required("checkpoint_dir", command), step=FLAGS.step)
     if FLAGS.vocab_file:
-      loaded.vocab_file = Path(FLAGS.vocab_file)
+      loaded.vocab_file = local_copy(FLAGS.vocab_file, "--vocab_file")
     export_hf(loaded, output_dir, overwrite=FLAGS.overwrite, do_lower_case=_casing_flag(),
               model_max_length=FLAGS.model_max_length, verify=FLAGS.verify, base_model=FLAGS.base_model)
     print(f"wrote {output_dir}: config.json, model.safetensors, vocab.txt, tokenizer.json, tokenizer_config.json, "

@@ -25,10 +25,11 @@ from typing import Sequence
 import numpy as np
 from absl import flags, logging
 
+from clinical_bert_jax import fileio
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.eval_tasks.hf_checkpoint import (HfCheckpoint, WordPieceEncoder, load_pretrained,
                                                         open_checkpoint, resolve_device)
-from clinical_bert_jax.fileio import atomic_write
+from clinical_bert_jax.fileio import as_path, atomic_write, local_copy
 from clinical_bert_jax.vocab import CONTINUATION_PREFIX, is_bracketed_special
 
 DEFAULT_QUERIES = ["glucose", "seizure", "pneumonia", "Transfer", "Admitted", "Discharge", "beach", "newspaper",
@@ -144,7 +145,7 @@ def read_lines(path: str) -> tuple[list[str], list[int]]:
 
 def index_path_for(output: str) -> Path:
   """OUT.index.json next to OUT.npy; refuses other output names before any work is done."""
-  path = Path(output)
+  path = as_path(output)
   if path.suffix != ".npy":
     raise UserError(f"--output={output} must end with .npy")
   return path.with_suffix(".index.json")
@@ -152,7 +153,7 @@ def index_path_for(output: str) -> Path:
 
 def write_embeddings(output: str, array: np.ndarray, index: dict) -> Path:
   """Writes OUT.npy, then OUT.index.json: the index appears only after the complete array (it marks completion)."""
-  path, index_path = Path(output), index_path_for(output)
+  path, index_path = as_path(output), index_path_for(output)
   # The inner block is renamed first on exit: the array, then the index.
   with atomic_write(index_path) as index_handle, atomic_write(path, mode="wb") as array_handle:
     np.save(array_handle, array)
@@ -205,15 +206,19 @@ def neighbors_table(names: Sequence[str], results: Sequence[dict[str, list[str]]
   return "\n".join(lines)
 
 
+def _resolved(path: str) -> str:
+  return path if fileio.is_remote(path) else str(Path(path).resolve())
+
+
 def run_embed() -> None:
   if not FLAGS.model_dir or not FLAGS.input or not FLAGS.output:
     raise UserError("embed needs --model_dir, --input and --output; see docs/evaluation.md")
   index_path_for(FLAGS.output)
   checkpoint = open_checkpoint(FLAGS.model_dir)
-  lines, line_numbers = read_lines(FLAGS.input)
   embedder = Embedder(checkpoint, FLAGS.device, FLAGS.layer, FLAGS.max_seq_length, FLAGS.batch_size)
-  index = {"model_dir": str(Path(FLAGS.model_dir).resolve()), "do_lower_case": checkpoint.do_lower_case,
-           "layer": FLAGS.layer, "input": str(Path(FLAGS.input).resolve())}
+  lines, line_numbers = read_lines(str(local_copy(FLAGS.input, "--input")))
+  index = {"model_dir": _resolved(FLAGS.model_dir), "do_lower_case": checkpoint.do_lower_case,
+           "layer": FLAGS.layer, "input": _resolved(FLAGS.input)}
   if FLAGS.words:
     array, rows = embedder.word_embeddings(lines, line_numbers)
     index.update(unit="word", pooling="mean over the word's pieces", rows_line_word=rows)

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from absl import flags, logging
 
 from clinical_bert_jax.errors import UserError, run_absl
+from clinical_bert_jax import fileio
 from clinical_bert_jax.fileio import atomic_output_dir, check_output_dir
 
 COMMANDS = ("mednli", "ner", "report")
@@ -155,7 +156,7 @@ def run_task(command: str) -> Path:
         "task": FLAGS.task if command == "ner" else "mednli",
         "dataset": dataset,
         "model_name": model_name,
-        "model_dir": str(Path(FLAGS.model_dir).resolve()),
+        "model_dir": FLAGS.model_dir if fileio.is_remote(FLAGS.model_dir) else str(Path(FLAGS.model_dir).resolve()),
         "do_lower_case": checkpoint.do_lower_case,
         "data_sizes": {"train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
         "settings": {"max_seq_length": max_seq_length, "eval_batch_size": eval_batch_size, "device": str(device),
@@ -185,6 +186,18 @@ def main(argv: Sequence[str]) -> None:
     raise UserError(f"usage: python -m clinical_bert_jax.evaluate {{{'|'.join(COMMANDS)}}} --flags... "
                     f"(got {' '.join(argv[1:]) or 'no command'})")
   command = argv[1]
+  if FLAGS.data_dir and fileio.is_remote(FLAGS.data_dir):  # gs:// inputs are read from local copies
+    FLAGS.data_dir = str(fileio.local_copy(FLAGS.data_dir, "--data_dir"))
+  if FLAGS.output_dir and fileio.is_remote(FLAGS.output_dir):  # a gs:// comparison folder is mirrored locally
+    remote = FLAGS.output_dir
+    with fileio.mirrored_dir(remote, "--output_dir") as local:
+      FLAGS.output_dir = str(local)
+      _run(command)
+    return
+  _run(command)
+
+
+def _run(command: str) -> None:
   if command == "report":
     from clinical_bert_jax.eval_tasks import report
 

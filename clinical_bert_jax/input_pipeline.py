@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, Sharding
 
+from clinical_bert_jax import shard_cache
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.records import PretrainingData
 from clinical_bert_jax.sharding import host_local_to_global
@@ -38,17 +39,20 @@ _MASKING_PROBE_SIZE = 64
 
 
 def open_pretraining_data(input_glob: str, *, vocab_size: int, vocab_sha256: str | None, max_seq_length: int,
-                          max_predictions_per_seq: int | None, flag: str = "--input_file") -> PretrainingData:
+                          max_predictions_per_seq: int | None, flag: str = "--input_file",
+                          cache_dir: str | None = None) -> PretrainingData:
   """Opens pretraining shards for training and checks they fit the model; one-line UserError naming `flag` if not.
 
   `input_glob` is a comma-separated list of globs, files or data directories. `max_predictions_per_seq` is checked
   against the stored prediction slots unless the data is unmasked (`needs_dynamic_masking`): then the trainer makes
   its own predictions and the stored width does not matter. Pass None to skip that check explicitly.
+  Remote (`gs://`) parts are read through the local shard cache `cache_dir` (`shard_cache`).
   """
   if not input_glob or not input_glob.strip():
     raise UserError(f"{flag} is empty; pass a glob of .cbj or .tfrecord files written by create_pretraining_data")
+  local_glob = shard_cache.localize(input_glob, cache_dir, flag)
   try:
-    data = PretrainingData.open(input_glob)
+    data = PretrainingData.open(local_glob)
     if needs_dynamic_masking(data):
       max_predictions_per_seq = None
     data.validate_against(vocab_size, vocab_sha256, max_seq_length, max_predictions_per_seq)

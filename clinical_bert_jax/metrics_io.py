@@ -29,6 +29,7 @@ import numpy as np
 
 from clinical_bert_jax import losses
 from clinical_bert_jax.config import BertConfig
+from clinical_bert_jax import fileio
 from clinical_bert_jax.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -167,11 +168,19 @@ class MetricsWriter:
 
   `resume_step` is the step of the checkpoint the run resumed from (None for a fresh start): what an earlier,
   interrupted attempt logged after it is dropped, because the run is about to log those steps again.
+
+  In a `gs://` workdir (object storage cannot append) metrics.jsonl is kept in memory and rewritten whole (atomically)
+  at most every `UPLOAD_SECONDS` and on flush/close; the event files are written to a local folder and uploaded the
+  same way (TensorBoard's purge marker in the new file hides what an interrupted attempt logged after `resume_step`).
   """
 
+  UPLOAD_SECONDS = 30.0
+
   def __init__(self, workdir: str | Path, resume_step: int | None, enabled: bool = True):
-    self.path = Path(workdir) / METRICS_FILE
+    self.workdir = fileio.as_path(workdir)
+    self.path = self.workdir / METRICS_FILE
     self.enabled = enabled
+    self.remote = fileio.is_remote(self.workdir)
     self._tensorboard = None
     if not enabled:
       return
@@ -179,25 +188,49 @@ class MetricsWriter:
     _drop_records_from(self.path, first_new_step)
     from tensorboardX import SummaryWriter
 
-    self._tensorboard = SummaryWriter(logdir=str(workdir), purge_step=first_new_step, flush_secs=30)
+    logdir = str(workdir)
+    if self.remote:
+      import tempfile
+
+      self._lines = [json.dumps(record) + "\n" for record in read_metrics(self.path)]
+      self._local_events = tempfile.TemporaryDirectory(prefix="clinical_bert_jax-events-")
+      self._last_upload = time.monotonic()
+      logdir = self._local_events.name
+    self._tensorboard = SummaryWriter(logdir=logdir, purge_step=first_new_step, flush_secs=30)
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{name: float(value) for name, value in values.items()}}
-    with open(self.path, "a", encoding="utf-8") as handle:
-      handle.write(json.dumps(record) + "\n")
+    if self.remote:
+      self._lines.append(json.dumps(record) + "\n")
+    else:
+      with open(self.path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
     for name, value in values.items():
       if math.isfinite(value):
         self._tensorboard.add_scalar(name, value, global_step=step)
+    if self.remote and time.monotonic() - self._last_upload > self.UPLOAD_SECONDS:
+      self.flush()
 
   def flush(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.flush()
+      if self.remote:
+        self._upload()
+
+  def _upload(self) -> None:
+    with atomic_write(self.path) as handle:
+      handle.writelines(self._lines)
+    fileio.upload_tree(Path(self._local_events.name), self.workdir)
+    self._last_upload = time.monotonic()
 
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+      if self.remote:
+        self._upload()
+        self._local_events.cleanup()
       self._tensorboard = None
 
 
@@ -205,7 +238,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
   """The records of a metrics.jsonl file (a torn last line from a killed run is ignored)."""
   records = []
   try:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = fileio.as_path(path).read_text(encoding="utf-8").splitlines()
   except FileNotFoundError:
     return []
   for line in lines:
@@ -216,7 +249,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
   return records
 
 
-def _drop_records_from(path: Path, first_dropped_step: int) -> None:
+def _drop_records_from(path: Any, first_dropped_step: int) -> None:
   records = read_metrics(path)
   kept = [record for record in records if record.get("step", 0) < first_dropped_step]
   if not path.exists() or len(kept) == len(records) and path.read_bytes().endswith(b"\n"):

@@ -121,6 +121,13 @@ def load_hf_dir(directory: Path, seed: int = 0) -> LoadedModel:
 
 def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_file: str | os.PathLike | None = None,
                        do_lower_case: bool | None = None, seed: int = 0) -> LoadedModel:
+  from clinical_bert_jax import fileio
+
+  remote_prefix = prefix
+  if fileio.is_remote(prefix):  # gs://: the checkpoint's files (PREFIX.index, PREFIX.data-*) are copied down
+    prefix = str(fileio.local_copy_prefix(prefix, "--init_checkpoint"))
+  bert_config_file = fileio.local_copy(bert_config_file, "--bert_config_file")
+  vocab_file = fileio.local_copy(vocab_file, "--vocab_file") if vocab_file else None
   config = BertConfig.load(bert_config_file)
   arrays = _read_tf_checkpoint(prefix)
   params, report = weight_names.params_from_named_arrays(arrays, _fresh_reference(config, seed), "tf",
@@ -130,7 +137,7 @@ def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_f
     check_vocab_matches(vocab, config, f"TF checkpoint {prefix}")
     if do_lower_case is None:
       do_lower_case = not vocab_is_cased(read_vocab(vocab))
-  return LoadedModel(config, params, vocab, do_lower_case, f"tf:{prefix}", report)
+  return LoadedModel(config, params, vocab, do_lower_case, f"tf:{remote_prefix}", report)
 
 
 def load_our_dir(directory: Path) -> LoadedModel:
@@ -183,10 +190,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
-  """Params of a pretraining workdir at `step` (default: the latest complete checkpoint)."""
+  """Params of a pretraining workdir at `step` (default: the latest complete checkpoint); local or `gs://` (its
+  small files are copied down, the checkpoint is read in place and verified)."""
+  from clinical_bert_jax import fileio
   from clinical_bert_jax.checkpointing import read_params, restorable_steps
 
-  config = BertConfig.load(workdir / "config.json")
+  local_dir = workdir  # config.json, vocab.txt, ...: copied down from a gs:// workdir
+  if fileio.is_remote(workdir):
+    local_dir = fileio.local_files(workdir, ("config.json", "vocab.txt", "tokenizer_config.json", "training_info.json"))
+  config = BertConfig.load(local_dir / "config.json")
   steps = restorable_steps(workdir)  # orbax's all_steps() also lists unfinished step directories
   if not steps:
     raise UserError(f"{workdir}/checkpoints holds no complete checkpoint; train first or pass another directory")
@@ -196,9 +208,9 @@ def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
     raise UserError(f"{workdir}: no checkpoint at step {step}; available steps: {', '.join(map(str, steps))}")
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _fresh_reference(config))
   params = read_params(workdir, step, target)  # verified against the checksums saved with it
-  vocab = vocab_file_in(workdir)
-  info = _read_json(workdir / "training_info.json")
-  return LoadedModel(config, params, vocab, read_do_lower_case(workdir, vocab), f"workdir:{workdir}@{step}",
+  vocab = vocab_file_in(local_dir)
+  info = _read_json(local_dir / "training_info.json")
+  return LoadedModel(config, params, vocab, read_do_lower_case(local_dir, vocab), f"workdir:{workdir}@{step}",
                      step=step, trained_seq_length=info.get("max_seq_length"),
                      base_model=hub_id_from_path(info.get("init_checkpoint")))
 
@@ -212,7 +224,16 @@ def load_model(spec: str | os.PathLike, step: int | None = None, bert_config_fil
       raise UserError(f"--init_checkpoint={spec} needs --bert_config_file (the checkpoint's bert_config.json)")
     return load_tf_checkpoint(spec[3:], bert_config_file, vocab_file)
   explicit_hf = spec.startswith("hf:")
-  directory = Path(spec[3:] if explicit_hf else spec)
+  from clinical_bert_jax import fileio
+
+  directory = fileio.as_path(spec[3:] if explicit_hf else spec)
+  if fileio.is_remote(directory):  # gs://: a workdir's checkpoint is read in place, other directories copied down
+    fileio.check_bucket(directory, "checkpoint")
+    if (directory / "checkpoints").is_dir() and not explicit_hf:
+      return load_training_dir(directory, step)
+    if not directory.is_dir():
+      raise UserError(f"checkpoint {directory} not found or not a directory")
+    directory = fileio.local_copy(directory, "checkpoint")
   if not directory.is_dir():
     raise UserError(f"checkpoint {directory} not found or not a directory")
   if (directory / "checkpoints").is_dir() and not explicit_hf:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 from absl import flags, logging
 
-from clinical_bert_jax import checkpointing, dp, input_pipeline, model_io, train
+from clinical_bert_jax import checkpointing, dp, fileio, input_pipeline, model_io, train
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_write
@@ -53,12 +53,13 @@ class PretrainOptions:
   max_seq_length: int = 128
   masking: str = "auto"
   export_hf_dir: str | None = None
+  data_cache_dir: str | None = None  # local cache of gs:// shards (shard_cache)
 
 
 @dataclasses.dataclass
 class _Model:
   config: BertConfig
-  vocab_file: Path
+  vocab_file: Path  # always local (a copy of a gs:// one)
   params: Any | None  # host arrays of the init checkpoint; None: from scratch or resuming
   do_lower_case: bool | None
 
@@ -67,6 +68,9 @@ class _Model:
 def prepare_workdir(path: str) -> Path:
   """Creates the workdir and proves it is writable (UserError otherwise); called once every input has been checked,
   so bad input never leaves an empty workdir behind."""
+  if fileio.is_remote(path):  # object storage has no directories to create: prove that objects can be written
+    fileio.check_writable(path, "--output_dir")
+    return fileio.as_path(path)
   workdir = Path(path)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +83,7 @@ def prepare_workdir(path: str) -> Path:
 
 
 def is_resuming(workdir: Path) -> bool:
+  fileio.check_bucket(workdir, "--output_dir")
   return bool(checkpointing.restorable_steps(workdir))
 
 
@@ -86,7 +91,8 @@ def _check_export_dir(path: str | None) -> None:
   """Fails before training if --export_hf_dir holds something other than an earlier export (never overwritten)."""
   if not path:
     return
-  directory = Path(path)
+  directory = fileio.as_path(path)
+  fileio.check_bucket(directory, "--export_hf_dir")
   if directory.exists() and not directory.is_dir():
     raise UserError(f"--export_hf_dir={path} exists and is not a directory; choose another path")
   if directory.is_dir() and any(directory.iterdir()) and not _is_hf_export(directory):
@@ -103,16 +109,18 @@ def resolve_model(options: PretrainOptions, workdir: Path, resuming: bool) -> _M
   """Model config, vocabulary and initial weights: from the workdir when resuming, else from the init checkpoint
   (`hf:DIR`, `tf:PREFIX`, our model directory or another workdir) or a from-scratch `--bert_config_file`."""
   if resuming:
-    config = BertConfig.load(workdir / "config.json")
-    if options.bert_config_file and BertConfig.load(options.bert_config_file) != config:
+    config = BertConfig.load(fileio.local_copy(workdir / "config.json"))
+    if options.bert_config_file and BertConfig.load(_local(options.bert_config_file, "--bert_config_file")) != config:
       raise UserError(f"--bert_config_file={options.bert_config_file} differs from {workdir}/config.json of the run "
                       "being resumed; use a new --output_dir for a different model")
-    vocab_file = Path(options.vocab_file) if options.vocab_file else workdir / "vocab.txt"
-    return _Model(config, vocab_file, None, model_io.read_do_lower_case(workdir, None))
+    vocab_file = _local(options.vocab_file, "--vocab_file") if options.vocab_file else fileio.local_copy(
+        workdir / "vocab.txt")
+    local_dir = fileio.local_files(workdir, ("tokenizer_config.json",)) if fileio.is_remote(workdir) else workdir
+    return _Model(config, vocab_file, None, model_io.read_do_lower_case(local_dir, None))
   if options.init_checkpoint:
     loaded = model_io.load_model(options.init_checkpoint, bert_config_file=options.bert_config_file,
                                  vocab_file=options.vocab_file)
-    vocab_file = Path(options.vocab_file) if options.vocab_file else loaded.vocab_file
+    vocab_file = _local(options.vocab_file, "--vocab_file") if options.vocab_file else loaded.vocab_file
     if vocab_file is None:
       raise UserError(f"--init_checkpoint={options.init_checkpoint} has no vocab.txt; pass --vocab_file")
     return _Model(loaded.config, vocab_file, loaded.params, loaded.do_lower_case)
@@ -121,7 +129,13 @@ def resolve_model(options: PretrainOptions, workdir: Path, resuming: bool) -> _M
   if not options.vocab_file:
     raise UserError("--vocab_file is required when training from scratch (--bert_config_file without "
                     "--init_checkpoint)")
-  return _Model(BertConfig.load(options.bert_config_file), Path(options.vocab_file), None, None)
+  return _Model(BertConfig.load(_local(options.bert_config_file, "--bert_config_file")),
+                _local(options.vocab_file, "--vocab_file"), None, None)
+
+
+def _local(path: str, flag: str) -> Path:
+  """The local path of a small input (a download of a gs:// one); missing remote files fail here, naming `flag`."""
+  return fileio.local_copy(path, flag)
 
 
 def _check_vocab(model: _Model) -> tuple[str, int]:
@@ -138,7 +152,7 @@ def _check_vocab(model: _Model) -> tuple[str, int]:
 def _open_data(pattern: str, flag: str, options: PretrainOptions, vocab: tuple[str, int]) -> PretrainingData:
   return input_pipeline.open_pretraining_data(
       pattern, vocab_size=vocab[1], vocab_sha256=vocab[0], max_seq_length=options.max_seq_length,
-      max_predictions_per_seq=options.train.max_predictions_per_seq, flag=flag)
+      max_predictions_per_seq=options.train.max_predictions_per_seq, flag=flag, cache_dir=options.data_cache_dir)
 
 
 def _check_casing(data: PretrainingData, flag: str, model: _Model) -> None:
@@ -181,11 +195,11 @@ def _write_run_files(workdir: Path, model: _Model, options: PretrainOptions, fla
   export and a rerun need."""
   config_path = workdir / "config.json"
   if config_path.exists():
-    if BertConfig.load(config_path) != model.config:
+    if BertConfig.load(fileio.local_copy(config_path)) != model.config:
       raise UserError(f"{config_path} describes another model than this run's; use a new --output_dir")
   else:
     model.config.save_hf(config_path)
-  if model.vocab_file.resolve() != (workdir / "vocab.txt").resolve():
+  if fileio.is_remote(workdir) or model.vocab_file.resolve() != (workdir / "vocab.txt").resolve():
     with atomic_write(workdir / "vocab.txt", mode="wb") as handle:
       handle.write(model.vocab_file.read_bytes())
   if model.do_lower_case is not None:
@@ -227,7 +241,7 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
   """The whole command: checks, workdir, model, data, training, export. Returns the loop's result."""
   check_options(options)
   _check_export_dir(options.export_hf_dir)
-  workdir = Path(options.output_dir)
+  workdir = fileio.as_path(options.output_dir)
   resuming = is_resuming(workdir)
   model = resolve_model(options, workdir, resuming)
   if options.max_seq_length > model.config.max_position_embeddings:
@@ -263,7 +277,7 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
   result = train.train_and_evaluate(options.train, model.config, workdir, train_data, eval_data, train_vocab,
                                     eval_vocab, init_params=model.params, print_fn=print_fn)
   if result.completed and options.export_hf_dir and jax.process_index() == 0:
-    if result.start_step < result.step or not _is_hf_export(Path(options.export_hf_dir)):
+    if result.start_step < result.step or not _is_hf_export(fileio.as_path(options.export_hf_dir)):
       _export(workdir, result.step, options.export_hf_dir)
     print_fn(f"exported the final model to {options.export_hf_dir} (Hugging Face BertForPreTraining)")
   return result
@@ -349,6 +363,12 @@ def define_flags() -> None:
   flags.DEFINE_float("dp_l2_clip", defaults.dp_l2_clip, "DP-SGD per-example gradient L2 bound C (0: DP off).")
   flags.DEFINE_float("dp_delta", defaults.dp_delta, "DP-SGD: the δ at which ε is reported (metrics, model card).")
   flags.DEFINE_enum("dp_accountant", defaults.dp_accountant, ["rdp", "pld"], "DP-SGD accountant (dp-accounting).")
+  flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (local or gs://): a rerun or "
+                      "resume skips compiling the train step again.")
+  flags.DEFINE_string("profile_steps", None, "START,END: write a jax.profiler trace of these steps to "
+                      "WORKDIR/profile (TensorBoard profile plugin, Perfetto).")
+  flags.DEFINE_string("data_cache_dir", None, "Local folder caching gs:// training shards (verified by their "
+                      "checksums); default ~/.cache/clinical_bert_jax/shards.")
   flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed), or "
                       "auto (Cloud TPU pods, SLURM: JAX finds the processes).")
   flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
@@ -369,11 +389,34 @@ def options_from_flags() -> PretrainOptions:
       async_checkpointing=FLAGS.async_checkpointing, log_every_steps=FLAGS.log_every_steps,
       eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size,
       max_eval_steps=FLAGS.max_eval_steps, dp_noise_multiplier=FLAGS.dp_noise_multiplier,
-      dp_l2_clip=FLAGS.dp_l2_clip, dp_delta=FLAGS.dp_delta, dp_accountant=FLAGS.dp_accountant)
+      dp_l2_clip=FLAGS.dp_l2_clip, dp_delta=FLAGS.dp_delta, dp_accountant=FLAGS.dp_accountant,
+      profile_steps=parse_profile_steps(FLAGS.profile_steps))
   return PretrainOptions(
       input_file=FLAGS.input_file, output_dir=FLAGS.output_dir, train=cfg, eval_input_file=FLAGS.eval_input_file,
       init_checkpoint=FLAGS.init_checkpoint, bert_config_file=FLAGS.bert_config_file, vocab_file=FLAGS.vocab_file,
-      max_seq_length=FLAGS.max_seq_length, masking=FLAGS.masking, export_hf_dir=FLAGS.export_hf_dir)
+      max_seq_length=FLAGS.max_seq_length, masking=FLAGS.masking, export_hf_dir=FLAGS.export_hf_dir,
+      data_cache_dir=FLAGS.data_cache_dir)
+
+
+def parse_profile_steps(value: str | None) -> tuple[int, int] | None:
+  if not value:
+    return None
+  try:
+    start, end = (int(part) for part in value.split(","))
+  except ValueError:
+    raise UserError(f"--profile_steps={value} must be START,END (two step numbers, e.g. 10,20)") from None
+  if not 1 <= start <= end:
+    raise UserError(f"--profile_steps={value} needs 1 <= START <= END")
+  return start, end
+
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Points JAX's persistent compilation cache at `directory` (local or gs://, through etils.epath)."""
+  if not directory:
+    return
+  if fileio.is_remote(directory):
+    fileio.check_writable(directory, "--compilation_cache_dir")
+  jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def resolved_flagfile() -> str:
@@ -409,6 +452,7 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
   initialize_distributed()
+  use_compilation_cache(FLAGS.compilation_cache_dir)
   result = run(options_from_flags(), resolved_flagfile())
   if not result.completed:
     logging.info("stopped at step %d before --num_train_steps=%d; rerun to continue", result.step,

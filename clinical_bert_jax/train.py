@@ -47,7 +47,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clinical_bert_jax import checkpointing, dp, losses, masking, metrics_io, model, optimizers, sharding
+from clinical_bert_jax import checkpointing, dp, fileio, losses, masking, metrics_io, model, optimizers, sharding
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.input_pipeline import DevicePrefetcher, EvalInput, PretrainingInput, Prefetcher
@@ -95,6 +95,7 @@ class TrainConfig:
   dp_l2_clip: float = 0.0
   dp_delta: float = 1e-5
   dp_accountant: str = "rdp"
+  profile_steps: tuple[int, int] | None = None  # jax.profiler trace of steps START..END into WORKDIR/profile
 
   @property
   def micro_batch_size(self) -> int:
@@ -407,19 +408,38 @@ def validate_config(cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------- signals
 class StopRequest:
-  """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks between steps.
+
+  Multi-host runs (jax.distributed with its preemption service, the default, e.g. on TPU pods) leave SIGTERM to JAX:
+  its preemption notice reaches every host, which agree on the next safe step (`reached_preemption_sync_point`,
+  polled every step); there every host saves and stops. SIGINT stays ours, agreed on at log steps.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signal_name: str | None = None
     self._previous: dict[int, Any] = {}
+    self.preemption_service = _has_preemption_service()
 
   def __enter__(self) -> "StopRequest":
     if threading.current_thread() is threading.main_thread():
       for signum in self.SIGNALS:
+        if signum == signal.SIGTERM and self.preemption_service:
+          continue
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
+
+  def preempted_at(self, step: int) -> bool:
+    """Multi-host: True at the step all hosts agreed to save at after a preemption notice (call every step)."""
+    if not self.preemption_service:
+      return False
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "a preemption notice (JAX preemption service)"
+      return True
+    return False
 
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
@@ -437,6 +457,57 @@ class StopRequest:
 
     flags = multihost_utils.process_allgather(np.asarray(self.signal_name is not None))
     return bool(np.any(flags))
+
+
+def _has_preemption_service() -> bool:
+  """Whether this multi-process run has jax.distributed's preemption service (on unless disabled by config)."""
+  if jax.process_count() == 1 or not jax.distributed.is_initialized():
+    return False
+  from jax.experimental import multihost_utils
+
+  try:
+    multihost_utils.reached_preemption_sync_point(-1)  # False without a notice; raises when the service is off
+  except RuntimeError:
+    return False
+  return True
+
+
+class Profiler:
+  """A `jax.profiler` trace of steps START..END (inclusive) into WORKDIR/profile (TensorBoard's profile plugin,
+  Perfetto). A `gs://` workdir gets the trace uploaded when it stops (the profiler writes to local disk)."""
+
+  def __init__(self, workdir: Any, steps: tuple[int, int] | None, enabled: bool):
+    self.steps = steps if enabled else None
+    self.target = workdir / "profile"
+    self._local: Any = None
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    if self.steps is None or step != self.steps[0]:
+      return
+    import tempfile
+
+    if fileio.is_remote(self.target):
+      self._local = tempfile.TemporaryDirectory(prefix="clinical_bert_jax-profile-")
+    jax.profiler.start_trace(self._local.name if self._local else str(self.target))
+    self.active = True
+
+  def after_step(self, step: int, state: Any) -> None:
+    if self.active and step >= self.steps[1]:
+      self.stop(state)
+
+  def stop(self, state: Any = None) -> None:
+    if not self.active:
+      return
+    if state is not None:
+      jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.active = False
+    if self._local is not None:
+      fileio.upload_tree(Path(self._local.name), self.target)
+      self._local.cleanup()
+      self._local = None
+    logging.warning("profile of steps %d-%d written to %s", *self.steps, self.target)
 
 
 # -------------------------------------------------------------------------------------------------- the loop
@@ -473,7 +544,7 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   `init_params` (host arrays) start a fresh run from a pretrained model; they are ignored when resuming.
   Raises UserError when the loss becomes non-finite (nothing after the last good checkpoint is saved).
   """
-  workdir = Path(workdir)
+  workdir = fileio.as_path(workdir)
   is_primary = jax.process_index() == 0
   validate_config(cfg)
   tx = optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
@@ -554,6 +625,7 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   completed = False
   step = start_step
   stop = StopRequest()
+  profiler = Profiler(workdir, cfg.profile_steps, enabled=True)
   try:
     with stop:
       if start_step == 0:
@@ -561,6 +633,7 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
       pending: tuple[int, list[Any]] | None = None
       while step < cfg.num_train_steps:
         step += 1
+        profiler.before_step(step)
         device_stats = []
         for micro_step in range(cfg.grad_accum_steps):
           state, stats = runtime.train_step(state, next(batches), micro_step)
@@ -568,8 +641,9 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
         if pending is not None:  # fetch the previous step's numbers while this one runs
           finish_step(*pending)
         pending = (step, device_stats)
+        profiler.after_step(step, state)
         check_stop = jax.process_count() == 1 or step % cfg.log_every_steps == 0
-        stopping = check_stop and stop.agreed()
+        stopping = stop.preempted_at(step) or check_stop and stop.agreed()
         save_now = step % cfg.save_checkpoints_steps == 0 or step == cfg.num_train_steps or stopping
         eval_now = step == cfg.num_train_steps or (cfg.eval_every_steps and step % cfg.eval_every_steps == 0)
         if save_now or eval_now:
@@ -577,6 +651,7 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
           pending = None
         if save_now:
           data_state = {"input": batches.get_state(), "metric_window": window.state()}
+          writer.flush()  # the metrics up to this step are stored before the checkpoint that a resume starts from
           store.save(step, *runtime.checkpoint_items(state), data_state=data_state)
         if eval_now:
           run_eval(step)
@@ -589,6 +664,7 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
       else:
         completed = True
   finally:
+    profiler.stop()
     batches.close()
     store.close()
     writer.close()

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 from absl import flags, logging
 
 from clinical_bert_jax.errors import UserError, run_absl
-from clinical_bert_jax.fileio import atomic_write
+from clinical_bert_jax.fileio import as_path, atomic_write, local_inputs
 from clinical_bert_jax.vocab import CONTINUATION_PREFIX, SPECIAL_TOKENS, missing_special_tokens, read_vocab
 
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS  # short names (vocab.py holds the table)
@@ -163,12 +163,12 @@ def build_vocab(input_pattern: str | Sequence[str], output: str | os.PathLike, v
   if vocab_size <= len(specials):
     raise UserError(f"--vocab_size={vocab_size} leaves no room after the {len(specials)} special tokens "
                     f"([PAD], {num_unused} [unused], [UNK], [CLS], [SEP], [MASK]); raise it or lower --num_unused")
-  output = Path(output)
+  output = as_path(output)
   if output.is_dir():
     raise UserError(f"--output={output} is a directory; pass a file path such as {output / 'vocab.txt'}")
   if output.exists() and not overwrite:
     raise UserError(f"--output={output} exists; choose another path or pass --overwrite")
-  paths = expand_inputs(input_pattern)
+  paths = expand_inputs(local_inputs(input_pattern, "--input"))  # gs:// inputs: read from local copies
   if next(iter_lines(paths), None) is None:
     raise UserError(f"--input={input_pattern} holds no text (all {len(paths)} files are empty or blank); pass the "
                     "corpus in Google's format, one sentence per line")

@@ -45,7 +45,7 @@ from absl import logging
 
 from clinical_bert_jax import records
 from clinical_bert_jax.errors import UserError, run_absl
-from clinical_bert_jax.fileio import atomic_output_dir
+from clinical_bert_jax.fileio import atomic_output_dir, local_copy, local_inputs
 from clinical_bert_jax.tokenization import FullTokenizer
 from clinical_bert_jax.vocab import CONTINUATION_PREFIX
 from data_prep import workers
@@ -646,6 +646,8 @@ def create_pretraining_data(input_patterns: str | Sequence[str], vocab_file: str
     raise UserError(f"--num_workers={num_workers} must be at least 1")
   if max_shard_bytes < 1:
     raise UserError(f"--max_shard_bytes={max_shard_bytes} must be positive")
+  input_patterns = local_inputs(input_patterns, "--input")  # gs:// inputs: read from local copies
+  vocab_file = local_copy(vocab_file, "--vocab_file")
   _warn_if_case_mismatch(vocab_file, check_vocab(vocab_file), do_lower_case)
   check_python_random()
   vocab_sha256, vocab_size = records.vocab_fingerprint(vocab_file)

@@ -33,7 +33,7 @@ from typing import Callable, Collection, Iterable, Iterator, Sequence
 from absl import flags, logging
 
 from clinical_bert_jax.errors import UserError, run_absl
-from clinical_bert_jax.fileio import atomic_output_dir
+from clinical_bert_jax.fileio import atomic_output_dir, local_copy
 from data_prep import sections, sentences, workers
 
 SOURCES = ("auto", "mimic3", "mimic4")
@@ -378,6 +378,7 @@ def format_notes(input_path: str | Path, output_dir: str | Path, *, categories: 
   options = FormatOptions(section_bugs, sentence_splitter)
   stats = NoteStats()
   dropped = collections.Counter()
+  input_path = local_copy(input_path, "--input")  # a gs:// notes file is read from a local copy
   with atomic_output_dir(output_dir, overwrite) as staging:
     writer = _ShardWriter(staging, shard_size_notes)
     try:

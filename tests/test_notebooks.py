@@ -247,3 +247,22 @@ def test_tpu_notebook_steps_hand_their_outputs_to_the_next_step(tmp_path):
         effective["max_seq_length"], effective["max_predictions_per_seq"])
   assert export["checkpoint_dir"] == effective["output_dir"]
   assert export["output_dir"] != effective["export_hf_dir"]
+
+
+def test_tpu_notebook_stops_with_one_message_when_jax_sees_no_tpu(tmp_path):
+  """RUN_ON_TPU = True on a machine without a TPU: the platform check stops the notebook before anything long."""
+  notebook = json.loads((NOTEBOOKS / "colab_tpu_pretraining.ipynb").read_text(encoding="utf-8"))
+  for cell in notebook["cells"]:
+    cell["source"] = [re.sub(r"^RUN_ON_TPU = False\b", "RUN_ON_TPU = True", line) for line in cell["source"]]
+  armed = tmp_path / "armed.ipynb"
+  armed.write_text(json.dumps(notebook), encoding="utf-8")
+  sandbox = tmp_path / "cwd"
+  sandbox.mkdir()
+  env = {**os.environ, "HOME": str(sandbox), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", RUNNER, str(armed), "RUN_ON_TPU"], cwd=sandbox, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines() == [
+      "RUN_ON_TPU = True but JAX sees no TPU (backend: cpu); choose Runtime -> Change runtime type -> TPU (or run on "
+      "a Cloud TPU VM), or set RUN_ON_TPU = False for a dry run"]
+  assert "$ " not in result.stdout and not any(sandbox.iterdir())  # no command ran, nothing was written

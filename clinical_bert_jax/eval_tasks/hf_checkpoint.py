@@ -53,8 +53,20 @@ class HfCheckpoint:
 def open_checkpoint(model_dir: str | Path, flag: str = "--model_dir") -> HfCheckpoint:
   """Validates an HF BERT directory (config.json of a BERT, weights, vocab.txt) and reads its casing.
 
-  One of our checkpoints is exported to a temporary HF directory first (see the module docstring).
+  One of our checkpoints is exported to a temporary HF directory first (see the module docstring). A `gs://`
+  directory is copied down first (a pretraining workdir is read in place by the export).
   """
+  from clinical_bert_jax import fileio
+
+  if fileio.is_remote(model_dir):
+    remote = fileio.as_path(model_dir)
+    fileio.check_bucket(remote, flag)
+    if (remote / WORKDIR_CHECKPOINTS).is_dir():
+      export = tempfile.TemporaryDirectory(prefix="clinical_bert_jax_export_")
+      exported = Path(export.name) / (remote.name or "hf")
+      _export_to_hf(remote, exported, flag)
+      return dataclasses.replace(_open_hf_dir(exported, flag), export=export)
+    model_dir = fileio.local_copy(model_dir, flag)
   directory = Path(model_dir)
   if not directory.is_dir():
     raise UserError(f"{flag}={directory} is not a directory; pass a Hugging Face BERT model directory")
