@@ -25,6 +25,7 @@ MLM head at the 20 prediction slots only, HF's `BertForPreTraining` at all 128 p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -115,20 +116,18 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from clinical_bert_jax import optimizers, train
+  from clinical_bert_jax import train
   from clinical_bert_jax.config import BertConfig
 
   config = BertConfig(**dims)
   extra = {name: getattr(FLAGS, name) for name in ("scan_layers", "remat")
-           if name in {field.name for field in train.dataclasses.fields(train.TrainConfig)}}
+           if name in {field.name for field in dataclasses.fields(train.TrainConfig)}}
   cfg = train.TrainConfig(num_train_steps=10_000, num_warmup_steps=100, learning_rate=5e-5,
                           train_batch_size=batch_size, max_predictions_per_seq=PREDICTIONS, optimizer=FLAGS.optimizer,
                           compute_dtype=FLAGS.dtype, grad_accum_steps=FLAGS.grad_accum_steps, **extra)
   train.validate_config(cfg)
   # Exactly the optimizer and runtime `train.train_and_evaluate` builds.
-  tx = train.make_train_optimizer(cfg) if hasattr(train, "make_train_optimizer") else optimizers.make_optimizer(
-      cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps, cfg.weight_decay, cfg.clip_norm,
-      cfg.grad_accum_steps, schedule=cfg.lr_schedule)
+  tx = train.make_train_optimizer(cfg)
   init_key, train_key, eval_key = jax.random.split(jax.random.key(0), 3)
   runtime = train.make_runtime(cfg, config, tx, None, None, jax.random.key_data(eval_key))
   state = runtime.init_state(None, init_key, np.asarray(jax.random.key_data(train_key)))
@@ -136,7 +135,7 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   holder = {"state": state}
 
   def step():
-    holder["state"], stats = runtime.train_step(holder["state"], batch, 0)
+    holder["state"], stats = runtime.train_step(holder["state"], batch)
     jax.block_until_ready(stats)
 
   first, times = _time_steps(step, FLAGS.steps, FLAGS.warmup_steps)
