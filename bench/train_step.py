@@ -25,6 +25,7 @@ MLM head at the 20 prediction slots only, HF's `BertForPreTraining` at all 128 p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -68,6 +69,7 @@ flags.DEFINE_string("optimizer", "adamw", "Ours: optimizers.OPTIMIZER_NAMES (ada
 flags.DEFINE_bool("scan_layers", False, "Ours: nn.scan over the encoder layers (train.TrainConfig.scan_layers).")
 flags.DEFINE_string("remat", "none", "Ours: activation checkpointing none|full|dots (train.TrainConfig.remat).")
 flags.DEFINE_integer("grad_accum_steps", 1, "Ours: micro-batches per step, accumulated inside the jitted step.")
+flags.DEFINE_bool("compile_only", False, "Ours: only trace and compile the step (compile_s, peak RSS); no timing.")
 flags.DEFINE_string("profile_dir", None, "Ours: write a jax.profiler trace of the timed steps here.")
 flags.DEFINE_bool("update_benchmarks_md", True, "--framework=both: write the table into BENCHMARKS.md.")
 
@@ -133,6 +135,12 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   state = runtime.init_state(None, init_key, np.asarray(jax.random.key_data(train_key)))
   batch = runtime.put_batch(synthetic_batch(batch_size, config.vocab_size))
   holder = {"state": state}
+  if FLAGS.compile_only:
+    started = time.perf_counter()
+    with runtime._mesh_context() if hasattr(runtime, "_mesh_context") else contextlib.nullcontext():
+      runtime._train.lower(state, batch).compile()
+    return {"compile_only_s": time.perf_counter() - started, "devices": runtime.num_devices,
+            "versions": f"jax {jax.__version__}, {jax.devices()[0].device_kind}"}
 
   def step():
     holder["state"], stats = runtime.train_step(holder["state"], batch)
@@ -200,6 +208,11 @@ def run_one(config_name: str, framework: str) -> dict[str, Any]:
   if FLAGS.steps <= 0:
     FLAGS.steps = 10 if config_name == "tiny" else 3
   measured = (run_ours if framework == "ours" else run_hf)(dims, batch_size)
+  if FLAGS.compile_only:
+    return {"config": config_name, "framework": framework, "batch_size": batch_size, "dtype": FLAGS.dtype,
+            "compile_s": measured["compile_only_s"],
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "options": {"scan_layers": FLAGS.scan_layers, "remat": FLAGS.remat}, "versions": measured["versions"]}
   config = BertConfig(**dims)
   sparse = metrics_io.train_flops_per_sequence(config, SEQ_LENGTH, PREDICTIONS)
   computed = sparse if framework == "ours" else metrics_io.train_flops_per_sequence(config, SEQ_LENGTH, SEQ_LENGTH)
