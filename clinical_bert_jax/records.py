@@ -1034,25 +1034,31 @@ class _TFRecordShard(_Shard):
     weights = FEATURE_NAMES.index("masked_lm_weights")
     if np.any(spans[:, weights, 1] != 4 * widths[weights]):
       return None
-    batch["masked_lm_weights"] = _gather_spans(raw, record_starts + spans[:, weights, 0], spans[:, weights, 1]).view(
-        "<f4").astype(np.float32).reshape(count, widths[weights])
-    # All int64 features of all records in one gather and one varint decode, feature-major.
+    data = self.data()
+    weight_starts = (record_starts + spans[:, weights, 0]).tolist()
+    batch["masked_lm_weights"] = np.frombuffer(b"".join([data[start:start + 4 * widths[weights]] for start in
+                                                         weight_starts]), "<f4").astype(np.float32).reshape(
+                                                             count, widths[weights])
+    # All int64 features of all records joined (feature-major; memcpy per span), then one varint decode.
     integer = [index for index, name in enumerate(FEATURE_NAMES) if name != "masked_lm_weights"]
     starts = (record_starts[None, :] + spans[:, integer, 0].T).reshape(-1)
     lengths = spans[:, integer, 1].T.reshape(-1)
-    values = _gather_spans(raw, starts, lengths)
-    terminal = values < 0x80
-    ends = np.cumsum(lengths)
-    if values.size == 0 or np.any(~terminal[ends[lengths > 0] - 1]):
-      return None
+    values = np.frombuffer(b"".join([data[start:start + length] for start, length in
+                                     zip(starts.tolist(), lengths.tolist())]), np.uint8)
+    ends = np.flatnonzero(values < 0x80)  # the last byte of every varint
+    span_ends = np.cumsum(lengths)
     expected = np.repeat(np.asarray([widths[index] for index in integer]), count)
-    if np.any(np.diff(np.r_[0, np.cumsum(terminal)][np.r_[0, ends]]) != expected):
+    if ends.size != expected.sum() or np.any(np.diff(np.r_[0, np.searchsorted(ends, span_ends - 1, "right")])
+                                             != expected):
+      return None  # (this also rejects a span whose last varint is cut short)
+    varint_starts = np.r_[0, ends[:-1] + 1]
+    sizes = ends - varint_starts + 1
+    if sizes.max(initial=1) > 9:  # 10-byte varints (negative values): the general parser handles them
       return None
-    varint_starts = np.flatnonzero(np.r_[True, terminal[:-1]])
-    position = np.arange(values.size) - np.repeat(varint_starts, np.diff(np.r_[varint_starts, values.size]))
-    if position.max() > 8:  # 10-byte varints (negative values): the general parser handles them
-      return None
-    decoded = np.add.reduceat((values & 0x7F).astype(np.int64) << (7 * position), varint_starts)
+    decoded = (values[varint_starts] & 0x7F).astype(np.int64)
+    for k in range(1, int(sizes.max(initial=1))):
+      longer = np.flatnonzero(sizes > k)
+      decoded[longer] |= (values[varint_starts[longer] + k] & 0x7F).astype(np.int64) << (7 * k)
     offset = 0
     for index in integer:
       name, size = FEATURE_NAMES[index], count * widths[index]
