@@ -1034,27 +1034,33 @@ class _TFRecordShard(_Shard):
     weights = FEATURE_NAMES.index("masked_lm_weights")
     if np.any(spans[:, weights, 1] != 4 * widths[weights]):
       return None
+    # Whole records joined (one memcpy each), then everything by position in that buffer.
     data = self.data()
-    weight_starts = (record_starts + spans[:, weights, 0]).tolist()
-    batch["masked_lm_weights"] = np.frombuffer(b"".join([data[start:start + 4 * widths[weights]] for start in
-                                                         weight_starts]), "<f4").astype(np.float32).reshape(
-                                                             count, widths[weights])
-    # All int64 features of all records joined (feature-major; memcpy per span), then one varint decode.
+    record_lengths = self.lengths[local_indices]
+    buffer = np.frombuffer(b"".join([data[start:start + length] for start, length in
+                                     zip(record_starts.tolist(), record_lengths.tolist())]), np.uint8)
+    base = np.cumsum(record_lengths) - record_lengths  # where each record starts in `buffer`
+    weight_index = (base + spans[:, weights, 0])[:, None] + np.arange(4 * widths[weights])
+    batch["masked_lm_weights"] = buffer[weight_index].copy().view("<f4").astype(np.float32).reshape(
+        count, widths[weights])
+    # The int64 features: the last bytes of all varints in the buffer (header bytes included), then the ones inside
+    # each feature's packed span, feature-major. The byte before a span is the last byte of its length varint, so
+    # every varint inside a span starts right after the previous terminal byte.
     integer = [index for index, name in enumerate(FEATURE_NAMES) if name != "masked_lm_weights"]
-    starts = (record_starts[None, :] + spans[:, integer, 0].T).reshape(-1)
-    lengths = spans[:, integer, 1].T.reshape(-1)
-    values = np.frombuffer(b"".join([data[start:start + length] for start, length in
-                                     zip(starts.tolist(), lengths.tolist())]), np.uint8)
-    ends = np.flatnonzero(values < 0x80)  # the last byte of every varint
-    span_ends = np.cumsum(lengths)
+    span_starts = (base[None, :] + spans[:, integer, 0].T).reshape(-1)
+    span_ends = span_starts + spans[:, integer, 1].T.reshape(-1)
+    terminals = np.flatnonzero(buffer < 0x80)
+    first, last = np.searchsorted(terminals, span_starts), np.searchsorted(terminals, span_ends)
     expected = np.repeat(np.asarray([widths[index] for index in integer]), count)
-    if ends.size != expected.sum() or np.any(np.diff(np.r_[0, np.searchsorted(ends, span_ends - 1, "right")])
-                                             != expected):
-      return None  # (this also rejects a span whose last varint is cut short)
-    varint_starts = np.r_[0, ends[:-1] + 1]
+    if np.any(last - first != expected) or np.any(buffer[np.maximum(span_ends - 1, 0)] >= 0x80):
+      return None
+    selected = np.repeat(first - np.cumsum(expected) + expected, expected) + np.arange(int(expected.sum()))
+    ends = terminals[selected]
+    varint_starts = terminals[selected - 1] + 1  # first >= 1: a header byte always precedes a span
     sizes = ends - varint_starts + 1
     if sizes.max(initial=1) > 9:  # 10-byte varints (negative values): the general parser handles them
       return None
+    values = buffer
     decoded = (values[varint_starts] & 0x7F).astype(np.int64)
     for k in range(1, int(sizes.max(initial=1))):
       longer = np.flatnonzero(sizes > k)
