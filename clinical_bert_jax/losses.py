@@ -16,45 +16,10 @@ import jax.numpy as jnp
 MLM_EPSILON = 1e-5  # Google's denominator guard
 
 
-def _label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """logits[..., label] as a masked reduction (fuses with its producer; no gather, no scatter in the gradient)."""
-  vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  return jnp.sum(jnp.where(vocab == labels[..., None], logits, 0.0), axis=-1)
-
-
-@jax.custom_vjp
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """-log softmax(logits)[label] per row: logits [..., V] fp32, labels [...] int → [...].
-
-  The same value as `-take_along_axis(log_softmax(logits), labels)`, with a hand-written gradient
-  g·(softmax − one_hot): autodiff of that expression materialises a zero [..., V] array, scatters into it and runs a
-  second exponential over the logits; here the forward pass keeps the softmax it computes anyway (one fp32
-  [..., V] residual, 18.5 MB for BERT-Base at batch 8 × 20 predictions) and the backward pass is one fused
-  elementwise pass.
-  """
-  return jax.nn.logsumexp(logits, axis=-1) - _label_logit(logits, labels)
-
-
-def _cross_entropy_fwd(logits: jax.Array, labels: jax.Array):
-  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  exp = jnp.exp(shifted)
-  total = jnp.sum(exp, axis=-1, keepdims=True)
-  nll = jnp.log(total)[..., 0] - _label_logit(shifted, labels)
-  return nll, (exp / total, labels)
-
-
-def _cross_entropy_bwd(residuals, grad: jax.Array):
-  probs, labels = residuals
-  vocab = jax.lax.broadcasted_iota(jnp.int32, probs.shape, probs.ndim - 1)
-  return grad[..., None] * (probs - (vocab == labels[..., None]).astype(probs.dtype)), None
-
-
-cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
 def mlm_sums(logits: jax.Array, label_ids: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
   """Weighted NLL and accuracy sums over prediction slots. logits [..., V] fp32; label_ids/weights [...]."""
-  nll = cross_entropy(logits.astype(jnp.float32), label_ids.astype(jnp.int32))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, label_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
   weights = weights.astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == label_ids).astype(jnp.float32)
   return {"mlm_loss_sum": jnp.sum(weights * nll), "mlm_correct_sum": jnp.sum(weights * correct),

@@ -127,23 +127,3 @@ def test_scan_layers_and_remat_compute_the_same_loss_gradients_and_hidden_states
 
 def test_scan_layers_and_remat_train_like_the_unrolled_step(unsplit):
   _assert_same(unsplit, _train(mesh_data=-1, scan_layers=True, remat="dots"), "scan_layers, remat=dots")
-
-
-def test_cross_entropy_and_its_gradient_match_torch():
-  """losses.cross_entropy has a hand-written gradient (softmax − one-hot): check value and gradient against torch."""
-  import torch
-
-  from clinical_bert_jax import losses
-
-  rng = np.random.default_rng(0)
-  logits = (rng.standard_normal((6, 4, 211)) * 4).astype(np.float32)
-  labels = rng.integers(0, 211, (6, 4))
-  weights = rng.random((6, 4)).astype(np.float32)
-  value, grad = jax.value_and_grad(lambda x: jax.numpy.sum(weights * losses.cross_entropy(x, labels)))(logits)
-  torch_logits = torch.tensor(logits, requires_grad=True)
-  torch_nll = torch.nn.functional.cross_entropy(torch_logits.reshape(-1, 211), torch.tensor(labels).reshape(-1),
-                                                reduction="none")
-  torch_value = (torch.tensor(weights).reshape(-1) * torch_nll).sum()
-  torch_value.backward()
-  np.testing.assert_allclose(value, torch_value.item(), rtol=1e-6)
-  np.testing.assert_allclose(grad, torch_logits.grad.numpy(), atol=1e-7)
