@@ -62,9 +62,10 @@ flags.DEFINE_list("configs", ["tiny", "base"], "--framework=both: the configs to
 flags.DEFINE_enum("framework", "both", [*FRAMEWORKS, "both"], "One side, or both alternated (writes BENCHMARKS.md).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters and optimizer stay fp32).")
 flags.DEFINE_integer("batch_size", 0, "Sequences per step; 0: the config's (tiny 32, base 8, large 4).")
-flags.DEFINE_integer("steps", 0, "Timed steps; 0: 10 for tiny, 3 otherwise.")
+flags.DEFINE_integer("steps", 0, "Timed steps; 0: 5 for tiny, 2 otherwise.")
 flags.DEFINE_integer("warmup_steps", 1, "Untimed steps after the first (compiling) one.")
-flags.DEFINE_integer("repeats", 2, "--framework=both: processes per side, alternated.")
+flags.DEFINE_integer("repeats", 2, "--framework=both: processes per side for tiny, alternated.")
+flags.DEFINE_integer("big_repeats", 2, "--framework=both: processes per side for base and large.")
 flags.DEFINE_string("optimizer", "adamw", "Ours: optimizers.OPTIMIZER_NAMES (adamw matches torch's AdamW).")
 flags.DEFINE_bool("scan_layers", False, "Ours: nn.scan over the encoder layers (train.TrainConfig.scan_layers).")
 flags.DEFINE_string("remat", "none", "Ours: activation checkpointing none|full|dots (train.TrainConfig.remat).")
@@ -206,7 +207,7 @@ def run_one(config_name: str, framework: str) -> dict[str, Any]:
   dims, default_batch = CONFIGS[config_name]
   batch_size = FLAGS.batch_size or default_batch
   if FLAGS.steps <= 0:
-    FLAGS.steps = 10 if config_name == "tiny" else 3
+    FLAGS.steps = 5 if config_name == "tiny" else 2
   measured = (run_ours if framework == "ours" else run_hf)(dims, batch_size)
   if FLAGS.compile_only:
     return {"config": config_name, "framework": framework, "batch_size": batch_size, "dtype": FLAGS.dtype,
@@ -269,7 +270,7 @@ def compare(config_names: Sequence[str]) -> str:
   rows, versions = [], {}
   for config_name in config_names:
     runs = {framework: [] for framework in FRAMEWORKS}
-    for repeat in range(FLAGS.repeats):
+    for repeat in range(FLAGS.repeats if config_name == "tiny" else FLAGS.big_repeats):
       order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
       for framework in order:
         result = _side(config_name, framework)
@@ -278,14 +279,14 @@ def compare(config_names: Sequence[str]) -> str:
     rows.append(_row(config_name, runs["ours"], runs["hf_pytorch"]))
   load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
   command = (f"python -m bench.train_step --framework=both --configs={','.join(config_names)} "
-             f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats}" + (f" --steps={FLAGS.steps}" if FLAGS.steps else ""))
+             f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}" + (f" --steps={FLAGS.steps}" if FLAGS.steps else ""))
   header = ("| model | ours seq/s | HF PyTorch seq/s | ratio (medians) | step ms ours / HF | peak RSS GB ours / HF | "
             "compile s (ours) | matmul peak GFLOP/s ours / HF | fraction of peak ours / HF (HF useful) |")
   return (f"{SECTION}\n\n`{command}` (`make bench`) on a {platform.machine()} host with {os.cpu_count()} cores, no "
           f"accelerator (CPU backend), shared with other jobs (load average {load} at the end): read the ratios, "
           f"measured in the same run, not the absolute times. Ours: {versions.get('ours')}; theirs: "
           f"{versions.get('hf_pytorch')}. Each side in its own process, alternated, {FLAGS.repeats} processes per "
-          f"side (ranges over processes, ratio of medians); {FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
+          f"side for tiny and {FLAGS.big_repeats} for the others (ranges over processes, ratio of medians); {FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
           f"positions, dropout 0.1, clip 1.0, AdamW; model dims in `bench/train_step.py` (tiny: hidden 128, 2 layers, "
           f"vocab 28,996). Fraction of peak = model FLOPs a step computes / step time / the 1024x768 @ 768x3072 "
           f"matmul rate measured in the same process; HF computes the MLM head at all 128 positions, ours at the 20 "
