@@ -9,12 +9,12 @@ loss. (Google's loss divides by the weight sum of the whole batch; that would le
 every other sequence's gradient, so clipping would no longer bound its influence.) Per-example gradients are one
 `jax.vmap` of `jax.grad` over the batch inside the jitted step.
 
-Devices and micro-batches: under pjit the batch is global, under pmap the clipped sums are `psum`med before the noise
-is added with a key that is the same on every device, so noise is drawn once per (micro-)batch. With
-`--grad_accum_steps=k` every micro-batch of B/k sequences gets noise of standard deviation σC/√k and is divided by
-B/k; the k micro-gradients are averaged by the optimizer's accumulator, and the sum of k independent N(0, σ²C²/k)
-vectors is exactly N(0, σ²C²): the update is the formula above, for any k. The optimizer's own `--clip_norm` then
-acts on the private gradient (post-processing, no privacy cost).
+Devices and micro-batches: the train step sums Σ clip_C(∇ℓ_i) over every micro-batch of `--grad_accum_steps`
+(`train.accumulate_gradients`, a `lax.scan` inside the jitted step) and, under pmap, over devices (`psum`); then it
+adds the noise once, with a key that is the same on every device, and divides by B: the update is the formula above
+for any split into micro-batches and devices. `private_gradient` is the same computation for one batch in one call
+(tests, small uses). The optimizer's own `--clip_norm` then acts on the private gradient (post-processing, no privacy
+cost).
 
 Accounting (`dp-accounting`, Google's library, pinned in requirements.txt): a Poisson-subsampled Gaussian mechanism
 with sampling probability q = B / N (N training instances), noise multiplier σ, composed over the steps taken, under

@@ -57,6 +57,41 @@ def _layer_norm(config: BertConfig, dtype: DType, name: str = "LayerNorm") -> nn
                       scale_init=_ones((EMBED,)), bias_init=_zeros((EMBED,)), name=name)
 
 
+def _random_uint16(key: Array, shape: tuple[int, ...]) -> Array:
+  """Uniform random uint16 of `shape`, four per threefry evaluation.
+
+  `jax.random.bits` (partitionable threefry, jax's default) runs one threefry2x32 per element and folds its 64 output
+  bits into one 32-bit word; dropout needs 16. The raw data of `jax.random.split(key, n)` is the full 64-bit output
+  of n threefry evaluations on distinct counters, so splitting into shape[:-1] + (shape[-1] / 4,) keys and reading
+  their data as uint16 gives the same kind of bits at a quarter of the cost. Depends only on the key and the shape
+  (not on the device mesh).
+  """
+  if not shape or shape[-1] % 4:
+    return jax.random.bits(key, shape, jnp.uint16)
+  words = jax.random.key_data(jax.random.split(key, shape[:-1] + (shape[-1] // 4,)))  # [..., n/4, 2] uint32
+  return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)  # [..., n/4, 2, 2] → [..., n]
+
+
+class Dropout(nn.Module):
+  """Inverted dropout with 16-bit random draws (`_random_uint16`): keep an element iff its draw is below
+  t = round((1 - rate) · 2^16), scale kept elements by 2^16 / t. The keep probability is t / 2^16 (within 2^-17 of
+  1 - rate) and the scale its exact inverse, so E[output] = input as with `flax.linen.Dropout`."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return inputs
+    if self.rate >= 1.0:
+      return jnp.zeros_like(inputs)
+    threshold = round((1.0 - self.rate) * 65536)
+    if threshold >= 65536:
+      return inputs
+    keep = _random_uint16(self.make_rng("dropout"), inputs.shape) < jnp.uint16(threshold)
+    return jnp.where(keep, inputs * jnp.asarray(65536 / threshold, inputs.dtype), jnp.zeros((), inputs.dtype))
+
+
 class BertEmbeddings(nn.Module):
   config: BertConfig
   dtype: DType = jnp.float32
@@ -73,7 +108,7 @@ class BertEmbeddings(nn.Module):
     positions = jnp.arange(input_ids.shape[-1])[None, :]
     hidden = word(input_ids) + position(positions) + token_type(token_type_ids)
     hidden = _layer_norm(cfg, self.dtype)(hidden)
-    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
     return nn.with_logical_constraint(hidden, ACTIVATION_AXES)
 
 
@@ -100,7 +135,7 @@ class BertSelfAttention(nn.Module):
       scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
       scores = scores + jnp.where(key_mask, 0.0, -10000.0)  # Google's additive mask
       probs = jax.nn.softmax(scores, axis=-1)
-      probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=False)
+      probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=False)
       context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
     return context.reshape(batch, length, cfg.hidden_size)
 
@@ -126,7 +161,7 @@ class _ResidualOutput(nn.Module):
   def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
     cfg = self.config
     hidden = _dense(cfg, cfg.hidden_size, self.kernel_names, self.dtype, "dense")(hidden)
-    hidden = nn.Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
+    hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
     hidden = _layer_norm(cfg, self.dtype)(hidden + residual)
     return nn.with_logical_constraint(hidden, ACTIVATION_AXES)
 
@@ -152,34 +187,108 @@ class BertLayer(nn.Module):
     return _ResidualOutput(self.config, self.dtype, (MLP, EMBED), name="output")(inner, attended, deterministic)
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+SCANNED = "stacked"  # `encoder/layer/stacked/block/...`: the scanned layers' parameters, stacked on a leading axis
+
+
+def _layer_class(remat: str, scanned: bool) -> type[nn.Module]:
+  """BertLayer, or BertLayer with activation checkpointing: `full` keeps only each layer's input and recomputes the
+  layer in the backward pass; `dots` also keeps the matmul outputs that have no batch dimension in the contraction
+  (jax.checkpoint_policies.dots_with_no_batch_dims_saveable), so the backward pass recomputes only elementwise work
+  (GELU, LayerNorm, softmax, dropout masks)."""
+  if remat == "none":
+    return BertLayer
+  policy = None if remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(BertLayer, static_argnums=(3,), policy=policy, prevent_cse=not scanned)
+
+
 class BertEncoder(nn.Module):
   config: BertConfig
   dtype: DType = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array, deterministic: bool,
                output_hidden_states: bool = False) -> tuple[Array, tuple[Array, ...]]:
     all_hidden = (hidden,)
-    layers = _LayerStack(self.config, self.dtype, name="layer")
+    layers = _LayerStack(self.config, self.dtype, self.scan_layers, self.remat, name="layer")
     hidden, stacked = layers(hidden, mask, deterministic, output_hidden_states)
     return hidden, all_hidden + stacked
 
 
-class _LayerStack(nn.Module):
-  """Holds the layers as `layer/0 … layer/L-1` (HF's names)."""
+class _ScanBody(nn.Module):
+  """One layer as a `nn.scan` body: (hidden, mask) → (hidden, hidden or None)."""
 
   config: BertConfig
   dtype: DType
+  deterministic: bool
+  remat: str
+  output_hidden_states: bool
+
+  @nn.compact
+  def __call__(self, hidden: Array, mask: Array) -> tuple[Array, Array | None]:
+    hidden = _layer_class(self.remat, True)(self.config, self.dtype, name="block")(hidden, mask, self.deterministic)
+    return hidden, hidden if self.output_hidden_states else None
+
+
+class _LayerStack(nn.Module):
+  """Holds the layers as `layer/0 … layer/L-1` (HF's names), or with `scan_layers` as one `nn.scan` over a layer
+  whose parameters are stacked on a leading axis (`layer/stacked/block/...`): XLA then compiles one layer instead of
+  L. Checkpoints always hold the per-layer names: `stack_layer_params`/`unstack_layer_params` convert."""
+
+  config: BertConfig
+  dtype: DType
+  scan_layers: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array, deterministic: bool,
                output_hidden_states: bool) -> tuple[Array, tuple[Array, ...]]:
+    if self.scan_layers:
+      scanned = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,), length=self.config.num_hidden_layers)
+      hidden, stacked = scanned(self.config, self.dtype, deterministic, self.remat, output_hidden_states,
+                                name=SCANNED)(hidden, mask)  # stacked: [L, B, S, H] or None
+      return hidden, tuple(stacked) if output_hidden_states else ()
     outputs = []
+    layer_class = _layer_class(self.remat, False)
     for index in range(self.config.num_hidden_layers):
-      hidden = BertLayer(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
+      hidden = layer_class(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
       if output_hidden_states:
         outputs.append(hidden)
     return hidden, tuple(outputs)
+
+
+def _layer_tree(params: dict[str, Any]) -> dict[str, Any]:
+  return params["bert"]["encoder"]["layer"]
+
+
+def _with_layer_tree(params: dict[str, Any], layers: dict[str, Any]) -> dict[str, Any]:
+  return {**params, "bert": {**params["bert"], "encoder": {**params["bert"]["encoder"], "layer": layers}}}
+
+
+def stack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
+  """Per-layer parameters (`encoder/layer/0 … L-1`, the checkpoint layout) → the `scan_layers` layout (one tree,
+  arrays [L, ...]). Inside a jitted step this is a copy of the layer weights (and its transpose, a split, for the
+  gradients)."""
+  layers = _layer_tree(params)
+  if SCANNED in layers:
+    return params
+  count = len(layers)
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[layers[str(index)] for index in range(count)])
+  return _with_layer_tree(params, {SCANNED: {"block": stacked}})
+
+
+def unstack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layer_params`."""
+  layers = _layer_tree(params)
+  if SCANNED not in layers:
+    return params
+  stacked = layers[SCANNED]["block"]
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  return _with_layer_tree(params, {str(index): jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
+                                   for index in range(count)})
 
 
 class BertModule(nn.Module):
@@ -188,10 +297,12 @@ class BertModule(nn.Module):
 
   config: BertConfig
   dtype: DType = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.config, self.dtype)
-    self.encoder = BertEncoder(self.config, self.dtype)
+    self.encoder = BertEncoder(self.config, self.dtype, self.scan_layers, self.remat)
     self.pooler = _Pooler(self.config, self.dtype)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
@@ -264,14 +375,18 @@ class BertForPreTraining(nn.Module):
 
   With `masked_lm_positions` [B, P] the vocabulary projection runs only at those positions (Google's sparse head:
   6.4× smaller logits for BERT-base at P=20); without them it returns full-sequence logits [B, S, V] (fill-mask,
-  evaluation). Logits are fp32 whatever the compute dtype.
+  evaluation). Logits are fp32 whatever the compute dtype. `scan_layers` and `remat` (REMAT_POLICIES) change how the
+  encoder is compiled and differentiated, not what it computes; with `scan_layers` the parameters must be in the
+  stacked layout (`stack_layer_params`).
   """
 
   config: BertConfig
   dtype: DType = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
 
   def setup(self):
-    self.bert = BertModule(self.config, self.dtype)
+    self.bert = BertModule(self.config, self.dtype, self.scan_layers, self.remat)
     self.cls = _PretrainingHeads(self.config, self.dtype)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,

@@ -179,8 +179,8 @@ def _uses_dynamic_masking(data: PretrainingData, masking: str, flag: str) -> boo
 def _check_batches_fit(cfg: train.TrainConfig, train_data: PretrainingData,
                        eval_data: PretrainingData | None) -> None:
   """The input pipeline would refuse these too, but only after the workdir is written: check before."""
-  if cfg.micro_batch_size > len(train_data):
-    raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.micro_batch_size} sequences per step but "
+  if cfg.train_batch_size > len(train_data):
+    raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.train_batch_size} sequences per step but "
                     f"--input_file has only {len(train_data)} instances; lower it or generate more data")
   if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
     dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
@@ -269,7 +269,7 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("pretrain: workdir ready")
-  micro_batch = options.train.micro_batch_size
+  micro_batch = options.train.train_batch_size  # a whole step's batch, split into micro-batches on the device
   print_fn(f"process {jax.process_index()}/{jax.process_count()}: {'resuming' if resuming else 'starting'} pretraining "
            f"in {workdir}: {len(train_data)} training instances, {'dynamic' if train_dynamic else 'static'} masking, "
            f"{jax.device_count()} device(s); this process reads {micro_batch // jax.process_count()} of every "
@@ -340,6 +340,10 @@ def define_flags() -> None:
   flags.DEFINE_float("clip_norm", defaults.clip_norm, "Global gradient-norm clipping (0: off).")
   flags.DEFINE_integer("grad_accum_steps", defaults.grad_accum_steps,
                        "Split each global batch into N sequential micro-batches (same update, less memory).")
+  flags.DEFINE_bool("scan_layers", defaults.scan_layers, "Compile one encoder layer and scan it (faster compiles for "
+                    "deep models; checkpoints keep per-layer names).")
+  flags.DEFINE_enum("remat", defaults.remat, ["none", "full", "dots"], "Activation checkpointing per encoder layer: "
+                    "none, full (recompute each layer in the backward pass) or dots (keep matmul outputs).")
   flags.DEFINE_enum("compute_dtype", defaults.compute_dtype, list(train.COMPUTE_DTYPES),
                     "Activation/matmul dtype; parameters and optimizer state stay float32.")
   flags.DEFINE_enum("masking", "auto", list(TRAIN_MASKING_MODES), "static: the masks stored in the data (Google); "
@@ -390,7 +394,7 @@ def options_from_flags() -> PretrainOptions:
       eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size,
       max_eval_steps=FLAGS.max_eval_steps, dp_noise_multiplier=FLAGS.dp_noise_multiplier,
       dp_l2_clip=FLAGS.dp_l2_clip, dp_delta=FLAGS.dp_delta, dp_accountant=FLAGS.dp_accountant,
-      profile_steps=parse_profile_steps(FLAGS.profile_steps))
+      profile_steps=parse_profile_steps(FLAGS.profile_steps), scan_layers=FLAGS.scan_layers, remat=FLAGS.remat)
   return PretrainOptions(
       input_file=FLAGS.input_file, output_dir=FLAGS.output_dir, train=cfg, eval_input_file=FLAGS.eval_input_file,
       init_checkpoint=FLAGS.init_checkpoint, bert_config_file=FLAGS.bert_config_file, vocab_file=FLAGS.vocab_file,

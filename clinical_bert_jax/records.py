@@ -688,6 +688,88 @@ def decode_example(data: bytes) -> dict[str, np.ndarray]:
           for name, (kind, payload) in example_feature_payloads(data).items()}
 
 
+# Vectorised decoding of the fixed pretraining schema. A `tf.train.Example` with Google's 7 features, as TF and
+# `encode_examples` write it, is: 0x0A len Features{ 7 × [0x0A len MapEntry{0x0A len key, 0x12 len Feature{kind-tag
+# len List{0x0A len packed-values}}}] }, the entries in any order. `_canonical_feature_spans` walks that structure
+# for all records of a batch at once (numpy over records, a loop over the 7 entries), so a batch costs a few dozen
+# array operations instead of a Python protobuf walk per record; anything else (unpacked lists, extra fields, other
+# names) makes it return None and the reader falls back to the general parser, which also names the bad record.
+_KEY_LENGTHS = {len(name): index for index, name in enumerate(FEATURE_NAMES)}  # the 7 names have distinct lengths
+_KIND_TAGS = {_FLOAT_LIST: 0x12, _INT64_LIST: 0x1A}
+
+
+def _varints_at(raw: np.ndarray, positions: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The varint starting at each position (not reading past `ends`): (values, positions after it, ok)."""
+  values = np.zeros(positions.shape, np.int64)
+  done = np.zeros(positions.shape, bool)
+  after = positions.copy()
+  for k in range(5):  # lengths inside one record fit in 35 bits
+    index = positions + k
+    inside = index < ends
+    byte = raw[np.minimum(index, raw.size - 1)].astype(np.int64)
+    active = ~done & inside
+    values[active] |= (byte[active] & 0x7F) << (7 * k)
+    after[active] += 1
+    done |= active & (byte < 0x80)
+  return values, after, done
+
+
+def _canonical_feature_spans(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray
+                             ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+  """(payload starts, payload lengths) in `raw` of each feature's packed values for records raw[starts:ends], or
+  None when any record is not in the canonical layout (see above) or has a feature of the wrong kind."""
+  count = starts.size
+  ok = raw[np.minimum(starts, raw.size - 1)] == 0x0A
+  length, cursor, good = _varints_at(raw, starts + 1, ends)
+  ok &= good & (cursor + length == ends)
+  found = np.zeros((count, len(FEATURE_NAMES)), np.int64)
+  spans = {name: (np.zeros(count, np.int64), np.zeros(count, np.int64)) for name in FEATURE_NAMES}
+  rows = np.arange(count)
+  for _ in FEATURE_NAMES:
+    ok &= raw[np.minimum(cursor, raw.size - 1)] == 0x0A
+    entry_length, cursor, good = _varints_at(raw, cursor + 1, ends)
+    entry_end = cursor + entry_length
+    ok &= good & (entry_end <= ends) & (raw[np.minimum(cursor, raw.size - 1)] == 0x0A)
+    key_length, key_start, good = _varints_at(raw, cursor + 1, entry_end)
+    ok &= good
+    feature = np.full(count, -1)
+    for name_length, index in _KEY_LENGTHS.items():
+      feature[key_length == name_length] = index
+    ok &= feature >= 0
+    cursor = key_start + key_length
+    ok &= raw[np.minimum(cursor, raw.size - 1)] == 0x12
+    feature_length, cursor, good = _varints_at(raw, cursor + 1, entry_end)
+    ok &= good & (cursor + feature_length == entry_end)
+    kind_tag = raw[np.minimum(cursor, raw.size - 1)]
+    list_length, cursor, good = _varints_at(raw, cursor + 1, entry_end)
+    ok &= good & (cursor + list_length == entry_end) & (raw[np.minimum(cursor, raw.size - 1)] == 0x0A)
+    packed_length, cursor, good = _varints_at(raw, cursor + 1, entry_end)
+    ok &= good & (cursor + packed_length == entry_end)
+    if not ok.all():
+      return None
+    for name_index, name in enumerate(FEATURE_NAMES):
+      these = feature == name_index
+      if not these.any():
+        continue
+      window = raw[key_start[these, None] + np.arange(len(name))]
+      expected_tag = _KIND_TAGS[_FLOAT_LIST if name == "masked_lm_weights" else _INT64_LIST]
+      if not (np.all(window == np.frombuffer(name.encode(), np.uint8)) and np.all(kind_tag[these] == expected_tag)):
+        return None
+      spans[name][0][these], spans[name][1][these] = cursor[these], packed_length[these]
+    found[rows, feature] += 1
+    cursor = entry_end
+  if not (np.all(cursor == ends) and np.all(found == 1)):
+    return None
+  return spans
+
+
+def _gather_spans(raw: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """raw[starts[0]:starts[0]+lengths[0]] ++ raw[starts[1]:...] ++ … as one array (no Python loop)."""
+  total = int(lengths.sum())
+  offsets = np.cumsum(lengths) - lengths
+  return raw[np.repeat(starts - offsets, lengths) + np.arange(total)]
+
+
 class TFRecordWriter(_StreamingWriter):
   """Writes Google-compatible pretraining TFRecords (readable by `run_pretraining.py`) without TensorFlow.
 
@@ -817,6 +899,9 @@ class _TFRecordShard(_Shard):
     self.offsets, self.lengths = self._index()
     self.count = len(self.offsets)
     self.max_id = None  # unknown without decoding every record: ids are checked on read instead
+    self._block_ok: np.ndarray | None = None  # vectorised reader state (_canonical_block)
+    self._spans: np.ndarray | None = None
+    self._bad_crc: np.ndarray | None = None
     self.checksum = f"crc32:{zlib.crc32(self.data()):08x}" if verify_checksum else None
     if self.count == 0:
       self.max_seq_length = self.max_predictions_per_seq = None
@@ -884,11 +969,102 @@ class _TFRecordShard(_Shard):
       examples.append(example)
     return examples
 
-  def read(self, local_indices: np.ndarray, vocab_size: int | None) -> dict[str, np.ndarray]:
-    examples = self._examples(local_indices)
+  _BLOCK = 4096  # records parsed (and checksummed) together by the vectorised reader
+
+  def _canonical_block(self, block: int) -> bool:
+    """Parses records [block·B, (block+1)·B) once: verifies their data CRCs and stores every feature's packed-values
+    span (offset within the record, length) in `self._spans` [records, 7, 2]. False: the block needs the general
+    parser (some record is not in the canonical layout)."""
+    if self._block_ok is None:
+      blocks = -(-self.count // self._BLOCK)
+      self._block_ok = np.zeros(blocks, np.int8)  # 0 unparsed, 1 canonical, -1 general
+      self._bad_crc = np.zeros(self.count, bool)  # records whose data CRC failed (an error only when read)
+      self._spans = np.zeros((self.count, len(FEATURE_NAMES), 2),
+                             np.uint16 if self.lengths.max(initial=0) < 2**16 else np.uint32)
+    if self._block_ok[block] == 0:
+      data = self.data()
+      rows = np.arange(block * self._BLOCK, min((block + 1) * self._BLOCK, self.count))
+      starts, lengths = self.offsets[rows], self.lengths[rows]
+      spans = None
+      if isinstance(data, mmap.mmap):
+        raw = np.frombuffer(data, np.uint8)
+        if self.verify:
+          stored = raw[(starts + lengths)[:, None] + np.arange(4)].copy().view("<u4")[:, 0]
+          self._bad_crc[rows] = masked_crc32c([data[start:start + length] for start, length in
+                                               zip(starts.tolist(), lengths.tolist())]) != stored
+        spans = _canonical_feature_spans(raw, starts, starts + lengths)
+      if spans is None:
+        self._block_ok[block] = -1
+      else:
+        for index, name in enumerate(FEATURE_NAMES):
+          self._spans[rows, index, 0] = spans[name][0] - starts
+          self._spans[rows, index, 1] = spans[name][1]
+        self._block_ok[block] = 1
+    return self._block_ok[block] == 1
+
+  def _read_canonical(self, local_indices: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The batch from the parsed blocks' spans: a gather and a vectorised varint decode per feature (None: some
+    record needs the general parser, or has another shape than record 0)."""
+    if not all([self._canonical_block(block) for block in np.unique(local_indices // self._BLOCK).tolist()]):
+      return None
+    bad = np.flatnonzero(self._bad_crc[local_indices])
+    if bad.size:
+      raise UserError(f"{self.path}: record {local_indices[bad[0]]} has a bad data checksum; the file is corrupt: "
+                      "regenerate it")
+    raw = np.frombuffer(self.data(), np.uint8)
+    count = len(local_indices)
+    spans = self._spans[local_indices].astype(np.int64)  # [n, 7, 2]
+    record_starts = self.offsets[local_indices]
+    widths = [1 if name == "next_sentence_labels" else self.max_seq_length if name in SEQUENCE_FEATURES else
+              self.max_predictions_per_seq for name in FEATURE_NAMES]
     batch = {}
-    for name in FEATURE_NAMES:
-      batch[name] = self._decode_feature(name, [example[name] for example in examples], local_indices)
+    weights = FEATURE_NAMES.index("masked_lm_weights")
+    if np.any(spans[:, weights, 1] != 4 * widths[weights]):
+      return None
+    # Whole records joined (one memcpy each), then everything by position in that buffer.
+    data = self.data()
+    record_lengths = self.lengths[local_indices]
+    buffer = np.frombuffer(b"".join([data[start:start + length] for start, length in
+                                     zip(record_starts.tolist(), record_lengths.tolist())]), np.uint8)
+    base = np.cumsum(record_lengths) - record_lengths  # where each record starts in `buffer`
+    weight_index = (base + spans[:, weights, 0])[:, None] + np.arange(4 * widths[weights])
+    batch["masked_lm_weights"] = buffer[weight_index].copy().view("<f4").astype(np.float32).reshape(
+        count, widths[weights])
+    # The int64 features: the last bytes of all varints in the buffer (header bytes included), then the ones inside
+    # each feature's packed span, feature-major. The byte before a span is the last byte of its length varint, so
+    # every varint inside a span starts right after the previous terminal byte.
+    integer = [index for index, name in enumerate(FEATURE_NAMES) if name != "masked_lm_weights"]
+    span_starts = (base[None, :] + spans[:, integer, 0].T).reshape(-1)
+    span_ends = span_starts + spans[:, integer, 1].T.reshape(-1)
+    terminals = np.flatnonzero(buffer < 0x80)
+    first, last = np.searchsorted(terminals, span_starts), np.searchsorted(terminals, span_ends)
+    expected = np.repeat(np.asarray([widths[index] for index in integer]), count)
+    if np.any(last - first != expected) or np.any(buffer[np.maximum(span_ends - 1, 0)] >= 0x80):
+      return None
+    selected = np.repeat(first - np.cumsum(expected) + expected, expected) + np.arange(int(expected.sum()))
+    ends = terminals[selected]
+    varint_starts = terminals[selected - 1] + 1  # first >= 1: a header byte always precedes a span
+    sizes = ends - varint_starts + 1
+    if sizes.max(initial=1) > 9:  # 10-byte varints (negative values): the general parser handles them
+      return None
+    values = buffer
+    decoded = (values[varint_starts] & 0x7F).astype(np.int64)
+    for k in range(1, int(sizes.max(initial=1))):
+      longer = np.flatnonzero(sizes > k)
+      decoded[longer] |= (values[varint_starts[longer] + k] & 0x7F).astype(np.int64) << (7 * k)
+    offset = 0
+    for index in integer:
+      name, size = FEATURE_NAMES[index], count * widths[index]
+      batch[name] = decoded[offset:offset + size].astype(FEATURE_DTYPES[name]).reshape(count, widths[index])
+      offset += size
+    return batch
+
+  def read(self, local_indices: np.ndarray, vocab_size: int | None) -> dict[str, np.ndarray]:
+    batch = self._read_canonical(np.asarray(local_indices, np.int64))
+    if batch is None:  # the general parser: any valid Example, and one-line errors naming the bad record
+      examples = self._examples(local_indices)
+      batch = {name: self._decode_feature(name, [example[name] for example in examples], local_indices)
+               for name in FEATURE_NAMES}
     batch["next_sentence_labels"] = batch["next_sentence_labels"][:, 0]
     if vocab_size is not None:
       largest = max(batch["input_ids"].max(initial=0), batch["masked_lm_ids"].max(initial=0))

@@ -8,9 +8,10 @@ What a step does (Google `run_pretraining.py`, bert-pretraining.md §5–§6):
 Loss normaliser across devices: the MLM loss is Σ(w·NLL) / (Σw + 1e-5) with both sums over the GLOBAL batch (all
 devices, all hosts), the NSP loss the mean over the global batch. On one device this is exactly Google's loss; on
 many it is the loss of the whole batch, not a mean of per-device losses (which would weight devices with few
-predictions as much as devices with many), and it does not depend on how the batch is split. With
-`--grad_accum_steps=k` each micro-batch is normalised on its own and the k gradients are averaged
-(`optax.MultiSteps`).
+predictions as much as devices with many), and it does not depend on how the batch is split. The same rule holds
+for `--grad_accum_steps=k`: the step receives the whole batch, splits it into k micro-batches inside the jitted step
+(`accumulate_gradients`, a `lax.scan`), and every micro-batch's loss is divided by the denominators of the WHOLE
+batch, so the summed gradient equals the unsplit batch's up to fp32 rounding; one optimizer update per step.
 
 Two ways to run on several devices, same results:
   * `pjit` (default): one `jax.jit` over a ('data', 'fsdp', 'tensor') mesh; parameters and optimizer state are placed
@@ -18,7 +19,8 @@ Two ways to run on several devices, same results:
     for FSDP/tensor parallelism), the batch is split over ('data', 'fsdp'). Works across processes (hosts).
   * `pmap`: the classic data-parallel form: the state is stacked once per local device and the summed gradients are
     applied on every device. Single process only.
-Random numbers (dropout, dynamic masks) come from `fold_in(run key, step, micro-step)`. Under `pjit` they are drawn
+Random numbers (dynamic masks, dropout) come from `fold_in(run key, step, 0)` (dropout of micro-batch i: folded
+with i). Under `pjit` they are drawn
 for the global batch (partitionable threefry), so they do not depend on the mesh or the number of hosts; under `pmap`
 each device folds in its index, so pmap and pjit agree exactly only without dropout and with static masks.
 
@@ -68,7 +70,7 @@ class TrainConfig:
   num_train_steps: int = 100_000
   num_warmup_steps: int = 10_000
   learning_rate: float = 5e-5
-  train_batch_size: int = 32  # global, per optimizer update (split into grad_accum_steps micro-batches)
+  train_batch_size: int = 32  # global, per optimizer update (split into grad_accum_steps micro-batches in the step)
   max_predictions_per_seq: int = 20
   optimizer: str = "bert_adam"
   lr_schedule: str | None = None  # None: optimizers.DEFAULT_SCHEDULE[optimizer]
@@ -96,6 +98,8 @@ class TrainConfig:
   dp_delta: float = 1e-5
   dp_accountant: str = "rdp"
   profile_steps: tuple[int, int] | None = None  # jax.profiler trace of steps START..END into WORKDIR/profile
+  scan_layers: bool = False  # nn.scan over the encoder layers: one compiled layer (checkpoints keep per-layer names)
+  remat: str = "none"  # activation checkpointing per layer: none | full | dots (model.REMAT_POLICIES)
 
   @property
   def micro_batch_size(self) -> int:
@@ -124,6 +128,8 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------------------ step functions
 def _apply_model(bert: nn.Module, params: Any, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None):
+  if bert.scan_layers:  # the state keeps the per-layer layout; the scanned model reads the layers stacked
+    params = model.stack_layer_params(params)
   return bert.apply({"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"],
                     batch["masked_lm_positions"], deterministic=dropout_key is None,
                     rngs=None if dropout_key is None else {"dropout": dropout_key})
@@ -145,40 +151,98 @@ def _example_loss(bert: nn.Module, params: Any, example: Mapping[str, jax.Array]
   return losses.metrics_from_sums(sums)["loss"], sums
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], micro_step: jax.Array, *, bert: nn.Module,
+def micro_batch_grads(params: Any, batch: Mapping[str, jax.Array], dropout_key: jax.Array,
+                      normalisers: Mapping[str, jax.Array], *, bert: nn.Module) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradient of one micro-batch's share of the whole step's loss, and the micro-batch's sums.
+
+  The share is Σ_micro(w·NLL) / (W + 1e-5) + Σ_micro NSP-NLL / N with W and N (`normalisers`) counted over the
+  WHOLE step (all micro-batches, devices and hosts), so the shares' gradients add up to the gradient of the global
+  loss whatever the split. This is the seam for per-example work (e.g. clipping): replace it by a function with the
+  same signature.
+  """
+
+  def loss_fn(params):
+    sums = losses.pretraining_sums(_apply_model(bert, params, batch, dropout_key), batch)
+    return losses.metrics_from_sums({**sums, **normalisers})["loss"], sums
+
+  return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def step_normalisers(batch: Mapping[str, jax.Array], axis_name: str | None = None) -> dict[str, jax.Array]:
+  """The loss denominators of the whole step: Σ masked_lm_weights and the number of sequences, over all devices."""
+  normalisers = {"mlm_weight_sum": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
+                 "nsp_count": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+  return jax.lax.psum(normalisers, axis_name) if axis_name is not None else normalisers
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], num_micro_batches: int) -> dict[str, jax.Array]:
+  """[B, ...] → [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, … Strided rather than contiguous: the rows
+  each device (or host) holds stay on it, so splitting moves no data between devices."""
+
+  def split(values: jax.Array) -> jax.Array:
+    strided = values.reshape((values.shape[0] // num_micro_batches, num_micro_batches) + values.shape[1:])
+    return jnp.swapaxes(nn.with_logical_constraint(strided, (model.BATCH,) + (None,) * (strided.ndim - 1)), 0, 1)
+
+  return {name: split(values) for name, values in batch.items()}
+
+
+def accumulate_gradients(grad_fn: Callable[..., tuple[Any, dict[str, jax.Array]]], params: Any,
+                         batch: Mapping[str, jax.Array], dropout_key: jax.Array, normalisers: Mapping[str, jax.Array],
+                         num_micro_batches: int) -> tuple[Any, dict[str, jax.Array]]:
+  """Σ over micro-batches of `grad_fn(params, micro_batch, key, normalisers)`, in a `lax.scan` inside the step (one
+  compiled micro-step, activations of one micro-batch alive at a time). Micro-batch i draws dropout from
+  fold_in(dropout_key, i); with one micro-batch the key is used as it is."""
+  if num_micro_batches == 1:
+    return grad_fn(params, batch, dropout_key, normalisers)
+  micro_batches = split_micro_batches(batch, num_micro_batches)
+
+  def body(carry, inputs):
+    index, micro_batch = inputs
+    grads, sums = grad_fn(params, micro_batch, jax.random.fold_in(dropout_key, index), normalisers)
+    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+  zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), dropout_key,
+                                         normalisers))
+  carry = jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), zeros)
+  (grads, sums), _ = jax.lax.scan(body, carry, (jnp.arange(num_micro_batches), micro_batches))
+  return grads, sums
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, bert: nn.Module,
                tx: optax.GradientTransformation, cfg: TrainConfig, vocab: masking.MaskingVocab | None,
                axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One micro-batch: (dynamic masks,) forward/backward, optimizer call. Returns the new state and the step's sums.
+  """One optimizer update on the whole step's batch: (dynamic masks,) `cfg.grad_accum_steps` forward/backward
+  passes accumulated in a scan, one optimizer call. Returns the new state and the step's sums.
 
   `axis_name` is set under pmap: counts and gradients are then summed over devices, so every device applies the
   gradient of the global loss.
   """
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), micro_step)
-  noise_key = dp.noise_key(key)  # the same on every device
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), 0)
+  noise_key = dp.noise_key(key)  # DP-SGD noise: drawn once per step, the same on every device
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   mask_key, dropout_key = jax.random.split(key)
   batch = _mask_if_dynamic(batch, mask_key, vocab, cfg)
-
-  def loss_fn(params):
-    sums = losses.pretraining_sums(_apply_model(bert, params, batch, dropout_key), batch)
-    normalisers = {name: jax.lax.stop_gradient(sums[name]) for name in ("mlm_weight_sum", "nsp_count")}
-    if axis_name is not None:
-      normalisers = jax.lax.psum(normalisers, axis_name)
-    return losses.metrics_from_sums({**sums, **normalisers})["loss"], sums
-
-  if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):  # DP-SGD: per-example clipping, noise (dp.py)
+  normalisers = step_normalisers(batch, axis_name)
+  private = dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip)
+  if private:  # DP-SGD (dp.py): Σ of per-example clipped gradients over every micro-batch, noise once, ÷ B
     example_loss = functools.partial(_example_loss, bert)
-    grads, sums, _ = dp.private_gradient(example_loss, state.params, batch, example_key=dropout_key,
-                                         noise_key=noise_key, noise_multiplier=cfg.dp_noise_multiplier,
-                                         l2_clip=cfg.dp_l2_clip, micro_steps=cfg.grad_accum_steps, axis_name=axis_name)
+
+    def grad_fn(params, micro_batch, micro_key, _):
+      summed, aux, _ = dp.clipped_grad_sum(example_loss, params, micro_batch, micro_key, cfg.dp_l2_clip)
+      return summed, aux
   else:
-    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
-    if axis_name is not None:
-      grads, sums = jax.lax.psum((grads, sums), axis_name)
+    grad_fn = functools.partial(micro_batch_grads, bert=bert)
+  grads, sums = accumulate_gradients(grad_fn, state.params, batch, dropout_key, normalisers, cfg.grad_accum_steps)
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  if private:
+    if cfg.dp_noise_multiplier > 0:
+      grads = dp.add_noise(grads, noise_key, cfg.dp_noise_multiplier * cfg.dp_l2_clip)
+    grads = jax.tree.map(lambda leaf: leaf / normalisers["nsp_count"], grads)  # B: sequences of the whole step
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                            step=state.step + (micro_step == cfg.grad_accum_steps - 1).astype(state.step.dtype))
+                            step=state.step + 1)
   return new_state, {**sums, "grad_norm": optax.tree.norm(grads)}
 
 
@@ -222,7 +286,7 @@ class PjitRuntime:
                                 step=self.replicated)
     batch_sharding = sharding.batch_sharding(self.mesh)
     self._train = jax.jit(functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab),
-                          in_shardings=(state_sharding, batch_sharding, self.replicated),
+                          in_shardings=(state_sharding, batch_sharding),
                           out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
     self._eval = jax.jit(functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key),
                          in_shardings=(self.param_sharding, batch_sharding, self.replicated),
@@ -264,9 +328,9 @@ class PjitRuntime:
   def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return sharding.host_local_to_global(batch, self.mesh)
 
-  def train_step(self, state: TrainState, batch: Any, micro_step: int) -> tuple[TrainState, Any]:
+  def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
     with self._mesh_context():
-      return self._train(state, batch, np.int32(micro_step))
+      return self._train(state, batch)
 
   def eval_step(self, params: Any, batch: Any, batch_index: int) -> Any:
     with self._mesh_context():
@@ -299,7 +363,7 @@ class PmapRuntime:
     self.tx = tx
     self._train = jax.pmap(
         functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab, axis_name=PMAP_AXIS),
-        axis_name=PMAP_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+        axis_name=PMAP_AXIS, in_axes=(0, 0), donate_argnums=(0,))
     self._eval = jax.pmap(
         functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key, axis_name=PMAP_AXIS),
         axis_name=PMAP_AXIS, in_axes=(0, 0, None))
@@ -355,8 +419,8 @@ class PmapRuntime:
                                             + np.shape(values)[1:]), self.stacked)
             for name, values in batch.items()}
 
-  def train_step(self, state: TrainState, batch: Any, micro_step: int) -> tuple[TrainState, Any]:
-    return self._train(state, batch, np.int32(micro_step))
+  def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+    return self._train(state, batch)
 
   def eval_step(self, params: Any, batch: Any, batch_index: int) -> Any:
     return self._eval(params, batch, np.int32(batch_index))
@@ -371,9 +435,16 @@ class PmapRuntime:
 def make_runtime(cfg: TrainConfig, config: BertConfig, tx: optax.GradientTransformation,
                  train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None,
                  eval_key: jax.Array) -> PjitRuntime | PmapRuntime:
-  bert = model.BertForPreTraining(config, dtype=COMPUTE_DTYPES[cfg.compute_dtype])
+  bert = model.BertForPreTraining(config, dtype=COMPUTE_DTYPES[cfg.compute_dtype], scan_layers=cfg.scan_layers,
+                                  remat=cfg.remat)
   runtime = PjitRuntime if cfg.parallelism == "pjit" else PmapRuntime
   return runtime(cfg, config, bert, tx, train_vocab, eval_vocab, eval_key)
+
+
+def make_train_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """The optimizer of the train step: one update per step (accumulation happens inside the step, not in optax)."""
+  return optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
+                                   cfg.weight_decay, cfg.clip_norm, schedule=cfg.lr_schedule)
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -384,6 +455,8 @@ def validate_config(cfg: TrainConfig) -> None:
   dp.check_settings(cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant)
   if cfg.compute_dtype not in COMPUTE_DTYPES:
     raise UserError(f"--compute_dtype={cfg.compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
+  if cfg.remat not in model.REMAT_POLICIES:
+    raise UserError(f"--remat={cfg.remat!r} is not known; use one of {', '.join(model.REMAT_POLICIES)}")
   if cfg.parallelism not in PARALLELISMS:
     raise UserError(f"--parallelism={cfg.parallelism!r} is not known; use one of {', '.join(PARALLELISMS)}")
   if cfg.parallelism == "pmap" and jax.process_count() > 1:
@@ -511,11 +584,9 @@ class Profiler:
 
 
 # -------------------------------------------------------------------------------------------------- the loop
-def _combine_micro_steps(values: list[Mapping[str, Any]]) -> dict[str, float]:
-  """One step's statistics from its micro-batches: sums add up, the gradient norm is averaged."""
-  combined = {name: float(sum(value[name] for value in values)) for name in SUM_NAMES}
-  combined["grad_norm"] = float(np.mean([value["grad_norm"] for value in values]))
-  return combined
+def _host_step_values(values: Mapping[str, Any]) -> dict[str, float]:
+  """A step's statistics (sums over its micro-batches, the norm of the accumulated gradient) as Python floats."""
+  return {name: float(values[name]) for name in (*SUM_NAMES, "grad_norm")}
 
 
 def _is_finite(values: Mapping[str, float]) -> bool:
@@ -547,14 +618,13 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   workdir = fileio.as_path(workdir)
   is_primary = jax.process_index() == 0
   validate_config(cfg)
-  tx = optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
-                                 cfg.weight_decay, cfg.clip_norm, cfg.grad_accum_steps, schedule=cfg.lr_schedule)
+  tx = make_train_optimizer(cfg)
   schedule = optimizers.make_schedule(cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
                                       cfg.lr_schedule or optimizers.DEFAULT_SCHEDULE[cfg.optimizer])
   init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
   runtime = make_runtime(cfg, config, tx, train_vocab, eval_vocab, jax.random.key_data(eval_key))
 
-  train_input = PretrainingInput(train_data, cfg.micro_batch_size, cfg.seed)
+  train_input = PretrainingInput(train_data, cfg.train_batch_size, cfg.seed)
   eval_input = (EvalInput(eval_data, cfg.eval_batch_size, cfg.max_eval_steps) if eval_data is not None else None)
   store = checkpointing.CheckpointStore(workdir, cfg.keep_checkpoints, cfg.async_checkpointing)
   restored = store.restore_latest(*runtime.abstract_checkpoint())
@@ -603,10 +673,10 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
     if is_primary:
       print_fn(f"eval at step {step}: " + ", ".join(f"{name[5:]} {value:.4f}" for name, value in last_eval.items()))
 
-  def finish_step(step: int, device_stats: list[Any]) -> None:
+  def finish_step(step: int, device_stats: Any) -> None:
     """Host side of a dispatched step: finiteness check, metric window, log line."""
     nonlocal window, last_train
-    values = _combine_micro_steps([runtime.host_values(stats) for stats in device_stats])
+    values = _host_step_values(runtime.host_values(device_stats))
     if not _is_finite(values):
       where = store.resume_point(*runtime.abstract_checkpoint())  # re-verified: names the step a rerun uses
       raise UserError(f"training diverged: non-finite loss or gradient at step {step}; stopped without saving "
@@ -630,14 +700,11 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
     with stop:
       if start_step == 0:
         run_eval(0)
-      pending: tuple[int, list[Any]] | None = None
+      pending: tuple[int, Any] | None = None
       while step < cfg.num_train_steps:
         step += 1
         profiler.before_step(step)
-        device_stats = []
-        for micro_step in range(cfg.grad_accum_steps):
-          state, stats = runtime.train_step(state, next(batches), micro_step)
-          device_stats.append(stats)
+        state, device_stats = runtime.train_step(state, next(batches))
         if pending is not None:  # fetch the previous step's numbers while this one runs
           finish_step(*pending)
         pending = (step, device_stats)

@@ -129,3 +129,22 @@ def test_losses_follow_google_formulas():
   np.testing.assert_allclose(float(loss), mlm + nsp, rtol=1e-5)
   accuracy = ((logits.argmax(-1) == labels) * weights).sum() / weights.sum()
   np.testing.assert_allclose(float(metrics["mlm_accuracy"]), accuracy, rtol=1e-5)
+
+
+def test_dropout_keeps_the_expected_fraction_and_the_mean():
+  """model.Dropout draws 16-bit numbers four per threefry call: check rate, unbiasedness, independence of draws."""
+  inputs = jnp.ones((64, 128, 128), jnp.float32)  # 1M elements: the kept fraction has a std of 3e-4
+  dropout = model.Dropout(0.1)
+  outputs = [dropout.apply({}, inputs, deterministic=False, rngs={"dropout": jax.random.key(seed)}) for seed in (0, 1)]
+  for out in outputs:
+    kept = np.asarray(out) != 0
+    assert abs(kept.mean() - 0.9) < 2e-3
+    np.testing.assert_allclose(np.asarray(out).mean(), 1.0, atol=3e-3)  # scaled by 1 / keep probability
+  first, second = (np.asarray(out) != 0 for out in outputs)
+  assert abs((first & second).mean() - 0.81) < 3e-3  # two keys: independent masks
+  # Neighbouring elements (which share a threefry word) are independent too.
+  assert abs((first[..., 0::4] & first[..., 1::4]).mean() - 0.81) < 5e-3
+  bits = np.asarray(model._random_uint16(jax.random.key(2), (256, 1024))).astype(np.int64)
+  counts = np.bincount((bits >> 12).ravel(), minlength=16)  # top 4 bits: uniform (chi-square, 15 dof, p ≈ 1e-6 cut-off)
+  assert ((counts - bits.size / 16) ** 2 / (bits.size / 16)).sum() < 50
+  assert dropout.apply({}, inputs, deterministic=True) is inputs

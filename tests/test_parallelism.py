@@ -82,7 +82,6 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_run(corpus,
 def test_gradient_accumulation_matches_the_full_batch(corpus, reference, tmp_path):
   losses, _ = reference
   accumulated, _ = _run(corpus.train, tmp_path / "accumulate", mesh_data=-1, grad_accum_steps=2)
-  # Step 1 sees the same 16 sequences and the same initial parameters: the same loss. Later steps differ only by the
-  # per-micro-batch MLM normaliser (train.py docstring).
-  np.testing.assert_allclose(accumulated[0], losses[0], rtol=1e-6)
-  np.testing.assert_allclose(accumulated, losses, rtol=2e-2)
+  # The step splits the same 16 sequences into 2 micro-batches and normalises by the whole batch (train.py): the
+  # same trajectory as the unsplit batch up to fp32 rounding (tests/test_train_step.py checks it step by step).
+  np.testing.assert_allclose(accumulated, losses, rtol=1e-5)
