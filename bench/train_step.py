@@ -261,7 +261,8 @@ def _row(config_name: str, ours: list[dict], theirs: list[dict]) -> str:
           f"{spread(theirs, 'seq_per_s', '{:.2f}')} | **{med(ours, 'seq_per_s') / med(theirs, 'seq_per_s'):.2f}×** | "
           f"{med(ours, 'step_ms_median'):,.0f} / {med(theirs, 'step_ms_median'):,.0f} | "
           f"{med(ours, 'peak_rss_gb'):.2f} / {med(theirs, 'peak_rss_gb'):.2f} | "
-          f"{med(ours, 'compile_s'):.1f} | {med(ours, 'matmul_peak_gflops'):.0f} / {med(theirs, 'matmul_peak_gflops'):.0f}"
+          f"{med(ours, 'compile_s'):.1f} | {med(ours, 'matmul_peak_gflops'):.0f} / "
+          f"{med(theirs, 'matmul_peak_gflops'):.0f}"
           f" | {100 * med(ours, 'fraction_of_peak'):.0f}% / {100 * med(theirs, 'fraction_of_peak'):.0f}% "
           f"({100 * med(theirs, 'useful_fraction_of_peak'):.0f}%) |")
 
@@ -279,14 +280,16 @@ def compare(config_names: Sequence[str]) -> str:
     rows.append(_row(config_name, runs["ours"], runs["hf_pytorch"]))
   load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
   command = (f"python -m bench.train_step --framework=both --configs={','.join(config_names)} "
-             f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}" + (f" --steps={FLAGS.steps}" if FLAGS.steps else ""))
+             f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}"
+             + (f" --steps={FLAGS.steps}" if FLAGS.steps else ""))
   header = ("| model | ours seq/s | HF PyTorch seq/s | ratio (medians) | step ms ours / HF | peak RSS GB ours / HF | "
             "compile s (ours) | matmul peak GFLOP/s ours / HF | fraction of peak ours / HF (HF useful) |")
   return (f"{SECTION}\n\n`{command}` (`make bench`) on a {platform.machine()} host with {os.cpu_count()} cores, no "
           f"accelerator (CPU backend), shared with other jobs (load average {load} at the end): read the ratios, "
           f"measured in the same run, not the absolute times. Ours: {versions.get('ours')}; theirs: "
           f"{versions.get('hf_pytorch')}. Each side in its own process, alternated, {FLAGS.repeats} processes per "
-          f"side for tiny and {FLAGS.big_repeats} for the others (ranges over processes, ratio of medians); {FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
+          f"side for tiny and {FLAGS.big_repeats} for the others (ranges over processes, ratio of medians); "
+          f"{FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
           f"positions, dropout 0.1, clip 1.0, AdamW; model dims in `bench/train_step.py` (tiny: hidden 128, 2 layers, "
           f"vocab 28,996). Fraction of peak = model FLOPs a step computes / step time / the 1024x768 @ 768x3072 "
           f"matmul rate measured in the same process; HF computes the MLM head at all 128 positions, ours at the 20 "

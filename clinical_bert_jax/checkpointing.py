@@ -284,7 +284,8 @@ class CheckpointStore:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     try:
-      self._manager = ocp.CheckpointManager(_orbax_path(self.directory), item_names=(*ITEMS, CHECKSUM_ITEM), options=options)
+      self._manager = ocp.CheckpointManager(_orbax_path(self.directory), item_names=(*ITEMS, CHECKSUM_ITEM),
+                                            options=options)
     except OSError as error:
       raise UserError(f"cannot create {self.directory}: {error.strerror}; check --output_dir") from None
     self._writing_step: int | None = None  # the newest save started (its files may still be being written)

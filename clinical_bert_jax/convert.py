@@ -7,8 +7,9 @@
 
 `to_hf` writes what `transformers` users expect (config.json, model.safetensors, vocab.txt, tokenizer.json,
 tokenizer_config.json with the right `do_lower_case`, special_tokens_map.json, a model card with Hub metadata) and,
-when transformers is installed, reloads the export in PyTorch and compares its logits with the Flax model before the output directory appears. An export whose
-logits differ never lands — the failure mode of earlier Flax exports (transformers #12506, #26813).
+when transformers is installed, reloads the export in PyTorch and compares its logits with the Flax model before the
+output directory appears. An export whose logits differ never lands — the failure mode of earlier Flax exports
+(transformers #12506, #26813).
 """
 
 from __future__ import annotations

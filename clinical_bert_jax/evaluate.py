@@ -227,8 +227,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_train_examples", None, "Use only the first N training examples (quick runs).")
   flags.DEFINE_integer("max_eval_examples", None, "Use only the first N dev and the first N test examples.")
   flags.DEFINE_enum("split", "paper", ["paper", "given"], "ner only: `paper` = run_ner.py's re-split (train+dev "
-                    "pooled, seed-42 shuffle, 9 chunks: train on 0-7, select on 8; official test); `given` = the files' "
-                    "train/dev as they are.")
+                    "pooled, seed-42 shuffle, 9 chunks: train on 0-7, select on 8; official test); `given` = the "
+                    "files' train/dev as they are.")
   flags.DEFINE_enum("optimizer", "paper", ["paper", "google_adamw_pt", "bert_adam_pt"], "Fine-tuning optimizer; "
                     "paper = what the original script of the task used (ner: google_adamw_pt, mednli: bert_adam_pt).")
   flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Where to fine-tune; auto = cuda when available.")

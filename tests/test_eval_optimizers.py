@@ -19,7 +19,8 @@ def toy_problem(seed: int = 3):
   x = rng.normal(size=(16, 4)).astype(np.float32)
   y = (3.0 * (x @ rng.normal(size=(4, 3)))).astype(np.float32)
   values = {"encoder.dense.weight": rng.normal(size=(4, 3)), "encoder.dense.bias": rng.normal(size=3),
-            "encoder.LayerNorm.weight": 1 + 0.1 * rng.normal(size=3), "encoder.LayerNorm.bias": 0.1 * rng.normal(size=3),
+            "encoder.LayerNorm.weight": 1 + 0.1 * rng.normal(size=3),
+            "encoder.LayerNorm.bias": 0.1 * rng.normal(size=3),
             "classifier.weight": rng.normal(size=(3, 3))}
   return x, y, {name: value.astype(np.float32) for name, value in values.items()}
 
@@ -64,7 +65,8 @@ def run_google_tf(values, x, y, lr, total, warmup_steps):
   from bert import optimization
 
   with tf.Graph().as_default():
-    variables = {name: tf.get_variable(TF_NAMES[name], initializer=tf.constant(value)) for name, value in values.items()}
+    variables = {name: tf.get_variable(TF_NAMES[name], initializer=tf.constant(value))
+                 for name, value in values.items()}
     loss = tf.reduce_mean(tf.square(forward(variables, tf.constant(x)) - tf.constant(y)))
     train_op = optimization.create_optimizer(loss, lr, total, warmup_steps, use_tpu=False)
     with tf.Session() as session:

@@ -252,7 +252,8 @@ def check_googles_masking_rules(recorded: list[list[np.ndarray]], vocab: masking
 
 @pytest.mark.parametrize("parallelism", ["pjit", "pmap"])
 def test_dynamic_masks_used_inside_the_jitted_step_follow_googles_rules(parallelism, tmp_path, monkeypatch):
-  tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(25)] + [f"##c{i}" for i in range(10)]
+  tokens = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(25)]
+            + [f"##c{i}" for i in range(10)])
   vocab_file = tmp_path / "vocab.txt"
   vocab_file.write_text("\n".join(tokens) + "\n")
   vocab = masking.MaskingVocab.from_vocab_file(vocab_file)
