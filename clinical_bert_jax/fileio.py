@@ -11,8 +11,9 @@ writer left behind is removed by the next writer of the same NAME once that proc
 failure (full disk, read-only filesystem, ...) propagates as the OSError, after the temporary file or directory is
 removed; `errors.cli_main` reports it in one line. On object storage: write a temporary object next to the final one
 and move it into place (a server-side copy, so the final object appears whole or not at all), delete the temporary
-object on failure; directories are staged on the local disk and uploaded object by object once the block succeeded (each object whole;
-small marker files such as `manifest.json` and `config.json` last, so a reader that finds them finds the rest).
+object on failure; directories are staged on the local disk and uploaded object by object once the block succeeded
+(each object whole; small marker files such as `manifest.json` and `config.json` last, so a reader that finds them
+finds the rest).
 
 Storage endpoints (`configure_storage`, run on import): with `STORAGE_EMULATOR_HOST=http://HOST:PORT` set (a GCS API
 emulator, or a private endpoint), every library we use talks to it with anonymous credentials: gcsfs (read by
