@@ -54,7 +54,7 @@ def _compute_step_grads(bert, params, batch, **dp_settings) -> np.ndarray:
   state = train.TrainState(params=params, opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(5)), step=jnp.zeros((), jnp.int32))
   step = jax.jit(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None))
-  new_state, _ = step(state, batch, jnp.int32(0))
+  new_state, _ = step(state, batch)
   return np.asarray(ravel_pytree(params)[0] - ravel_pytree(new_state.params)[0], np.float64)
 
 
@@ -107,15 +107,13 @@ def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
   _, bert, params, batch = setup
   clip = 0.5
   whole = _step_grads(bert, params, batch, dp_l2_clip=clip)
-  # Two micro-batches of 4, averaged by the accumulator: the same clipped mean.
+  # Two micro-batches of 4, accumulated by the scan inside the step: the same clipped mean.
   cfg = train.TrainConfig(max_predictions_per_seq=PREDICTIONS, dp_l2_clip=clip, grad_accum_steps=2)
-  tx = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+  tx = optax.sgd(1.0)
   state = train.TrainState(params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)),
                            step=jnp.zeros((), jnp.int32))
   step = jax.jit(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None))
-  for micro in range(2):
-    state, _ = step(state, {name: values[micro * 4:(micro + 1) * 4] for name, values in batch.items()},
-                    jnp.int32(micro))
+  state, _ = step(state, batch)
   accumulated = np.asarray(ravel_pytree(params)[0] - ravel_pytree(state.params)[0], np.float64)
   np.testing.assert_allclose(accumulated, whole, rtol=2e-4, atol=5e-7)
   # pmap over 2 devices: psum of clipped sums, noise drawn once with the same key on every device.
@@ -129,10 +127,10 @@ def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
                            step=jnp.zeros((), jnp.int32))
   stacked = jax.tree.map(lambda value: jnp.stack([value] * devices), state)
   pmapped = jax.pmap(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None,
-                                       axis_name=train.PMAP_AXIS), axis_name=train.PMAP_AXIS, in_axes=(0, 0, None),
+                                       axis_name=train.PMAP_AXIS), axis_name=train.PMAP_AXIS, in_axes=(0, 0),
                      devices=jax.local_devices()[:devices])
   sharded = {name: values.reshape((devices, -1) + values.shape[1:]) for name, values in batch.items()}
-  new_state, _ = pmapped(stacked, sharded, jnp.int32(0))
+  new_state, _ = pmapped(stacked, sharded)
   per_device = [np.asarray(ravel_pytree(jax.tree.map(lambda value, i=i: value[i], new_state.params))[0])
                 for i in range(devices)]
   assert all(np.array_equal(per_device[0], other) for other in per_device[1:])  # the same update everywhere
