@@ -422,7 +422,7 @@ def test_tensorflow_reads_our_tfrecords_and_we_read_tensorflows(tmp_path):
   data = PretrainingData.open(str(theirs))
   assert (len(data), data.max_seq_length, data.max_predictions_per_seq) == (12, SEQ_LEN, PREDICTIONS)
   assert_batches_equal(data.get_batch(np.arange(12)), expected)
-  # TensorFlow's serialisation takes the vectorised reader (records._canonical_feature_spans), not the fallback.
+  # TensorFlow's serialisation takes the vectorised reader (records.wire._canonical_feature_spans), not the fallback.
   assert data.shards[0]._read_canonical(np.arange(12)) is not None
 
 
@@ -434,7 +434,7 @@ def test_vectorised_tfrecord_reader_equals_the_general_parser(tmp_path, monkeypa
   order = np.random.default_rng(0).permutation(40)
   fast = PretrainingData.open(str(path)).get_batch(order)
   assert PretrainingData.open(str(path)).shards[0]._read_canonical(order) is not None
-  monkeypatch.setattr(records, "_canonical_feature_spans", lambda *args: None)
+  monkeypatch.setattr(records.tfrecord, "_canonical_feature_spans", lambda *args: None)  # where the reader calls it
   general = PretrainingData.open(str(path)).get_batch(order)
   assert_batches_equal(fast, general)
   assert_batches_equal(fast, {name: values[order] for name, values in stacked(instances).items()})
