@@ -42,6 +42,7 @@ import numpy as np
 from absl import flags, logging
 
 from clinical_bert_jax import model_io
+from clinical_bert_jax.canary_file import read_canary_file
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
 from clinical_bert_jax.model import BertForPreTraining
@@ -206,8 +207,6 @@ def check_disjoint(members: list[Sentence], non_members: list[Sentence]) -> None
 
 # --------------------------------------------------------------------------------------------------- the audits
 def run_exposure(scorer: Scorer, canary_file: str, num_candidates: int, seed: int) -> dict[str, Any]:
-  from data_prep.canaries import read_canary_file
-
   header, canaries = read_canary_file(canary_file)
   digits = int(header["secret_digits"])
   space = 10 ** digits
@@ -293,8 +292,6 @@ def run_membership(scorer: Scorer, reference: Scorer | None, members: list[Sente
 def read_pairs(path: str) -> list[tuple[str, str, str]]:
   """(where, name, condition) from a TSV or a canary file."""
   if path.endswith(".jsonl"):
-    from data_prep.canaries import read_canary_file
-
     _, canaries = read_canary_file(path)
     return [(c["id"], c["name"], c["condition"]) for c in canaries]
   try:

@@ -27,10 +27,10 @@ from typing import Sequence
 import numpy as np
 from absl import flags, logging
 
+from clinical_bert_jax.canary_file import CANARY_FORMAT, read_canary_file  # noqa: F401 (re-exported)
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir, atomic_write
 
-CANARY_FORMAT = "clinical_bert_jax.canaries/1"
 MANIFEST_NAME = "manifest.json"
 DEFAULT_TEMPLATE = "{name} (MRN {secret}) was diagnosed with {condition} ."
 DEFAULT_REPETITIONS = (0, 1, 4, 16, 64)
@@ -194,20 +194,6 @@ def insert_canaries(input_dir: str | Path, output_dir: str | Path, canary_file: 
       for canary in canaries:
         handle.write(json.dumps(canary) + "\n")
   return {"canaries": len(canaries), "inserted_lines": manifest["canaries"]["inserted_lines"], "files": len(files)}
-
-
-def read_canary_file(path: str | Path) -> tuple[dict, list[dict]]:
-  """(header, canaries) of a --canary_file; UserError for anything else."""
-  path = Path(path)
-  try:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-  except FileNotFoundError:
-    raise UserError(f"--canary_file={path} not found; write it with python -m data_prep.canaries") from None
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    raise UserError(f"--canary_file={path} is not a canary list (JSON lines) of data_prep.canaries") from None
-  if not rows or "header" not in rows[0] or rows[0]["header"].get("format") != CANARY_FORMAT:
-    raise UserError(f"--canary_file={path} has no {CANARY_FORMAT} header; write it with python -m data_prep.canaries")
-  return rows[0]["header"], rows[1:]
 
 
 FLAGS = flags.FLAGS
