@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 
 _FLAG_TYPES = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-               str: flags.DEFINE_string}
+               str: flags.DEFINE_string, list: flags.DEFINE_list}  # list: a comma list (field: a tuple, parse=tuple)
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[str] | None = None,  # noqa: A002
@@ -69,8 +69,11 @@ def define_flags(cls: type, module_name: str, flag_values: flags.FlagValues = fl
       flags.DEFINE_enum(field.name, default, field.metadata["choices"], field.metadata["help"],
                         flag_values=flag_values, module_name=registered_name)
     else:
-      _FLAG_TYPES[_flag_type(cls, field)](field.name, default, field.metadata["help"], flag_values=flag_values,
-                                          module_name=registered_name)
+      flag_type = _flag_type(cls, field)
+      if flag_type is list and default is not None:
+        default = list(default)
+      _FLAG_TYPES[flag_type](field.name, default, field.metadata["help"], flag_values=flag_values,
+                             module_name=registered_name)
     if registered_name != module_name:
       flag_values.register_flag_by_module_id(id(sys.modules[module_name]), flag_values[field.name])
   if required:
