@@ -128,7 +128,7 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   cfg = train.TrainConfig(num_train_steps=10_000, num_warmup_steps=100, learning_rate=5e-5,
                           train_batch_size=batch_size, max_predictions_per_seq=PREDICTIONS, optimizer=FLAGS.optimizer,
                           compute_dtype=FLAGS.dtype, grad_accum_steps=FLAGS.grad_accum_steps, **extra)
-  train.validate_config(cfg)
+  cfg.validate()
   # Exactly the optimizer and runtime `train.train_and_evaluate` builds.
   tx = train.make_train_optimizer(cfg)
   init_key, train_key, eval_key = jax.random.split(jax.random.key(0), 3)

@@ -18,23 +18,46 @@ way; similarity is cosine. A candidate that tokenises exactly like the query is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
-from clinical_bert_jax import fileio
+from clinical_bert_jax import fileio, settings
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.eval_tasks.hf_checkpoint import (HfCheckpoint, WordPieceEncoder, load_pretrained,
                                                         open_checkpoint, resolve_device)
 from clinical_bert_jax.fileio import as_path, atomic_write, local_copy
+from clinical_bert_jax.settings import setting
 from clinical_bert_jax.vocab import CONTINUATION_PREFIX, is_bracketed_special
 
 DEFAULT_QUERIES = ["glucose", "seizure", "pneumonia", "Transfer", "Admitted", "Discharge", "beach", "newspaper",
                    "table"]
-FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOptions:
+  """The settings of both commands; each field is also the flag of the same name (settings.setting)."""
+
+  model_dir: str | None = setting(None, help="Hugging Face BERT directory (neighbors: the first model).")
+  model_dir_b: str | None = setting(None, help="neighbors: the second model's directory.")
+  input: str | None = setting(None, help="UTF-8 text, one sentence per line (blank lines are skipped).")
+  output: str | None = setting(None, help="Output .npy file; OUT.index.json is written next to it.")
+  pooling: str = setting("cls", choices=("cls", "mean"),
+                         help="Sentence vector: the [CLS] row or the mean over word pieces.")
+  layer: int = setting(-1, help="hidden_states index: 0 embeddings, 1..L encoder layers, -1 the last layer.")
+  words: bool = setting(False, help="One embedding per whitespace word (mean over its pieces) instead of per line.")
+  max_seq_length: int | None = setting(None, help="Longest line in word pieces incl. [CLS]/[SEP] (default: the "
+                                       "model's max_position_embeddings); longer lines are an error, not silently "
+                                       "truncated.")
+  batch_size: int = setting(64, help="Sequences per forward pass.")
+  device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available.")
+  queries: tuple[str, ...] = setting(tuple(DEFAULT_QUERIES), flag_type=list, parse=tuple,
+                                     help="neighbors: query words (the paper's Table 3 words by default).")
+  k: int = setting(5, help="neighbors: neighbours per query.")
 
 
 class Embedder:
@@ -210,53 +233,55 @@ def _resolved(path: str) -> str:
   return path if fileio.is_remote(path) else str(Path(path).resolve())
 
 
-def run_embed() -> None:
-  if not FLAGS.model_dir or not FLAGS.input or not FLAGS.output:
+def run_embed(options: EmbedOptions) -> None:
+  if not options.model_dir or not options.input or not options.output:
     raise UserError("embed needs --model_dir, --input and --output; see docs/evaluation.md")
-  index_path_for(FLAGS.output)
-  checkpoint = open_checkpoint(FLAGS.model_dir)
-  embedder = Embedder(checkpoint, FLAGS.device, FLAGS.layer, FLAGS.max_seq_length, FLAGS.batch_size)
-  lines, line_numbers = read_lines(str(local_copy(FLAGS.input, "--input")))
-  index = {"model_dir": _resolved(FLAGS.model_dir), "do_lower_case": checkpoint.do_lower_case,
-           "layer": FLAGS.layer, "input": _resolved(FLAGS.input)}
-  if FLAGS.words:
+  index_path_for(options.output)
+  checkpoint = open_checkpoint(options.model_dir)
+  embedder = Embedder(checkpoint, options.device, options.layer, options.max_seq_length, options.batch_size)
+  lines, line_numbers = read_lines(str(local_copy(options.input, "--input")))
+  index = {"model_dir": _resolved(options.model_dir), "do_lower_case": checkpoint.do_lower_case,
+           "layer": options.layer, "input": _resolved(options.input)}
+  if options.words:
     array, rows = embedder.word_embeddings(lines, line_numbers)
     index.update(unit="word", pooling="mean over the word's pieces", rows_line_word=rows)
   else:
-    array = embedder.sentence_embeddings(lines, line_numbers, FLAGS.pooling)
-    index.update(unit="line", pooling=FLAGS.pooling, rows_line=line_numbers)
+    array = embedder.sentence_embeddings(lines, line_numbers, options.pooling)
+    index.update(unit="line", pooling=options.pooling, rows_line=line_numbers)
   index.update(shape=list(array.shape), dtype=str(array.dtype))
-  index_path = write_embeddings(FLAGS.output, array, index)
-  print(f"wrote {array.shape[0]} × {array.shape[1]} embeddings to {FLAGS.output} (index {index_path})")
+  index_path = write_embeddings(options.output, array, index)
+  print(f"wrote {array.shape[0]} × {array.shape[1]} embeddings to {options.output} (index {index_path})")
 
 
-def run_neighbors() -> None:
-  if not FLAGS.model_dir or not FLAGS.model_dir_b:
+def run_neighbors(options: EmbedOptions) -> None:
+  if not options.model_dir or not options.model_dir_b:
     raise UserError("neighbors needs --model_dir and --model_dir_b (the two models to compare)")
-  if FLAGS.k <= 0:
-    raise UserError(f"--k={FLAGS.k} must be positive")
-  queries = [query.strip() for query in FLAGS.queries if query.strip()]
+  if options.k <= 0:
+    raise UserError(f"--k={options.k} must be positive")
+  queries = [query.strip() for query in options.queries if query.strip()]
   if not queries:
     raise UserError("--queries is empty; pass a comma list of words")
-  checkpoints = [open_checkpoint(FLAGS.model_dir), open_checkpoint(FLAGS.model_dir_b, flag="--model_dir_b")]
+  checkpoints = [open_checkpoint(options.model_dir), open_checkpoint(options.model_dir_b, flag="--model_dir_b")]
   results = []
   for checkpoint in checkpoints:
-    embedder = Embedder(checkpoint, FLAGS.device, FLAGS.layer, None, FLAGS.batch_size)
-    results.append(nearest_neighbors(embedder, queries, FLAGS.k))
+    embedder = Embedder(checkpoint, options.device, options.layer, None, options.batch_size)
+    results.append(nearest_neighbors(embedder, queries, options.k))
     logging.info("%s: neighbours computed", checkpoint.directory)
   names = [checkpoint.name for checkpoint in checkpoints]
   if names[0] == names[1]:
     names = [str(checkpoint.directory) for checkpoint in checkpoints]
-  print(f"Nearest vocabulary words (cosine, layer {FLAGS.layer}, words embedded alone, mean over pieces), k={FLAGS.k}")
+  print(f"Nearest vocabulary words (cosine, layer {options.layer}, words embedded alone, mean over pieces), "
+        f"k={options.k}")
   print()
   print(neighbors_table(names, results, queries))
 
 
 def main(argv: Sequence[str]) -> None:
+  options = settings.from_flags(EmbedOptions)
   if len(argv) == 1:
-    run_embed()
+    run_embed(options)
   elif argv[1:] == ["neighbors"]:
-    run_neighbors()
+    run_neighbors(options)
   else:
     raise UserError(f"unexpected arguments {' '.join(argv[1:])}; usage: embed --model_dir=... --input=... "
                     "--output=... or embed neighbors --model_dir=A --model_dir_b=B")
@@ -264,19 +289,7 @@ def main(argv: Sequence[str]) -> None:
 
 def define_flags() -> None:
   """Flags are defined only when run as a program, so that importing this module never clashes with other tools."""
-  flags.DEFINE_string("model_dir", None, "Hugging Face BERT directory (neighbors: the first model).")
-  flags.DEFINE_string("model_dir_b", None, "neighbors: the second model's directory.")
-  flags.DEFINE_string("input", None, "UTF-8 text, one sentence per line (blank lines are skipped).")
-  flags.DEFINE_string("output", None, "Output .npy file; OUT.index.json is written next to it.")
-  flags.DEFINE_enum("pooling", "cls", ["cls", "mean"], "Sentence vector: the [CLS] row or the mean over word pieces.")
-  flags.DEFINE_integer("layer", -1, "hidden_states index: 0 embeddings, 1..L encoder layers, -1 the last layer.")
-  flags.DEFINE_bool("words", False, "One embedding per whitespace word (mean over its pieces) instead of per line.")
-  flags.DEFINE_integer("max_seq_length", None, "Longest line in word pieces incl. [CLS]/[SEP] (default: the "
-                       "model's max_position_embeddings); longer lines are an error, not silently truncated.")
-  flags.DEFINE_integer("batch_size", 64, "Sequences per forward pass.")
-  flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "auto = cuda when available.")
-  flags.DEFINE_list("queries", DEFAULT_QUERIES, "neighbors: query words (the paper's Table 3 words by default).")
-  flags.DEFINE_integer("k", 5, "neighbors: neighbours per query.")
+  settings.define_flags(EmbedOptions, __name__)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from typing import Any, Callable, Sequence
 import jax
 from absl import flags, logging
 
-from clinical_bert_jax import checkpointing, dp, fileio, input_pipeline, model_io, train
+from clinical_bert_jax import checkpointing, fileio, input_pipeline, model_io, settings, train
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_write
 from clinical_bert_jax.masking import MaskingVocab
-from clinical_bert_jax.optimizers import OPTIMIZER_NAMES
 from clinical_bert_jax.records import PretrainingData, vocab_fingerprint
+from clinical_bert_jax.settings import setting
 
 # Where the train step gets its masks (--masking of pretrain); not the data tool's DATA_MASKING_MODES.
 TRAIN_MASKING_MODES = ("auto", "static", "dynamic")
@@ -41,19 +41,40 @@ _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
 
 @dataclasses.dataclass(frozen=True)
 class PretrainOptions:
-  """The paths and data-related settings of a run; `train` holds the loop's settings."""
+  """The paths and data-related settings of a run; `train` holds the loop's settings. Each field declared with
+  `settings.setting` is a flag of this command (`google=True`: Google's `run_pretraining.py` name)."""
 
-  input_file: str
-  output_dir: str
-  train: train.TrainConfig
-  eval_input_file: str | None = None
-  init_checkpoint: str | None = None
-  bert_config_file: str | None = None
-  vocab_file: str | None = None
-  max_seq_length: int = 128
-  masking: str = "auto"
-  export_hf_dir: str | None = None
-  data_cache_dir: str | None = None  # local cache of gs:// shards (shard_cache)
+  input_file: str = setting(help="Training data: comma-separated globs of .cbj shards or Google TFRecords, or data "
+                            "directories (from create_pretraining_data).", google=True)
+  output_dir: str = setting(help="The run's workdir: checkpoints, metrics, flags. Rerunning resumes.", google=True)
+  train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
+  eval_input_file: str | None = setting(None, help="Held-out data (same formats as --input_file); none: no "
+                                        "evaluation.")
+  init_checkpoint: str | None = setting(None, help="Model to continue pretraining: hf:DIR (Hugging Face), tf:PREFIX "
+                                        "(Google TF checkpoint; needs --bert_config_file), our model directory or a "
+                                        "pretraining workdir. Optimizer state and step start fresh. Absent: train "
+                                        "from scratch.", google=True)
+  bert_config_file: str | None = setting(None, help="Model config (HF config.json or Google bert_config.json); "
+                                         "required from scratch and with tf:PREFIX.", google=True)
+  vocab_file: str | None = setting(None, help="vocab.txt; default: the init checkpoint's (or the workdir's on "
+                                   "resume).", google=True)
+  max_seq_length: int = setting(128, help="Sequence length of the data (checked against the shards).", google=True)
+  masking: str = setting("auto", choices=TRAIN_MASKING_MODES, help="static: the masks stored in the data (Google); "
+                         "dynamic: new masks every step on the device; auto: dynamic only for data written with "
+                         "masking=none.")
+  export_hf_dir: str | None = setting(None, help="At the end, export the model here as a Hugging Face directory.")
+  # local cache of gs:// shards (shard_cache)
+  data_cache_dir: str | None = setting(None, help="Local folder caching gs:// training shards (verified by their "
+                                       "checksums); default ~/.cache/clinical_bert_jax/shards.")
+
+  def validate(self) -> None:
+    """The one check of the settings, before anything is read or written (the data's fit is `train.check_data_fit`,
+    once the data is open)."""
+    if self.masking not in TRAIN_MASKING_MODES:
+      raise UserError(f"--masking={self.masking!r} is not known; use one of {', '.join(TRAIN_MASKING_MODES)}")
+    if self.max_seq_length < 1:
+      raise UserError(f"--max_seq_length={self.max_seq_length} must be at least 1")
+    self.train.validate()
 
 
 @dataclasses.dataclass
@@ -176,19 +197,6 @@ def _uses_dynamic_masking(data: PretrainingData, masking: str, flag: str) -> boo
   return masking == "dynamic" or unmasked
 
 
-def _check_batches_fit(cfg: train.TrainConfig, train_data: PretrainingData,
-                       eval_data: PretrainingData | None) -> None:
-  """The input pipeline would refuse these too, but only after the workdir is written: check before."""
-  if cfg.train_batch_size > len(train_data):
-    raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.train_batch_size} sequences per step but "
-                    f"--input_file has only {len(train_data)} instances; lower it or generate more data")
-  if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
-    dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
-  if eval_data is not None and cfg.eval_batch_size > len(eval_data):
-    raise UserError(f"--eval_batch_size={cfg.eval_batch_size} is larger than the {len(eval_data)} instances of "
-                    "--eval_input_file; lower it")
-
-
 # ------------------------------------------------------------------------------------------------------- setup
 def _write_run_files(workdir: Path, model: _Model, options: PretrainOptions, flagfile_text: str | None) -> None:
   """config.json, vocab.txt, tokenizer_config.json, training_info.json, flags.txt: what `model_io.load_model`,
@@ -215,31 +223,10 @@ def _write_run_files(workdir: Path, model: _Model, options: PretrainOptions, fla
       handle.write(flagfile_text)
 
 
-def check_options(options: PretrainOptions) -> None:
-  """Cheap checks of everything that does not need the data or the model (fail before any work)."""
-  cfg = options.train
-  if options.masking not in TRAIN_MASKING_MODES:
-    raise UserError(f"--masking={options.masking!r} is not known; use one of {', '.join(TRAIN_MASKING_MODES)}")
-  for flag, value in (("--max_seq_length", options.max_seq_length), ("--train_batch_size", cfg.train_batch_size),
-                      ("--max_predictions_per_seq", cfg.max_predictions_per_seq),
-                      ("--save_checkpoints_steps", cfg.save_checkpoints_steps),
-                      ("--keep_checkpoints", cfg.keep_checkpoints), ("--log_every_steps", cfg.log_every_steps),
-                      ("--eval_batch_size", cfg.eval_batch_size), ("--max_eval_steps", cfg.max_eval_steps)):
-    if value < 1:
-      raise UserError(f"{flag}={value} must be at least 1")
-  if cfg.eval_every_steps < 0:
-    raise UserError(f"--eval_every_steps={cfg.eval_every_steps} must be >= 0 (0: evaluate at the start and end only)")
-  if cfg.seed < 0:
-    raise UserError(f"--seed={cfg.seed} must be a non-negative integer")
-  if not 0.0 < cfg.masked_lm_prob <= 1.0:  # also rejects NaN
-    raise UserError(f"--masked_lm_prob={cfg.masked_lm_prob} must be in (0, 1]")
-  train.validate_config(cfg)
-
-
 def run(options: PretrainOptions, flagfile_text: str | None = None,
         print_fn: Callable[[str], None] = print) -> train.TrainResult:
   """The whole command: checks, workdir, model, data, training, export. Returns the loop's result."""
-  check_options(options)
+  options.validate()
   _check_export_dir(options.export_hf_dir)
   workdir = fileio.as_path(options.output_dir)
   resuming = is_resuming(workdir)
@@ -260,7 +247,7 @@ def run(options: PretrainOptions, flagfile_text: str | None = None,
   train_vocab = masking_vocab if train_dynamic else None
   eval_vocab = masking_vocab if eval_dynamic else None
 
-  _check_batches_fit(options.train, train_data, eval_data)
+  train.check_data_fit(options.train, train_data, eval_data)
 
   prepare_workdir(options.output_dir)
   if jax.process_index() == 0:
@@ -304,114 +291,21 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """Defines the command's flags (called from `__main__` only, so importing this module defines nothing)."""
-  defaults = train.TrainConfig()
-  # Google's run_pretraining.py names.
-  flags.DEFINE_string("input_file", None, "Training data: comma-separated globs of .cbj shards or Google TFRecords, "
-                      "or data directories (from create_pretraining_data).")
-  flags.DEFINE_string("output_dir", None, "The run's workdir: checkpoints, metrics, flags. Rerunning resumes.")
-  flags.DEFINE_string("init_checkpoint", None, "Model to continue pretraining: hf:DIR (Hugging Face), tf:PREFIX "
-                      "(Google TF checkpoint; needs --bert_config_file), our model directory or a pretraining "
-                      "workdir. Optimizer state and step start fresh. Absent: train from scratch.")
-  flags.DEFINE_string("bert_config_file", None, "Model config (HF config.json or Google bert_config.json); required "
-                      "from scratch and with tf:PREFIX.")
-  flags.DEFINE_string("vocab_file", None, "vocab.txt; default: the init checkpoint's (or the workdir's on resume).")
-  flags.DEFINE_integer("train_batch_size", defaults.train_batch_size,
-                       "Global batch size (sequences per optimizer update, all devices).")
-  flags.DEFINE_integer("max_seq_length", 128, "Sequence length of the data (checked against the shards).")
-  flags.DEFINE_integer("max_predictions_per_seq", defaults.max_predictions_per_seq,
-                       "Masked-LM prediction slots per sequence (checked against statically masked shards).")
-  flags.DEFINE_integer("num_train_steps", defaults.num_train_steps, "Optimizer updates in total.")
-  flags.DEFINE_integer("num_warmup_steps", defaults.num_warmup_steps, "Learning-rate warmup updates.")
-  flags.DEFINE_float("learning_rate", defaults.learning_rate, "Peak learning rate.")
-  flags.DEFINE_integer("save_checkpoints_steps", defaults.save_checkpoints_steps,
-                       "Save a checkpoint every N steps (and at the end, and on SIGTERM).")
-  flags.DEFINE_integer("eval_batch_size", defaults.eval_batch_size, "Global eval batch size.")
-  flags.DEFINE_integer("max_eval_steps", defaults.max_eval_steps, "At most this many eval batches per evaluation.")
-  # Ours.
-  flags.DEFINE_string("eval_input_file", None, "Held-out data (same formats as --input_file); none: no evaluation.")
-  flags.DEFINE_integer("eval_every_steps", defaults.eval_every_steps,
-                       "Evaluate every N steps (0: only at the start and the end).")
-  flags.DEFINE_enum("optimizer", defaults.optimizer, list(OPTIMIZER_NAMES),
-                    "bert_adam (Google's AdamWeightDecay), adamw or lamb.")
-  flags.DEFINE_string("lr_schedule", None, "bert (Google's, with the jump after warmup) or warmup_linear; default "
-                      "depends on --optimizer.")
-  flags.DEFINE_float("weight_decay", defaults.weight_decay, "Decoupled weight decay (not on LayerNorm and biases).")
-  flags.DEFINE_float("clip_norm", defaults.clip_norm, "Global gradient-norm clipping (0: off).")
-  flags.DEFINE_integer("grad_accum_steps", defaults.grad_accum_steps,
-                       "Split each global batch into N sequential micro-batches (same update, less memory).")
-  flags.DEFINE_bool("scan_layers", defaults.scan_layers, "Compile one encoder layer and scan it (faster compiles for "
-                    "deep models; checkpoints keep per-layer names).")
-  flags.DEFINE_enum("remat", defaults.remat, ["none", "full", "dots"], "Activation checkpointing per encoder layer: "
-                    "none, full (recompute each layer in the backward pass) or dots (keep matmul outputs).")
-  flags.DEFINE_enum("compute_dtype", defaults.compute_dtype, list(train.COMPUTE_DTYPES),
-                    "Activation/matmul dtype; parameters and optimizer state stay float32.")
-  flags.DEFINE_enum("masking", "auto", list(TRAIN_MASKING_MODES), "static: the masks stored in the data (Google); "
-                    "dynamic: new masks every step on the device; auto: dynamic only for data written with "
-                    "masking=none.")
-  flags.DEFINE_bool("whole_word_mask", defaults.whole_word_mask, "Dynamic masking: mask whole words.")
-  flags.DEFINE_float("masked_lm_prob", defaults.masked_lm_prob, "Dynamic masking: fraction of tokens predicted.")
-  flags.DEFINE_enum("parallelism", defaults.parallelism, list(train.PARALLELISMS),
-                    "pjit: jit over a (data, fsdp, tensor) mesh, multi-host; pmap: classic single-process data "
-                    "parallelism.")
-  flags.DEFINE_integer("mesh_data", defaults.mesh_data, "pjit mesh: data-parallel size (-1: all remaining devices).")
-  flags.DEFINE_integer("mesh_fsdp", defaults.mesh_fsdp, "pjit mesh: FSDP size (parameters sharded).")
-  flags.DEFINE_integer("mesh_tensor", defaults.mesh_tensor, "pjit mesh: tensor-parallel size.")
-  flags.DEFINE_integer("keep_checkpoints", defaults.keep_checkpoints, "Keep the newest K checkpoints.")
-  flags.DEFINE_bool("async_checkpointing", defaults.async_checkpointing, "Write checkpoints in the background.")
-  flags.DEFINE_integer("seed", defaults.seed, "Seed of initialisation, data order, dropout and dynamic masks.")
-  flags.DEFINE_integer("log_every_steps", defaults.log_every_steps, "Log metrics every N steps.")
-  flags.DEFINE_string("export_hf_dir", None, "At the end, export the model here as a Hugging Face directory.")
-  flags.DEFINE_float("dp_noise_multiplier", defaults.dp_noise_multiplier, "DP-SGD noise multiplier σ: Gaussian noise "
-                     "of std σ·C on the sum of clipped per-example gradients (docs/privacy.md). Needs --dp_l2_clip.")
-  flags.DEFINE_float("dp_l2_clip", defaults.dp_l2_clip, "DP-SGD per-example gradient L2 bound C (0: DP off).")
-  flags.DEFINE_float("dp_delta", defaults.dp_delta, "DP-SGD: the δ at which ε is reported (metrics, model card).")
-  flags.DEFINE_enum("dp_accountant", defaults.dp_accountant, ["rdp", "pld"], "DP-SGD accountant (dp-accounting).")
+  """Defines the command's flags (called from `__main__` only, so importing this module defines nothing): one per
+  setting of `PretrainOptions` and `train.TrainConfig`, and the per-process and cache flags that are not settings of
+  the run."""
+  settings.define_flags(PretrainOptions, __name__)
+  settings.define_flags(train.TrainConfig, __name__)
   flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (local or gs://): a rerun or "
                       "resume skips compiling the train step again.")
-  flags.DEFINE_string("profile_steps", None, "START,END: write a jax.profiler trace of these steps to "
-                      "WORKDIR/profile (TensorBoard profile plugin, Perfetto).")
-  flags.DEFINE_string("data_cache_dir", None, "Local folder caching gs:// training shards (verified by their "
-                      "checksums); default ~/.cache/clinical_bert_jax/shards.")
   flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed), or "
                       "auto (Cloud TPU pods, SLURM: JAX finds the processes).")
   flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
   flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
-  flags.mark_flags_as_required(["input_file", "output_dir"])
 
 
 def options_from_flags() -> PretrainOptions:
-  cfg = train.TrainConfig(
-      num_train_steps=FLAGS.num_train_steps, num_warmup_steps=FLAGS.num_warmup_steps,
-      learning_rate=FLAGS.learning_rate, train_batch_size=FLAGS.train_batch_size,
-      max_predictions_per_seq=FLAGS.max_predictions_per_seq, optimizer=FLAGS.optimizer,
-      lr_schedule=FLAGS.lr_schedule, weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm,
-      grad_accum_steps=FLAGS.grad_accum_steps, whole_word_mask=FLAGS.whole_word_mask,
-      masked_lm_prob=FLAGS.masked_lm_prob, compute_dtype=FLAGS.compute_dtype, parallelism=FLAGS.parallelism,
-      mesh_data=FLAGS.mesh_data, mesh_fsdp=FLAGS.mesh_fsdp, mesh_tensor=FLAGS.mesh_tensor, seed=FLAGS.seed,
-      save_checkpoints_steps=FLAGS.save_checkpoints_steps, keep_checkpoints=FLAGS.keep_checkpoints,
-      async_checkpointing=FLAGS.async_checkpointing, log_every_steps=FLAGS.log_every_steps,
-      eval_every_steps=FLAGS.eval_every_steps, eval_batch_size=FLAGS.eval_batch_size,
-      max_eval_steps=FLAGS.max_eval_steps, dp_noise_multiplier=FLAGS.dp_noise_multiplier,
-      dp_l2_clip=FLAGS.dp_l2_clip, dp_delta=FLAGS.dp_delta, dp_accountant=FLAGS.dp_accountant,
-      profile_steps=parse_profile_steps(FLAGS.profile_steps), scan_layers=FLAGS.scan_layers, remat=FLAGS.remat)
-  return PretrainOptions(
-      input_file=FLAGS.input_file, output_dir=FLAGS.output_dir, train=cfg, eval_input_file=FLAGS.eval_input_file,
-      init_checkpoint=FLAGS.init_checkpoint, bert_config_file=FLAGS.bert_config_file, vocab_file=FLAGS.vocab_file,
-      max_seq_length=FLAGS.max_seq_length, masking=FLAGS.masking, export_hf_dir=FLAGS.export_hf_dir,
-      data_cache_dir=FLAGS.data_cache_dir)
-
-
-def parse_profile_steps(value: str | None) -> tuple[int, int] | None:
-  if not value:
-    return None
-  try:
-    start, end = (int(part) for part in value.split(","))
-  except ValueError:
-    raise UserError(f"--profile_steps={value} must be START,END (two step numbers, e.g. 10,20)") from None
-  if not 1 <= start <= end:
-    raise UserError(f"--profile_steps={value} needs 1 <= START <= END")
-  return start, end
+  return settings.from_flags(PretrainOptions, train=settings.from_flags(train.TrainConfig))
 
 
 def use_compilation_cache(directory: str | None) -> None:

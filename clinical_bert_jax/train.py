@@ -54,6 +54,7 @@ from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.input_pipeline import DevicePrefetcher, EvalInput, PretrainingInput, Prefetcher
 from clinical_bert_jax.records import PretrainingData
+from clinical_bert_jax.settings import setting
 
 PARALLELISMS = ("pjit", "pmap")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -62,48 +63,143 @@ PMAP_AXIS = "batch"
 SUM_NAMES = ("mlm_loss_sum", "mlm_correct_sum", "mlm_weight_sum", "nsp_loss_sum", "nsp_correct_sum", "nsp_count")
 
 
+def parse_profile_steps(value: str | None) -> tuple[int, int] | None:
+  """`--profile_steps=START,END` → (START, END); None for an empty flag."""
+  if not value:
+    return None
+  try:
+    start, end = (int(part) for part in value.split(","))
+  except ValueError:
+    raise UserError(f"--profile_steps={value} must be START,END (two step numbers, e.g. 10,20)") from None
+  if not 1 <= start <= end:
+    raise UserError(f"--profile_steps={value} needs 1 <= START <= END")
+  return start, end
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything the loop needs besides the model config and the data (the flags of `pretrain`). Defaults are the
-  paper's discharge-summary run (clinicalbert-paper.md §2)."""
+  """Everything the loop needs besides the model config and the data. Each field declared with `settings.setting` is
+  also a flag of `pretrain` (same name, default and help; `google=True`: Google's `run_pretraining.py` name), so this
+  is the one declaration of the training settings. Defaults are the paper's discharge-summary run
+  (clinicalbert-paper.md §2). `validate()` checks them."""
 
-  num_train_steps: int = 100_000
-  num_warmup_steps: int = 10_000
-  learning_rate: float = 5e-5
-  train_batch_size: int = 32  # global, per optimizer update (split into grad_accum_steps micro-batches in the step)
-  max_predictions_per_seq: int = 20
-  optimizer: str = "bert_adam"
-  lr_schedule: str | None = None  # None: optimizers.DEFAULT_SCHEDULE[optimizer]
-  weight_decay: float = 0.01
-  clip_norm: float = 1.0
-  grad_accum_steps: int = 1
-  whole_word_mask: bool = False
-  masked_lm_prob: float = 0.15
-  compute_dtype: str = "float32"
-  parallelism: str = "pjit"
-  mesh_data: int = -1
-  mesh_fsdp: int = 1
-  mesh_tensor: int = 1
-  seed: int = 12345
-  save_checkpoints_steps: int = 10_000
-  keep_checkpoints: int = 5
-  async_checkpointing: bool = True
-  log_every_steps: int = 100
-  eval_every_steps: int = 0  # 0: evaluate only at the start and the end
-  eval_batch_size: int = 8
-  max_eval_steps: int = 100
-  prefetch_batches: int = 2
-  dp_noise_multiplier: float = 0.0  # DP-SGD (dp.py): on when dp_l2_clip > 0
-  dp_l2_clip: float = 0.0
-  dp_delta: float = 1e-5
-  dp_accountant: str = "rdp"
-  profile_steps: tuple[int, int] | None = None  # jax.profiler trace of steps START..END into WORKDIR/profile
-  scan_layers: bool = False  # nn.scan over the encoder layers: one compiled layer (checkpoints keep per-layer names)
-  remat: str = "none"  # activation checkpointing per layer: none | full | dots (model.REMAT_POLICIES)
+  num_train_steps: int = setting(100_000, help="Optimizer updates in total.", google=True)
+  num_warmup_steps: int = setting(10_000, help="Learning-rate warmup updates.", google=True)
+  learning_rate: float = setting(5e-5, help="Peak learning rate.", google=True)
+  # global, per optimizer update (split into grad_accum_steps micro-batches in the step)
+  train_batch_size: int = setting(32, help="Global batch size (sequences per optimizer update, all devices).",
+                                  google=True)
+  max_predictions_per_seq: int = setting(20, help="Masked-LM prediction slots per sequence (checked against "
+                                         "statically masked shards).", google=True)
+  optimizer: str = setting("bert_adam", choices=optimizers.OPTIMIZER_NAMES,
+                           help="bert_adam (Google's AdamWeightDecay), adamw or lamb.")
+  lr_schedule: str | None = setting(None, help="bert (Google's, with the jump after warmup) or warmup_linear; default "
+                                    "depends on --optimizer.")  # None: optimizers.DEFAULT_SCHEDULE[optimizer]
+  weight_decay: float = setting(0.01, help="Decoupled weight decay (not on LayerNorm and biases).")
+  clip_norm: float = setting(1.0, help="Global gradient-norm clipping (0: off).")
+  grad_accum_steps: int = setting(1, help="Split each global batch into N sequential micro-batches (same update, less "
+                                  "memory).")
+  whole_word_mask: bool = setting(False, help="Dynamic masking: mask whole words.")
+  masked_lm_prob: float = setting(0.15, help="Dynamic masking: fraction of tokens predicted.")
+  compute_dtype: str = setting("float32", choices=COMPUTE_DTYPES,
+                               help="Activation/matmul dtype; parameters and optimizer state stay float32.")
+  parallelism: str = setting("pjit", choices=PARALLELISMS, help="pjit: jit over a (data, fsdp, tensor) mesh, "
+                             "multi-host; pmap: classic single-process data parallelism.")
+  mesh_data: int = setting(-1, help="pjit mesh: data-parallel size (-1: all remaining devices).")
+  mesh_fsdp: int = setting(1, help="pjit mesh: FSDP size (parameters sharded).")
+  mesh_tensor: int = setting(1, help="pjit mesh: tensor-parallel size.")
+  seed: int = setting(12345, help="Seed of initialisation, data order, dropout and dynamic masks.")
+  save_checkpoints_steps: int = setting(10_000, help="Save a checkpoint every N steps (and at the end, and on "
+                                        "SIGTERM).", google=True)
+  keep_checkpoints: int = setting(5, help="Keep the newest K checkpoints.")
+  async_checkpointing: bool = setting(True, help="Write checkpoints in the background.")
+  log_every_steps: int = setting(100, help="Log metrics every N steps.")
+  eval_every_steps: int = setting(0, help="Evaluate every N steps (0: only at the start and the end).")
+  eval_batch_size: int = setting(8, help="Global eval batch size.", google=True)
+  max_eval_steps: int = setting(100, help="At most this many eval batches per evaluation.", google=True)
+  prefetch_batches: int = 2  # not a flag
+  # DP-SGD (dp.py): on when dp_l2_clip > 0
+  dp_noise_multiplier: float = setting(0.0, help="DP-SGD noise multiplier σ: Gaussian noise of std σ·C on the sum of "
+                                       "clipped per-example gradients (docs/privacy.md). Needs --dp_l2_clip.")
+  dp_l2_clip: float = setting(0.0, help="DP-SGD per-example gradient L2 bound C (0: DP off).")
+  dp_delta: float = setting(1e-5, help="DP-SGD: the δ at which ε is reported (metrics, model card).")
+  dp_accountant: str = setting("rdp", choices=dp.ACCOUNTANTS, help="DP-SGD accountant (dp-accounting).")
+  # jax.profiler trace of steps START..END into WORKDIR/profile
+  profile_steps: tuple[int, int] | None = setting(
+      None, flag_type=str, parse=parse_profile_steps,
+      help="START,END: write a jax.profiler trace of these steps to WORKDIR/profile (TensorBoard profile plugin, "
+      "Perfetto).")
+  # nn.scan over the encoder layers: one compiled layer (checkpoints keep per-layer names)
+  scan_layers: bool = setting(False, help="Compile one encoder layer and scan it (faster compiles for deep models; "
+                              "checkpoints keep per-layer names).")
+  # activation checkpointing per layer (model.REMAT_POLICIES)
+  remat: str = setting("none", choices=model.REMAT_POLICIES, help="Activation checkpointing per encoder layer: none, "
+                       "full (recompute each layer in the backward pass) or dots (keep matmul outputs).")
 
   @property
   def micro_batch_size(self) -> int:
     return self.train_batch_size // self.grad_accum_steps
+
+  def validate(self) -> None:
+    """UserError for settings that cannot work: numbers out of range, unknown names, bad optimizer numbers, batches
+    that do not split evenly over micro-batches, processes and devices. The one check of the training settings: cheap,
+    run before anything is written (`pretrain.PretrainOptions.validate`; library callers of `train_and_evaluate` call
+    it themselves)."""
+    for flag, value in (("--train_batch_size", self.train_batch_size),
+                        ("--max_predictions_per_seq", self.max_predictions_per_seq),
+                        ("--save_checkpoints_steps", self.save_checkpoints_steps),
+                        ("--keep_checkpoints", self.keep_checkpoints), ("--log_every_steps", self.log_every_steps),
+                        ("--eval_batch_size", self.eval_batch_size), ("--max_eval_steps", self.max_eval_steps)):
+      if value < 1:
+        raise UserError(f"{flag}={value} must be at least 1")
+    if self.eval_every_steps < 0:
+      raise UserError(f"--eval_every_steps={self.eval_every_steps} must be >= 0 (0: evaluate at the start and end "
+                      "only)")
+    if self.seed < 0:
+      raise UserError(f"--seed={self.seed} must be a non-negative integer")
+    if not 0.0 < self.masked_lm_prob <= 1.0:  # also rejects NaN
+      raise UserError(f"--masked_lm_prob={self.masked_lm_prob} must be in (0, 1]")
+    optimizers.make_optimizer(self.optimizer, self.learning_rate, self.num_train_steps, self.num_warmup_steps,
+                              self.weight_decay, self.clip_norm, self.grad_accum_steps, schedule=self.lr_schedule)
+    dp.check_settings(self.dp_noise_multiplier, self.dp_l2_clip, self.dp_delta, self.dp_accountant)
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise UserError(f"--compute_dtype={self.compute_dtype!r} is not supported; use one of "
+                      f"{', '.join(COMPUTE_DTYPES)}")
+    if self.remat not in model.REMAT_POLICIES:
+      raise UserError(f"--remat={self.remat!r} is not known; use one of {', '.join(model.REMAT_POLICIES)}")
+    if self.parallelism not in PARALLELISMS:
+      raise UserError(f"--parallelism={self.parallelism!r} is not known; use one of {', '.join(PARALLELISMS)}")
+    if self.parallelism == "pmap" and jax.process_count() > 1:
+      raise UserError("--parallelism=pmap runs in a single process; use --parallelism=pjit for multi-process runs")
+    processes = jax.process_count()
+    if self.train_batch_size % self.grad_accum_steps:
+      raise UserError(f"--train_batch_size={self.train_batch_size} is not divisible by --grad_accum_steps="
+                      f"{self.grad_accum_steps}; each accumulation step needs the same number of sequences")
+    if self.parallelism == "pmap":
+      splits, what = jax.local_device_count(), f"{jax.local_device_count()} local devices (pmap)"
+    else:
+      mesh = sharding.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_tensor)
+      splits = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes)
+      what = (f"--mesh_data × --mesh_fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} batch shards and "
+              f"{processes} process(es)")
+    for flag, size in (("--train_batch_size", self.micro_batch_size), ("--eval_batch_size", self.eval_batch_size)):
+      if size % splits:
+        per_step = " per accumulation step" if flag == "--train_batch_size" and self.grad_accum_steps > 1 else ""
+        raise UserError(f"{flag}: {size} sequences{per_step} cannot be split evenly over {what}; use a multiple of "
+                        f"{splits}")
+
+
+def check_data_fit(cfg: TrainConfig, train_data: PretrainingData, eval_data: PretrainingData | None) -> None:
+  """UserError for batches the data cannot fill and DP settings its size cannot account for: the check of the
+  settings against the data, run (after `cfg.validate()`) before anything is written."""
+  if cfg.train_batch_size > len(train_data):
+    raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.train_batch_size} sequences per step but "
+                    f"--input_file has only {len(train_data)} instances; lower it or generate more data")
+  if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
+    dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
+  if eval_data is not None and cfg.eval_batch_size > len(eval_data):
+    raise UserError(f"--eval_batch_size={cfg.eval_batch_size} is larger than the {len(eval_data)} instances of "
+                    "--eval_input_file; lower it")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -447,38 +543,6 @@ def make_train_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                                    cfg.weight_decay, cfg.clip_norm, schedule=cfg.lr_schedule)
 
 
-def validate_config(cfg: TrainConfig) -> None:
-  """UserError for settings that cannot work: unknown names, bad optimizer numbers, batches that do not split evenly
-  over processes and devices. Cheap; run it before any real work."""
-  optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
-                            cfg.weight_decay, cfg.clip_norm, cfg.grad_accum_steps, schedule=cfg.lr_schedule)
-  dp.check_settings(cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant)
-  if cfg.compute_dtype not in COMPUTE_DTYPES:
-    raise UserError(f"--compute_dtype={cfg.compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}")
-  if cfg.remat not in model.REMAT_POLICIES:
-    raise UserError(f"--remat={cfg.remat!r} is not known; use one of {', '.join(model.REMAT_POLICIES)}")
-  if cfg.parallelism not in PARALLELISMS:
-    raise UserError(f"--parallelism={cfg.parallelism!r} is not known; use one of {', '.join(PARALLELISMS)}")
-  if cfg.parallelism == "pmap" and jax.process_count() > 1:
-    raise UserError("--parallelism=pmap runs in a single process; use --parallelism=pjit for multi-process runs")
-  processes = jax.process_count()
-  if cfg.train_batch_size % cfg.grad_accum_steps:
-    raise UserError(f"--train_batch_size={cfg.train_batch_size} is not divisible by --grad_accum_steps="
-                    f"{cfg.grad_accum_steps}; each accumulation step needs the same number of sequences")
-  if cfg.parallelism == "pmap":
-    splits, what = jax.local_device_count(), f"{jax.local_device_count()} local devices (pmap)"
-  else:
-    mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
-    splits = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes)
-    what = (f"--mesh_data × --mesh_fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} batch shards and "
-            f"{processes} process(es)")
-  for flag, size in (("--train_batch_size", cfg.micro_batch_size), ("--eval_batch_size", cfg.eval_batch_size)):
-    if size % splits:
-      per_step = " per accumulation step" if flag == "--train_batch_size" and cfg.grad_accum_steps > 1 else ""
-      raise UserError(f"{flag}: {size} sequences{per_step} cannot be split evenly over {what}; use a multiple of "
-                      f"{splits}")
-
-
 # ---------------------------------------------------------------------------------------------------- signals
 class StopRequest:
   """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks between steps.
@@ -613,11 +677,11 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
 
   `train_vocab`/`eval_vocab` switch dynamic masking on for the training/held-out data (None: use the stored masks).
   `init_params` (host arrays) start a fresh run from a pretrained model; they are ignored when resuming.
-  Raises UserError when the loss becomes non-finite (nothing after the last good checkpoint is saved).
+  Raises UserError when the loss becomes non-finite (nothing after the last good checkpoint is saved). The caller has
+  checked the settings (`cfg.validate()`, `check_data_fit`), as `pretrain.run` does before it writes the workdir.
   """
   workdir = fileio.as_path(workdir)
   is_primary = jax.process_index() == 0
-  validate_config(cfg)
   tx = make_train_optimizer(cfg)
   schedule = optimizers.make_schedule(cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
                                       cfg.lr_schedule or optimizers.DEFAULT_SCHEDULE[cfg.optimizer])
@@ -630,7 +694,6 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   restored = store.restore_latest(*runtime.abstract_checkpoint())
   dp_record = None
   if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
-    dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
     dp_record = dp.accounting_record(cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant,
                                      cfg.train_batch_size, len(train_data))
   if restored is not None:

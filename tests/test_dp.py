@@ -163,7 +163,7 @@ def test_accountant_matches_the_gaussian_mechanism_and_behaves():
 ])
 def test_bad_dp_settings_are_one_line_errors(settings, fragment):
   with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("+", r"\+")):
-    train.validate_config(train.TrainConfig(**settings))
+    train.TrainConfig(**settings).validate()
 
 
 def test_settings_that_break_the_accounting_are_refused():

@@ -38,7 +38,7 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
 def _train(**changes) -> tuple[list[dict], dict]:
   cfg = train.TrainConfig(num_train_steps=10, num_warmup_steps=1, learning_rate=1e-2, train_batch_size=BATCH,
                           max_predictions_per_seq=PREDICTIONS, optimizer="bert_adam", **changes)
-  train.validate_config(cfg)
+  cfg.validate()
   keys = jax.random.split(jax.random.key(7), 3)
   runtime = train.make_runtime(cfg, CONFIG, train.make_train_optimizer(cfg), None, None, jax.random.key_data(keys[2]))
   state = runtime.init_state(None, keys[0], np.asarray(jax.random.key_data(keys[1])))
