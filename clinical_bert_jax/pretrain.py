@@ -183,8 +183,8 @@ def _check_casing(data: PretrainingData, flag: str, model: _Model) -> None:
     def describe(lower: bool) -> str:
       return "uncased (do_lower_case=true)" if lower else "cased (do_lower_case=false)"
 
-    raise UserError(f"{flag}: casing mismatch: the data's manifest says {describe(bool(data_lower))} but the model (vocabulary "
-                    f"{model.vocab_file}) is {describe(model.do_lower_case)}; regenerate the data with "
+    raise UserError(f"{flag}: casing mismatch: the data's manifest says {describe(bool(data_lower))} but the model "
+                    f"(vocabulary {model.vocab_file}) is {describe(model.do_lower_case)}; regenerate the data with "
                     f"create_pretraining_data --do_lower_case={str(model.do_lower_case).lower()}")
 
 
