@@ -8,7 +8,9 @@
 This replaces ClinicalBERT's `format_mimic_for_BERT.py`: every note is cut into sections by the original heuristic
 rules (`data_prep.sections`), each section into sentences (`data_prep.sentences`), and written in Google's
 `create_pretraining_data` input format (one sentence per line, a blank line after each note), one file series per
-category (`DIR/<stem>-00000.txt`), with `DIR/manifest.json` accounting for every row. Unlike the original, which
+category (`DIR/<stem>-00000.txt`; values outside MIMIC's categories that `--categories` did not name go to
+`DIR/other-00000.txt` and are never written out, since a malformed row can slide note text into that column), with
+`DIR/manifest.json` accounting for every row. Unlike the original, which
 loaded the whole table with pandas, the CSV is streamed and the formatting runs in `--num_workers` processes with a
 bounded number of chunks in flight, so memory does not grow with the file.
 
@@ -49,6 +51,10 @@ CATEGORY_STEMS = {
     "nursing/other": "nursing_other", "radiology": "radiology", "general": "general", "respiratory": "respiratory",
     "consult": "consult", "nutrition": "nutrition", "case management": "case_management", "pharmacy": "pharmacy",
     "rehab services": "rehab_services", "social work": "social_work", "ecg": "ecg", "echo": "echo"}
+# Notes whose CATEGORY is none of those (nor a --categories name) go here: such a value may be note text that slid into
+# the column of a malformed row, so it never becomes a file name or a manifest key; the manifest only counts them.
+OTHER_STEM = "other"
+UNLISTED_CATEGORY = "(values outside MIMIC's categories, not shown)"
 # MIMIC-IV-Note note_type codes: discharge summaries, radiology reports and radiology addenda.
 MIMIC4_NOTE_TYPES = {"DS": "Discharge summary", "RR": "Radiology", "AR": "Radiology"}
 
@@ -93,6 +99,14 @@ def category_stem(category: str) -> str:
   if key in CATEGORY_STEMS:
     return CATEGORY_STEMS[key]
   return re.sub(r"[^0-9a-z]+", "_", key).strip("_") or "uncategorized"
+
+
+def output_category(category: str, requested: bool) -> tuple[str, str]:
+  """(file stem, name in the manifest) of a note's category: its own for MIMIC's categories and for values a
+  --categories flag named (`requested`), `OTHER_STEM` and `UNLISTED_CATEGORY` for anything else."""
+  if requested or category.strip().casefold() in CATEGORY_STEMS:
+    return category_stem(category), category
+  return OTHER_STEM, UNLISTED_CATEGORY
 
 
 def parse_categories(value: str | None, flag: str = "--categories") -> list[str] | None:
@@ -389,7 +403,7 @@ def format_notes(input_path: str | Path, output_dir: str | Path, *, categories: 
         elif not block:
           dropped["no_sentences"] += 1
         else:
-          writer.write(category_stem(note.category), note.category, block, count)
+          writer.write(*output_category(note.category, categories is not None), block, count)
         if done % 10_000 == 0:
           logging.info("formatted %d notes (last: row %s, line %d)", done, note.row_id, note.line_number)
     finally:
