@@ -176,3 +176,20 @@ def test_the_tools_refuse_a_manifest_pointing_outside_in_one_line(tmp_path):
                         env={"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
     line = assert_one_line_error(result, "shards[0]")
     assert bad_name not in line and result.returncode == 2
+
+
+def test_the_object_storage_cache_refuses_a_manifest_pointing_outside(tmp_path):
+  """`gs://` data is listed by the shard cache from the bucket's manifest: the same check applies before any
+  download (a name such as `../../other/x.cbj` would fetch another object and cache it outside its folder)."""
+  from clinical_bert_jax import fileio, shard_cache
+  from gcs_emulator import running_emulator
+
+  _write_data_with_manifest(tmp_path / "data", "../../other/x.cbj", index=0)
+  with running_emulator(("data",)):
+    for path in sorted((tmp_path / "data").iterdir()):
+      with fileio.atomic_write(f"gs://data/hostile/{path.name}", mode="wb") as handle:
+        handle.write(path.read_bytes())
+    with pytest.raises(UserError, match=r"shards\[0\] does not name a file inside") as caught:
+      shard_cache.localize("gs://data/hostile", tmp_path / "cache", "--input_file")
+    assert "other/x.cbj" not in str(caught.value)
+  assert not (tmp_path / "cache").exists() or not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
