@@ -128,13 +128,15 @@ def _describe_columns(header: Sequence[str]) -> str:
 
 
 def _describe_categories(counts: collections.Counter) -> str:
-  """Category names with row counts, leaving out values that do not look like names (a shifted column holds text)."""
-  shown = [(name, count) for name, count in counts.most_common() if _CATEGORY_NAME.fullmatch(name)]
+  """MIMIC's category names with row counts, leaving out any other value: a malformed row can shift note text into
+  the column, and text shaped like a name ("Chest pain improved") is still text."""
+  shown = [(name, count) for name, count in counts.most_common()
+           if _CATEGORY_NAME.fullmatch(name) and name.strip().casefold() in CATEGORY_STEMS]
   described = ", ".join(f"{name!r} ({count})" for name, count in shown[:40])
   hidden = len(counts) - min(len(shown), 40)
   if not described:
-    return f"{hidden} value(s) that do not look like category names"
-  return described + (f" and {hidden} other value(s)" if hidden else "")
+    return f"{hidden} value(s) outside MIMIC's categories (not shown: they may be note text)"
+  return described + (f" and {hidden} value(s) outside MIMIC's categories (not shown)" if hidden else "")
 
 
 def _detect_source(path: Path, header: Sequence[str], source: str) -> tuple[str, dict[str, int]]:

@@ -261,3 +261,7 @@ def test_a_category_outside_mimics_is_never_written_out_unless_asked_for(tmp_pat
   # Named by --categories, the value came from the user, not the data: it keeps its own files.
   asked = format_notes(path, tmp_path / "asked", categories=[f"{SECRET} pain improved"])
   assert list(asked["categories"]) == [category_stem(f"{SECRET} pain improved")]
+  # Nor does it reach the error that lists the categories found when a requested one matched nothing.
+  with pytest.raises(UserError, match=r"'Nursing' \(1\) and 1 value\(s\) outside MIMIC's categories") as error:
+    format_notes(path, tmp_path / "none", categories=["Echo"])
+  assert SECRET not in str(error.value)

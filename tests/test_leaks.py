@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +90,8 @@ def runs(tmp_path_factory, compile_cache):  # noqa: F811 (the fixture imported a
   for bad in ("stray_quote", "extra_field"):
     run(f"format_mimic {bad}", _tool("data_prep.format_mimic") + [f"--input={root / bad}.csv",
                                                                   f"--output_dir={root / bad}"])
+  run("format_mimic unmatched category", _tool("data_prep.format_mimic") + [
+      f"--input={root / 'notes.csv'}", f"--output_dir={root / 'z'}", "--categories=Echo"])
   run("format_mimic bad flag", _tool("data_prep.format_mimic") + [f"--input={root / 'notes.csv'}",
                                                                   f"--output_dir={root / 'x'}", "--num_workers=-3"])
   result = run("build_vocab", _tool("data_prep.build_vocab") + [f"--input={formatted}/*.txt",
@@ -115,6 +118,15 @@ def runs(tmp_path_factory, compile_cache):  # noqa: F811 (the fixture imported a
   assert result.returncode == 0, result.stderr[-3000:]
   run("pretrain bad flag", _tool("clinical_bert_jax.pretrain") + pretrain_flags + [
       f"--output_dir={root / 'work_bad'}", "--num_train_steps=6", "--learning_rate=-1"])
+  # A byte flipped in a shard: refused at start.
+  shutil.copytree(data, root / "data_flipped")
+  shard = sorted((root / "data_flipped").glob("*.cbj"))[0]
+  damaged = bytearray(shard.read_bytes())
+  damaged[len(damaged) // 2] ^= 0xFF
+  shard.write_bytes(bytes(damaged))
+  run("pretrain flipped shard", _tool("clinical_bert_jax.pretrain") + [
+      flag.replace(f"={data}", f"={root / 'data_flipped'}") for flag in pretrain_flags] + [
+      f"--output_dir={root / 'work_flipped'}", "--num_train_steps=6"])
   # SIGTERM mid-training, once the first metrics are written.
   term_dir = root / "work_term"
   process = subprocess.Popen(_tool("clinical_bert_jax.pretrain") + pretrain_flags + logging_flags + [
@@ -142,8 +154,9 @@ def _needles() -> list[bytes]:
 
 def test_the_runs_did_what_they_should(runs):
   _, results = runs
-  for name in ("format_mimic stray_quote", "format_mimic extra_field", "format_mimic bad flag",
-               "create_pretraining_data on a CSV", "pretrain bad flag"):
+  for name in ("format_mimic stray_quote", "format_mimic extra_field", "format_mimic unmatched category",
+               "format_mimic bad flag",
+               "create_pretraining_data on a CSV", "pretrain bad flag", "pretrain flipped shard"):
     result = results[name]
     assert result.returncode == 2 and "Traceback" not in result.stderr, (name, result.stderr[-2000:])
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1, name
