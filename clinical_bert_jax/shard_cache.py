@@ -76,6 +76,7 @@ def _plan(part: str, flag: str) -> tuple[tuple[str, dict[str, str]] | None, list
       manifest_uri = f"{part.rstrip('/')}/{records.MANIFEST_NAME}"
       if fileio.as_path(manifest_uri).exists():
         manifest = json.loads(fileio.as_path(manifest_uri).read_text())
+        records.check_shard_names(manifest, manifest_uri)
         uris = [f"{part.rstrip('/')}/{shard['name']}" for shard in manifest["shards"]]
       else:
         uris = (fileio.glob(f"{part.rstrip('/')}/*{records.NATIVE_SUFFIX}")
@@ -89,6 +90,7 @@ def _plan(part: str, flag: str) -> tuple[tuple[str, dict[str, str]] | None, list
       manifest_uri = f"{directories.pop()}/{records.MANIFEST_NAME}"
       if fileio.as_path(manifest_uri).exists():
         manifest = json.loads(fileio.as_path(manifest_uri).read_text())
+        records.check_shard_names(manifest, manifest_uri)
         manifest_entry = (manifest_uri, {shard["name"]: shard.get("checksum") for shard in manifest["shards"]})
   except UserError:
     raise

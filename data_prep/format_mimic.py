@@ -8,7 +8,9 @@
 This replaces ClinicalBERT's `format_mimic_for_BERT.py`: every note is cut into sections by the original heuristic
 rules (`data_prep.sections`), each section into sentences (`data_prep.sentences`), and written in Google's
 `create_pretraining_data` input format (one sentence per line, a blank line after each note), one file series per
-category (`DIR/<stem>-00000.txt`), with `DIR/manifest.json` accounting for every row. Unlike the original, which
+category (`DIR/<stem>-00000.txt`; values outside MIMIC's categories that `--categories` did not name go to
+`DIR/other-00000.txt` and are never written out, since a malformed row can slide note text into that column), with
+`DIR/manifest.json` accounting for every row. Unlike the original, which
 loaded the whole table with pandas, the CSV is streamed and the formatting runs in `--num_workers` processes with a
 bounded number of chunks in flight, so memory does not grow with the file.
 
@@ -49,6 +51,10 @@ CATEGORY_STEMS = {
     "nursing/other": "nursing_other", "radiology": "radiology", "general": "general", "respiratory": "respiratory",
     "consult": "consult", "nutrition": "nutrition", "case management": "case_management", "pharmacy": "pharmacy",
     "rehab services": "rehab_services", "social work": "social_work", "ecg": "ecg", "echo": "echo"}
+# Notes whose CATEGORY is none of those (nor a --categories name) go here: such a value may be note text that slid into
+# the column of a malformed row, so it never becomes a file name or a manifest key; the manifest only counts them.
+OTHER_STEM = "other"
+UNLISTED_CATEGORY = "(values outside MIMIC's categories, not shown)"
 # MIMIC-IV-Note note_type codes: discharge summaries, radiology reports and radiology addenda.
 MIMIC4_NOTE_TYPES = {"DS": "Discharge summary", "RR": "Radiology", "AR": "Radiology"}
 
@@ -95,6 +101,14 @@ def category_stem(category: str) -> str:
   return re.sub(r"[^0-9a-z]+", "_", key).strip("_") or "uncategorized"
 
 
+def output_category(category: str, requested: bool) -> tuple[str, str]:
+  """(file stem, name in the manifest) of a note's category: its own for MIMIC's categories and for values a
+  --categories flag named (`requested`), `OTHER_STEM` and `UNLISTED_CATEGORY` for anything else."""
+  if requested or category.strip().casefold() in CATEGORY_STEMS:
+    return category_stem(category), category
+  return OTHER_STEM, UNLISTED_CATEGORY
+
+
 def parse_categories(value: str | None, flag: str = "--categories") -> list[str] | None:
   """`"all"`/empty -> None (no filter); otherwise the comma-separated names, stripped."""
   if value is None or value.strip().casefold() in ("", "all"):
@@ -114,13 +128,15 @@ def _describe_columns(header: Sequence[str]) -> str:
 
 
 def _describe_categories(counts: collections.Counter) -> str:
-  """Category names with row counts, leaving out values that do not look like names (a shifted column holds text)."""
-  shown = [(name, count) for name, count in counts.most_common() if _CATEGORY_NAME.fullmatch(name)]
+  """MIMIC's category names with row counts, leaving out any other value: a malformed row can shift note text into
+  the column, and text shaped like a name ("Chest pain improved") is still text."""
+  shown = [(name, count) for name, count in counts.most_common()
+           if _CATEGORY_NAME.fullmatch(name) and name.strip().casefold() in CATEGORY_STEMS]
   described = ", ".join(f"{name!r} ({count})" for name, count in shown[:40])
   hidden = len(counts) - min(len(shown), 40)
   if not described:
-    return f"{hidden} value(s) that do not look like category names"
-  return described + (f" and {hidden} other value(s)" if hidden else "")
+    return f"{hidden} value(s) outside MIMIC's categories (not shown: they may be note text)"
+  return described + (f" and {hidden} value(s) outside MIMIC's categories (not shown)" if hidden else "")
 
 
 def _detect_source(path: Path, header: Sequence[str], source: str) -> tuple[str, dict[str, int]]:
@@ -389,7 +405,7 @@ def format_notes(input_path: str | Path, output_dir: str | Path, *, categories: 
         elif not block:
           dropped["no_sentences"] += 1
         else:
-          writer.write(category_stem(note.category), note.category, block, count)
+          writer.write(*output_category(note.category, categories is not None), block, count)
         if done % 10_000 == 0:
           logging.info("formatted %d notes (last: row %s, line %d)", done, note.row_id, note.line_number)
     finally:

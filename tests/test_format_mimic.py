@@ -248,3 +248,20 @@ def test_shipped_synthetic_corpus_regenerates_byte_identically(tmp_path):
   assert synthetic_notes.generate(100, 1) != SYNTHETIC.read_bytes()
   with pytest.raises(UserError, match="--num_notes=3 is too small"):
     synthetic_notes.generate(3, 12345)
+
+
+def test_a_category_outside_mimics_is_never_written_out_unless_asked_for(tmp_path):
+  """Note text slid into CATEGORY (a malformed row) must not become a file name or a manifest key."""
+  rows = [_mimic3_row(1, "Nursing", "Stable overnight."), _mimic3_row(2, f"{SECRET} pain improved", "Plan unchanged.")]
+  path = _write_csv(tmp_path / "notes.csv", MIMIC3_HEADER, rows)
+  manifest = format_notes(path, tmp_path / "out")
+  assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "nursing-00000.txt", "other-00000.txt"]
+  assert SECRET not in (tmp_path / "out" / "manifest.json").read_text() and manifest["notes_written"] == 2
+  assert manifest["categories"]["other"]["categories"] == {format_mimic.UNLISTED_CATEGORY: 1}
+  # Named by --categories, the value came from the user, not the data: it keeps its own files.
+  asked = format_notes(path, tmp_path / "asked", categories=[f"{SECRET} pain improved"])
+  assert list(asked["categories"]) == [category_stem(f"{SECRET} pain improved")]
+  # Nor does it reach the error that lists the categories found when a requested one matched nothing.
+  with pytest.raises(UserError, match=r"'Nursing' \(1\) and 1 value\(s\) outside MIMIC's categories") as error:
+    format_notes(path, tmp_path / "none", categories=["Echo"])
+  assert SECRET not in str(error.value)

@@ -44,8 +44,8 @@ from clinical_bert_jax.records.native import (NATIVE_FOOTER_MAGIC, NATIVE_FOOTER
                                               NATIVE_VERSION, NativeShardWriter, native_record_dtype)
 from clinical_bert_jax.records.schema import (FEATURE_DTYPES, FEATURE_NAMES, FORMAT_NATIVE, FORMAT_TFRECORD,
                                               MANIFEST_NAME, NATIVE_SUFFIX, PREDICTION_FEATURES, SEQUENCE_FEATURES,
-                                              TFRECORD_SUFFIX, TOOL_VERSION, ShardInfo, read_manifest,
-                                              shard_file_name, write_manifest)
+                                              TFRECORD_SUFFIX, TOOL_VERSION, ShardInfo, check_shard_names,
+                                              read_manifest, shard_file_name, write_manifest)
 from clinical_bert_jax.records.tfrecord import TFRecordWriter
 from clinical_bert_jax.records.wire import decode_example, encode_examples, example_feature_payloads
 from clinical_bert_jax.vocab import vocab_fingerprint  # records.vocab_fingerprint: its old home
@@ -54,7 +54,7 @@ __all__ = [
     "FEATURE_DTYPES", "FEATURE_NAMES", "FORMAT_NATIVE", "FORMAT_TFRECORD", "MANIFEST_NAME", "NATIVE_FOOTER_MAGIC",
     "NATIVE_FOOTER_SIZE", "NATIVE_HEADER_SIZE", "NATIVE_MAGIC", "NATIVE_SUFFIX", "NATIVE_VERSION",
     "PREDICTION_FEATURES", "SEQUENCE_FEATURES", "TFRECORD_SUFFIX", "TOOL_VERSION", "NativeShardWriter",
-    "PretrainingData", "ShardInfo", "TFRecordWriter", "crc32c_many", "decode_example", "encode_examples",
-    "example_feature_payloads", "masked_crc32c", "native_record_dtype", "open_writer", "read_manifest",
-    "shard_file_name", "vocab_fingerprint", "write_manifest",
+    "PretrainingData", "ShardInfo", "TFRecordWriter", "check_shard_names", "crc32c_many", "decode_example",
+    "encode_examples", "example_feature_payloads", "masked_crc32c", "native_record_dtype", "open_writer",
+    "read_manifest", "shard_file_name", "vocab_fingerprint", "write_manifest",
 ]

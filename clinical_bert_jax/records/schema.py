@@ -101,4 +101,26 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
   missing = [key for key in _REQUIRED_MANIFEST_KEYS if key not in content] if isinstance(content, dict) else ["all"]
   if missing:
     raise UserError(f"manifest {path} lacks the keys {missing}; regenerate the data with create_pretraining_data")
+  check_shard_names(content, path)
   return content
+
+
+def is_confined_name(name: Any) -> bool:
+  """Whether `name` (a manifest's file entry) stays inside the manifest's directory: a relative path with no `..`,
+  no absolute or drive path, no URI, no backslash."""
+  if not isinstance(name, str) or not name or "\\" in name or "://" in name or ":" in name.split("/", 1)[0]:
+    return False
+  parts = name.split("/")
+  return not name.startswith("/") and all(part not in ("", ".", "..") for part in parts)
+
+
+def check_shard_names(content: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """UserError when an entry of `content["shards"]` names a file outside the manifest's directory. The entry is
+  named by its index, never quoted: a hostile manifest's text does not reach the terminal or the logs."""
+  shards = content.get("shards") if isinstance(content, Mapping) else None
+  if not isinstance(shards, list):
+    raise UserError(f"manifest {path}: 'shards' is not a list; regenerate the data with create_pretraining_data")
+  for index, entry in enumerate(shards):
+    if not isinstance(entry, Mapping) or not is_confined_name(entry.get("name")):
+      raise UserError(f"manifest {path}: shards[{index}] does not name a file inside the manifest's directory (a "
+                      "relative name without '..', absolute paths or URIs is required); regenerate the data")
