@@ -121,6 +121,9 @@ class _Pool:
           result = self._done.pop(next_out)
           next_out += 1
           yield result
+      # A worker killed before it took any input leaves nothing missing, but it died all the same (the OOM killer,
+      # an operator): report it rather than finish as if all were well.
+      self._check_alive(quiet=False)
       finished = True
     finally:
       self._close(finished)
