@@ -165,8 +165,15 @@ def flag_values(arguments: list[str]) -> dict[str, str]:
 
 
 def flagfile_arguments(path: Path) -> list[str]:
-  lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-  return [line for line in lines if line and not line.startswith("#")]
+  """The flags of a flagfile in order, nested `--flagfile=` lines expanded in place (absl reads their paths relative
+  to the working directory: the commands run from the repository root)."""
+  arguments = []
+  for line in (line.strip() for line in path.read_text(encoding="utf-8").splitlines()):
+    if line.startswith("--flagfile="):
+      arguments += flagfile_arguments(REPO / line.partition("=")[2])
+    elif line and not line.startswith("#"):
+      arguments.append(line)
+  return arguments
 
 
 def assert_flags_exist(module: str, arguments: list[str], flags: dict[str, bool]) -> None:
