@@ -21,6 +21,7 @@ $(STAMP): requirements.txt requirements-test.txt setup.cfg pyproject.toml
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Everything (<= 15 min on 2 cores).
 test: install

@@ -43,17 +43,24 @@ flags.DEFINE_integer("runs", 3, "runs per command on the demo corpus text (the m
 flags.DEFINE_integer("large_runs", 1, "runs per command on the scaled input")
 flags.DEFINE_integer("scale", 50, "the large input is the demo corpus text repeated this many times")
 flags.DEFINE_string("work_dir", None, "where inputs and outputs go (default: a temporary directory)")
-flags.DEFINE_string("benchmarks_md", str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
-                    "file whose `## create_pretraining_data` section is replaced with the results")
+flags.DEFINE_string(
+  "benchmarks_md",
+  str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"),
+  "file whose `## create_pretraining_data` section is replaced with the results",
+)
 flags.DEFINE_bool("update_benchmarks_md", True, "write the results into --benchmarks_md")
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CSVS = (REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv",
-             REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv")
+DEMO_CSVS = (
+  REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv",
+  REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv",
+)
 SECTION = "## create_pretraining_data"
 GENERATION_FLAGS = ["--max_seq_length=128", "--max_predictions_per_seq=20", "--random_seed=12345"]
-GOOGLE_SHIM = ("import sys, tensorflow.compat.v1 as tf; sys.modules['tensorflow'] = tf; "
-               "from bert import create_pretraining_data as google; tf.app.run(google.main, argv=sys.argv)")
+GOOGLE_SHIM = (
+  "import sys, tensorflow.compat.v1 as tf; sys.modules['tensorflow'] = tf; "
+  "from bert import create_pretraining_data as google; tf.app.run(google.main, argv=sys.argv)"
+)
 
 
 def uncased_bert_vocab() -> Path:
@@ -100,19 +107,32 @@ def measure(command: list[str], log: Path) -> tuple[float, float]:
 
 
 def commands(input_path: Path, output: Path, vocab: Path) -> dict[str, list[str]]:
-  ours = [sys.executable, "-m", "data_prep.create_pretraining_data", f"--input={input_path}", f"--vocab_file={vocab}",
-          "--do_lower_case", "--overwrite", "--noprogress", *GENERATION_FLAGS]
+  ours = [
+    sys.executable,
+    "-m",
+    "data_prep.create_pretraining_data",
+    f"--input={input_path}",
+    f"--vocab_file={vocab}",
+    "--do_lower_case",
+    "--overwrite",
+    "--noprogress",
+    *GENERATION_FLAGS,
+  ]
   return {
-      "Google create_pretraining_data.py, dupe 5": [
-          sys.executable, "-c", GOOGLE_SHIM, f"--input_file={input_path}",
-          f"--output_file={output / 'google.tfrecord'}", f"--vocab_file={vocab}", "--do_lower_case=True",
-          "--dupe_factor=5", *GENERATION_FLAGS],
-      "ours, exact, dupe 5, 1 worker": [*ours, f"--output_dir={output / 'ours1'}", "--dupe_factor=5",
-                                        "--num_workers=1"],
-      "ours, exact, dupe 5, 2 workers": [*ours, f"--output_dir={output / 'ours2'}", "--dupe_factor=5",
-                                         "--num_workers=2"],
-      "ours, --masking=none, dupe 1": [*ours, f"--output_dir={output / 'none'}", "--masking=none",
-                                       "--dupe_factor=1"],
+    "Google create_pretraining_data.py, dupe 5": [
+      sys.executable,
+      "-c",
+      GOOGLE_SHIM,
+      f"--input_file={input_path}",
+      f"--output_file={output / 'google.tfrecord'}",
+      f"--vocab_file={vocab}",
+      "--do_lower_case=True",
+      "--dupe_factor=5",
+      *GENERATION_FLAGS,
+    ],
+    "ours, exact, dupe 5, 1 worker": [*ours, f"--output_dir={output / 'ours1'}", "--dupe_factor=5", "--num_workers=1"],
+    "ours, exact, dupe 5, 2 workers": [*ours, f"--output_dir={output / 'ours2'}", "--dupe_factor=5", "--num_workers=2"],
+    "ours, --masking=none, dupe 1": [*ours, f"--output_dir={output / 'none'}", "--masking=none", "--dupe_factor=1"],
   }
 
 
@@ -134,27 +154,42 @@ def benchmark(label: str, input_path: Path, work_dir: Path, vocab: Path, runs: i
     results[name] = statistics.median(times), max(peaks)
     print(f"{label}: {name}: {results[name][0]:.2f} s, {results[name][1]:.0f} MiB", file=sys.stderr, flush=True)
   google_seconds = results["Google create_pretraining_data.py, dupe 5"][0]
-  instances = {"Google create_pretraining_data.py, dupe 5": len(PretrainingData.open(str(output / "google.tfrecord"))),
-               "ours, exact, dupe 5, 1 worker": read_manifest(output / "ours1")["total_instances"],
-               "ours, exact, dupe 5, 2 workers": read_manifest(output / "ours2")["total_instances"],
-               "ours, --masking=none, dupe 1": read_manifest(output / "none")["total_instances"]}
+  instances = {
+    "Google create_pretraining_data.py, dupe 5": len(PretrainingData.open(str(output / "google.tfrecord"))),
+    "ours, exact, dupe 5, 1 worker": read_manifest(output / "ours1")["total_instances"],
+    "ours, exact, dupe 5, 2 workers": read_manifest(output / "ours2")["total_instances"],
+    "ours, --masking=none, dupe 1": read_manifest(output / "none")["total_instances"],
+  }
   shards = read_manifest(output / "ours1")["shards"]
-  rows = [f"| {label} ({input_path.stat().st_size / 2**20:.1f} MiB, {len(shards)} input shard"
-          f"{'s' if len(shards) > 1 else ''}) | {name} | {runs} | {seconds:.2f} | {google_seconds / seconds:.1f}x | "
-          f"{peak:.0f} | {instances[name]:,} |" for name, (seconds, peak) in results.items()]
+  rows = [
+    f"| {label} ({input_path.stat().st_size / 2**20:.1f} MiB, {len(shards)} input shard"
+    f"{'s' if len(shards) > 1 else ''}) | {name} | {runs} | {seconds:.2f} | {google_seconds / seconds:.1f}x | "
+    f"{peak:.0f} | {instances[name]:,} |"
+    for name, (seconds, peak) in results.items()
+  ]
   if len(shards) == 1:
-    rows.append(f"| {label} | ours (1 worker) instance-for-instance equal to Google's output: "
-                f"**{'yes' if identical_to_google(output) else 'NO'}** | | | | | |")
+    rows.append(
+      f"| {label} | ours (1 worker) instance-for-instance equal to Google's output: "
+      f"**{'yes' if identical_to_google(output) else 'NO'}** | | | | | |"
+    )
   return rows
 
 
 def machine() -> str:
-  model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
+  model = next(
+    (
+      line.split(":", 1)[1].strip()
+      for line in Path("/proc/cpuinfo").read_text().splitlines()
+      if line.startswith("model name")
+    ),
+    platform.processor() or "unknown CPU",
+  )
   load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-  return (f"{os.cpu_count()} CPU cores ({model}), no accelerator, {psutil.virtual_memory().total / 2**30:.0f} GiB "
-          f"RAM, Python {platform.python_version()}, load average at start {load} (a machine shared with other "
-          "jobs: absolute times are pessimistic, ratios within one run are what to read)")
+  return (
+    f"{os.cpu_count()} CPU cores ({model}), no accelerator, {psutil.virtual_memory().total / 2**30:.0f} GiB "
+    f"RAM, Python {platform.python_version()}, load average at start {load} (a machine shared with other "
+    "jobs: absolute times are pessimistic, ratios within one run are what to read)"
+  )
 
 
 def update_benchmarks_md(path: Path, section: str) -> None:
@@ -177,15 +212,22 @@ def main(argv: Sequence[str]) -> None:
     started = machine()
     rows = benchmark("demo corpus text", small, work_dir, vocab, FLAGS.runs)
     rows += benchmark(f"demo corpus text x{FLAGS.scale}", large, work_dir, vocab, FLAGS.large_runs)
-  table = "\n".join(["| input | command | runs | median wall s | speed-up vs Google | peak RSS MiB | instances |",
-                     "|---|---|---|---|---|---|---|", *rows])
-  section = (f"{SECTION}\n\n`python bench/bench_create_pretraining_data.py --runs={FLAGS.runs} "
-             f"--large_runs={FLAGS.large_runs} --scale={FLAGS.scale}`: {started}.\n\n"
-             "Whole processes (interpreter start, imports, reading, generation, writing), uncased BERT vocabulary, "
-             "seq 128, 20 predictions, seed 12345; ours writes native shards, Google a TFRecord. Peak RSS sums the "
-             "process and its workers. With one input shard (the small input) a second worker has nothing to do. On a "
-             "shared machine single runs of the large input vary by tens of percent between invocations: compare "
-             "ratios within one table.\n\n" + table + "\n")
+  table = "\n".join(
+    [
+      "| input | command | runs | median wall s | speed-up vs Google | peak RSS MiB | instances |",
+      "|---|---|---|---|---|---|---|",
+      *rows,
+    ]
+  )
+  section = (
+    f"{SECTION}\n\n`python bench/bench_create_pretraining_data.py --runs={FLAGS.runs} "
+    f"--large_runs={FLAGS.large_runs} --scale={FLAGS.scale}`: {started}.\n\n"
+    "Whole processes (interpreter start, imports, reading, generation, writing), uncased BERT vocabulary, "
+    "seq 128, 20 predictions, seed 12345; ours writes native shards, Google a TFRecord. Peak RSS sums the "
+    "process and its workers. With one input shard (the small input) a second worker has nothing to do. On a "
+    "shared machine single runs of the large input vary by tens of percent between invocations: compare "
+    "ratios within one table.\n\n" + table + "\n"
+  )
   print(section)
   if FLAGS.update_benchmarks_md:
     update_benchmarks_md(Path(FLAGS.benchmarks_md), section)

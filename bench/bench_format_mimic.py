@@ -65,8 +65,12 @@ def build_input(path: Path, repeat: int) -> int:
 
 
 def run_once(source: Path, output: Path, workers: int, section_bugs: str) -> dict:
-  result = subprocess.run([sys.executable, "-c", _RUN_ONE, str(source), str(output), str(workers), section_bugs],
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, "-c", _RUN_ONE, str(source), str(output), str(workers), section_bugs],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if result.returncode != 0:
     raise UserError(f"benchmark run with {workers} worker(s) failed: {result.stderr.strip().splitlines()[-1:]}")
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -80,21 +84,28 @@ def main(argv: Sequence[str]) -> None:
   with tempfile.TemporaryDirectory(prefix="bench_format_mimic-") as scratch:
     source = Path(scratch) / "NOTEEVENTS_demo_x.csv"
     size = build_input(source, FLAGS.repeat)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"Python {platform.python_version()}; input: demo corpus x{FLAGS.repeat} = {size / 1e6:.1f} MB; "
-          f"--section_bugs={FLAGS.section_bugs}\n")
-    print("| workers | notes formatted | sentences | seconds | notes/s | input MB/s | CPU s (all processes) "
-          "| peak RSS parent | peak RSS worker |")
+    print(
+      f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+      f"Python {platform.python_version()}; input: demo corpus x{FLAGS.repeat} = {size / 1e6:.1f} MB; "
+      f"--section_bugs={FLAGS.section_bugs}\n"
+    )
+    print(
+      "| workers | notes formatted | sentences | seconds | notes/s | input MB/s | CPU s (all processes) "
+      "| peak RSS parent | peak RSS worker |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for index, count in enumerate(workers):
       run = run_once(source, Path(scratch) / f"out-{index}", count, FLAGS.section_bugs)
       manifest = run["manifest"]
-      formatted = (manifest["notes_written"] + manifest["skipped"]["section_splitter_error"]
-                   + manifest["skipped"]["no_sentences"])
+      formatted = (
+        manifest["notes_written"] + manifest["skipped"]["section_splitter_error"] + manifest["skipped"]["no_sentences"]
+      )
       worker_rss = f"{run['worker_rss_kib'] / 1024:.0f} MiB" if count > 1 else "-"
-      print(f"| {count} | {formatted} | {manifest['sentences']} | {run['seconds']:.2f} | "
-            f"{formatted / run['seconds']:.0f} | {size / 1e6 / run['seconds']:.1f} | {run['cpu_seconds']:.2f} | "
-            f"{run['parent_rss_kib'] / 1024:.0f} MiB | {worker_rss} |")
+      print(
+        f"| {count} | {formatted} | {manifest['sentences']} | {run['seconds']:.2f} | "
+        f"{formatted / run['seconds']:.0f} | {size / 1e6 / run['seconds']:.1f} | {run['cpu_seconds']:.2f} | "
+        f"{run['parent_rss_kib'] / 1024:.0f} MiB | {worker_rss} |"
+      )
 
 
 if __name__ == "__main__":

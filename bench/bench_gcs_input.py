@@ -43,27 +43,42 @@ flags.DEFINE_integer("repeats", 3, "measurements per configuration and source (m
 
 def _write_shards(directory: Path) -> None:
   per_shard = -(-FLAGS.num_instances // FLAGS.num_shards)
-  blocks = local_bench._synthetic_blocks(FLAGS.num_instances, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq,
-                                         FLAGS.vocab_size)
+  blocks = local_bench._synthetic_blocks(
+    FLAGS.num_instances, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq, FLAGS.vocab_size
+  )
   instances = [instance for block in blocks for instance in block]
   infos = []
   for index in range(FLAGS.num_shards):
     name = records.shard_file_name("bench", index, FLAGS.num_shards)
-    with records.NativeShardWriter(directory / name, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq,
-                                   FLAGS.vocab_size) as writer:
-      writer.write_many(instances[index * per_shard:(index + 1) * per_shard])
+    with records.NativeShardWriter(
+      directory / name, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq, FLAGS.vocab_size
+    ) as writer:
+      writer.write_many(instances[index * per_shard : (index + 1) * per_shard])
     infos.append(writer.info)
-  records.write_manifest(directory, {
-      "format": records.FORMAT_NATIVE, "vocab_sha256": None, "vocab_size": FLAGS.vocab_size, "do_lower_case": False,
-      "max_seq_length": FLAGS.max_seq_length, "max_predictions_per_seq": FLAGS.max_predictions_per_seq,
+  records.write_manifest(
+    directory,
+    {
+      "format": records.FORMAT_NATIVE,
+      "vocab_sha256": None,
+      "vocab_size": FLAGS.vocab_size,
+      "do_lower_case": False,
+      "max_seq_length": FLAGS.max_seq_length,
+      "max_predictions_per_seq": FLAGS.max_predictions_per_seq,
       "masking": "static",
-      "shards": [info.to_json() for info in infos]})
+      "shards": [info.to_json() for info in infos],
+    },
+  )
 
 
 def _open(pattern: str, cache: Path):
-  return open_pretraining_data(pattern, vocab_size=FLAGS.vocab_size, vocab_sha256=None,
-                               max_seq_length=FLAGS.max_seq_length,
-                               max_predictions_per_seq=FLAGS.max_predictions_per_seq, cache_dir=str(cache))
+  return open_pretraining_data(
+    pattern,
+    vocab_size=FLAGS.vocab_size,
+    vocab_sha256=None,
+    max_seq_length=FLAGS.max_seq_length,
+    max_predictions_per_seq=FLAGS.max_predictions_per_seq,
+    cache_dir=str(cache),
+  )
 
 
 def main(argv) -> None:
@@ -86,19 +101,22 @@ def main(argv) -> None:
     for batch_size in (int(size) for size in FLAGS.batch_sizes):
       rates: dict[str, list[float]] = {"remote": [], "peer": []}
       for repeat in range(FLAGS.repeats):  # alternating, so load changes on a shared machine hit both alike
-        for name, data in (("remote", remote), ("peer", peer))[::1 if repeat % 2 == 0 else -1]:
+        for name, data in (("remote", remote), ("peer", peer))[:: 1 if repeat % 2 == 0 else -1]:
           with Prefetcher(PretrainingInput(data, batch_size, seed=1), FLAGS.prefetch) as prefetcher:
             rates[name].append(local_bench._rate(lambda: next(prefetcher), FLAGS.seconds) * batch_size)
       rows.append((batch_size, statistics.median(rates["remote"]), statistics.median(rates["peer"])))
-  print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
-        f"{FLAGS.num_instances} instances in {FLAGS.num_shards} native shards ({size / 2**20:.1f} MiB); "
-        f"cold open (download + checksum + open) {cold:.2f} s = {size / 2**20 / cold:.1f} MiB/s, "
-        f"warm open (cached) {warm:.2f} s\n")
+  print(
+    f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
+    f"{FLAGS.num_instances} instances in {FLAGS.num_shards} native shards ({size / 2**20:.1f} MiB); "
+    f"cold open (download + checksum + open) {cold:.2f} s = {size / 2**20 / cold:.1f} MiB/s, "
+    f"warm open (cached) {warm:.2f} s\n"
+  )
   print("| batch | instances/s from gs:// (cached), median | instances/s local (peer), median | ratio |")
   print("|---|---|---|---|")
   for batch_size, from_gcs, from_local in rows:
-    print(f"| {batch_size}x{FLAGS.max_seq_length} | {from_gcs:,.0f} | {from_local:,.0f} | "
-          f"{from_gcs / from_local:.2f} |")
+    print(
+      f"| {batch_size}x{FLAGS.max_seq_length} | {from_gcs:,.0f} | {from_local:,.0f} | {from_gcs / from_local:.2f} |"
+    )
 
 
 if __name__ == "__main__":

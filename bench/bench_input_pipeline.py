@@ -64,22 +64,27 @@ def _synthetic_blocks(num_instances: int, seq_len: int, predictions: int, vocab_
     for row in range(count):
       chosen = np.sort(rng.choice(np.arange(1, lengths[row] - 1), num_predictions[row], replace=False))
       real = slots < num_predictions[row]
-      instances.append({
-          "input_ids": ids[row], "input_mask": (positions < lengths[row]).astype(np.int64),
+      instances.append(
+        {
+          "input_ids": ids[row],
+          "input_mask": (positions < lengths[row]).astype(np.int64),
           "segment_ids": ((positions > split[row]) & (positions < lengths[row])).astype(np.int64),
           "masked_lm_positions": np.where(real, np.resize(chosen, predictions), 0),
           "masked_lm_ids": np.where(real, ids[row, np.resize(chosen, predictions)], 0),
-          "masked_lm_weights": real.astype(np.float32), "next_sentence_labels": int(rng.integers(0, 2))})
+          "masked_lm_weights": real.astype(np.float32),
+          "next_sentence_labels": int(rng.integers(0, 2)),
+        }
+      )
     yield instances
 
 
 def _write(directory: Path, file_format: str) -> tuple[PretrainingData, float]:
   path = directory / f"bench.{'cbj' if file_format == FORMAT_NATIVE else 'tfrecord'}"
   start = time.perf_counter()
-  with open_writer(file_format, path, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq,
-                   FLAGS.vocab_size) as writer:
-    for block in _synthetic_blocks(FLAGS.num_instances, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq,
-                                   FLAGS.vocab_size):
+  with open_writer(file_format, path, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq, FLAGS.vocab_size) as writer:
+    for block in _synthetic_blocks(
+      FLAGS.num_instances, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq, FLAGS.vocab_size
+    ):
       writer.write_many(block)
   seconds = time.perf_counter() - start
   data = PretrainingData.open(str(path))
@@ -102,10 +107,17 @@ def _masking_ms(batch_size: int, whole_word: bool) -> float:
   tokens = special_tokens(99)  # Google's layout: [PAD], [unused0..98], [UNK], [CLS], [SEP], [MASK]
   tokens += [f"##p{i}" if i % 5 == 0 else f"w{i}" for i in range(FLAGS.vocab_size - len(tokens))]
   vocab = MaskingVocab.from_tokens(tokens)
-  mask = jax.jit(functools.partial(
-      dynamic_mask, max_predictions_per_seq=FLAGS.max_predictions_per_seq, mask_token_id=vocab.mask_token_id,
-      vocab_size=vocab.vocab_size, special_token_ids=vocab.special_token_ids, whole_word=whole_word,
-      is_continuation=vocab.is_continuation))
+  mask = jax.jit(
+    functools.partial(
+      dynamic_mask,
+      max_predictions_per_seq=FLAGS.max_predictions_per_seq,
+      mask_token_id=vocab.mask_token_id,
+      vocab_size=vocab.vocab_size,
+      special_token_ids=vocab.special_token_ids,
+      whole_word=whole_word,
+      is_continuation=vocab.is_continuation,
+    )
+  )
   block = next(_synthetic_blocks(batch_size, FLAGS.max_seq_length, FLAGS.max_predictions_per_seq, FLAGS.vocab_size))
   input_ids = jax.device_put(np.stack([instance["input_ids"] for instance in block]).astype(np.int32))
   input_mask = jax.device_put(np.stack([instance["input_mask"] for instance in block]).astype(np.int32))
@@ -131,22 +143,28 @@ def main(argv) -> None:
           threaded = _rate(lambda: next(prefetcher), FLAGS.seconds)
         rows.append((file_format, batch_size, sync, threaded))
 
-  print(f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
-        f"{FLAGS.num_instances} instances of {FLAGS.max_seq_length} tokens / {FLAGS.max_predictions_per_seq} "
-        "predictions, files in the page cache, shuffled random access\n")
+  print(
+    f"\nhost: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
+    f"{FLAGS.num_instances} instances of {FLAGS.max_seq_length} tokens / {FLAGS.max_predictions_per_seq} "
+    "predictions, files in the page cache, shuffled random access\n"
+  )
   print("| format | batch | batches/s (sync) | batches/s (Prefetcher) | instances/s (Prefetcher) |")
   print("|---|---|---|---|---|")
   for file_format, batch_size, sync, threaded in rows:
-    print(f"| {file_format} | {batch_size}x{FLAGS.max_seq_length} | {sync:,.0f} | {threaded:,.0f} | "
-          f"{threaded * batch_size:,.0f} |")
+    print(
+      f"| {file_format} | {batch_size}x{FLAGS.max_seq_length} | {sync:,.0f} | {threaded:,.0f} | "
+      f"{threaded * batch_size:,.0f} |"
+    )
 
   backend = jax.default_backend()
   print(f"\ndynamic_mask, jitted, on {backend} ({jax.devices()[0].device_kind}):\n")
   print("| batch | per-piece ms/batch | whole-word ms/batch |")
   print("|---|---|---|")
   for batch_size in batch_sizes:
-    print(f"| {batch_size}x{FLAGS.max_seq_length} | {_masking_ms(batch_size, False):.2f} | "
-          f"{_masking_ms(batch_size, True):.2f} |")
+    print(
+      f"| {batch_size}x{FLAGS.max_seq_length} | {_masking_ms(batch_size, False):.2f} | "
+      f"{_masking_ms(batch_size, True):.2f} |"
+    )
 
 
 if __name__ == "__main__":

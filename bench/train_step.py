@@ -46,12 +46,18 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION = "## train step"
 SEQ_LENGTH, PREDICTIONS = 128, 20
 CONFIGS = {  # model dims, default batch
-    "tiny": (dict(vocab_size=28996, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=512), 32),
-    "base": (dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                  intermediate_size=3072), 8),
-    "large": (dict(vocab_size=28996, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                   intermediate_size=4096), 4),
+  "tiny": (
+    dict(vocab_size=28996, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    32,
+  ),
+  "base": (
+    dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    8,
+  ),
+  "large": (
+    dict(vocab_size=28996, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    4,
+  ),
 }
 FRAMEWORKS = ("ours", "hf_pytorch")
 MATMUL = (1024, 768, 3072)
@@ -78,15 +84,18 @@ flags.DEFINE_bool("update_benchmarks_md", True, "--framework=both: write the tab
 def synthetic_batch(batch: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
   """Full-length sequences, two segments, PREDICTIONS sorted masked slots each (the step's usual case)."""
   rng = np.random.default_rng(seed)
-  positions = np.sort(np.stack([rng.choice(np.arange(1, SEQ_LENGTH), PREDICTIONS, replace=False)
-                                for _ in range(batch)]), axis=1).astype(np.int32)
-  return {"input_ids": rng.integers(5, vocab_size, (batch, SEQ_LENGTH), dtype=np.int32),
-          "input_mask": np.ones((batch, SEQ_LENGTH), np.int32),
-          "segment_ids": (np.arange(SEQ_LENGTH) >= SEQ_LENGTH // 2).astype(np.int32)[None].repeat(batch, 0),
-          "masked_lm_positions": positions,
-          "masked_lm_ids": rng.integers(5, vocab_size, (batch, PREDICTIONS), dtype=np.int32),
-          "masked_lm_weights": np.ones((batch, PREDICTIONS), np.float32),
-          "next_sentence_labels": rng.integers(0, 2, (batch,), dtype=np.int32)}
+  positions = np.sort(
+    np.stack([rng.choice(np.arange(1, SEQ_LENGTH), PREDICTIONS, replace=False) for _ in range(batch)]), axis=1
+  ).astype(np.int32)
+  return {
+    "input_ids": rng.integers(5, vocab_size, (batch, SEQ_LENGTH), dtype=np.int32),
+    "input_mask": np.ones((batch, SEQ_LENGTH), np.int32),
+    "segment_ids": (np.arange(SEQ_LENGTH) >= SEQ_LENGTH // 2).astype(np.int32)[None].repeat(batch, 0),
+    "masked_lm_positions": positions,
+    "masked_lm_ids": rng.integers(5, vocab_size, (batch, PREDICTIONS), dtype=np.int32),
+    "masked_lm_weights": np.ones((batch, PREDICTIONS), np.float32),
+    "next_sentence_labels": rng.integers(0, 2, (batch,), dtype=np.int32),
+  }
 
 
 def _time_steps(step: Callable[[], None], steps: int, warmup_steps: int) -> tuple[float, list[float]]:
@@ -123,11 +132,22 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   from clinical_bert_jax.config import BertConfig
 
   config = BertConfig(**dims)
-  extra = {name: getattr(FLAGS, name) for name in ("scan_layers", "remat")
-           if name in {field.name for field in dataclasses.fields(train.TrainConfig)}}
-  cfg = train.TrainConfig(num_train_steps=10_000, num_warmup_steps=100, learning_rate=5e-5,
-                          train_batch_size=batch_size, max_predictions_per_seq=PREDICTIONS, optimizer=FLAGS.optimizer,
-                          compute_dtype=FLAGS.dtype, grad_accum_steps=FLAGS.grad_accum_steps, **extra)
+  extra = {
+    name: getattr(FLAGS, name)
+    for name in ("scan_layers", "remat")
+    if name in {field.name for field in dataclasses.fields(train.TrainConfig)}
+  }
+  cfg = train.TrainConfig(
+    num_train_steps=10_000,
+    num_warmup_steps=100,
+    learning_rate=5e-5,
+    train_batch_size=batch_size,
+    max_predictions_per_seq=PREDICTIONS,
+    optimizer=FLAGS.optimizer,
+    compute_dtype=FLAGS.dtype,
+    grad_accum_steps=FLAGS.grad_accum_steps,
+    **extra,
+  )
   cfg.validate()
   # Exactly the optimizer and runtime `train.train_and_evaluate` builds.
   tx = train.make_train_optimizer(cfg)
@@ -140,8 +160,11 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
     started = time.perf_counter()
     with runtime._mesh_context() if hasattr(runtime, "_mesh_context") else contextlib.nullcontext():
       runtime._train.lower(state, batch).compile()
-    return {"compile_only_s": time.perf_counter() - started, "devices": runtime.num_devices,
-            "versions": f"jax {jax.__version__}, {jax.devices()[0].device_kind}"}
+    return {
+      "compile_only_s": time.perf_counter() - started,
+      "devices": runtime.num_devices,
+      "versions": f"jax {jax.__version__}, {jax.devices()[0].device_kind}",
+    }
 
   def step():
     holder["state"], stats = runtime.train_step(holder["state"], batch)
@@ -158,8 +181,13 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   b = jax.random.normal(jax.random.key(2), (k, n), dtype)
   matmul = jax.jit(jnp.matmul)
   peak = _best_gflops(lambda: matmul(a, b).block_until_ready())
-  return {"first_s": first, "times": times, "matmul_peak_gflops": peak, "devices": runtime.num_devices,
-          "versions": f"jax {jax.__version__}, {jax.devices()[0].device_kind}"}
+  return {
+    "first_s": first,
+    "times": times,
+    "matmul_peak_gflops": peak,
+    "devices": runtime.num_devices,
+    "versions": f"jax {jax.__version__}, {jax.devices()[0].device_kind}",
+  }
 
 
 def run_hf(dims: dict, batch_size: int) -> dict[str, Any]:
@@ -168,19 +196,27 @@ def run_hf(dims: dict, batch_size: int) -> dict[str, Any]:
 
   torch.manual_seed(0)
   dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[FLAGS.dtype]
-  config = transformers.BertConfig(**dims, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
-                                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  config = transformers.BertConfig(
+    **dims,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+  )
   model = transformers.BertForPreTraining(config)
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, eps=1e-6)
   data = synthetic_batch(batch_size, config.vocab_size)
   labels = np.full((batch_size, SEQ_LENGTH), -100, np.int64)
   np.put_along_axis(labels, data["masked_lm_positions"], data["masked_lm_ids"], axis=1)
-  inputs = {"input_ids": torch.from_numpy(data["input_ids"].astype(np.int64)),
-            "attention_mask": torch.from_numpy(data["input_mask"].astype(np.int64)),
-            "token_type_ids": torch.from_numpy(data["segment_ids"].astype(np.int64)),
-            "labels": torch.from_numpy(labels),
-            "next_sentence_label": torch.from_numpy(data["next_sentence_labels"].astype(np.int64))}
+  inputs = {
+    "input_ids": torch.from_numpy(data["input_ids"].astype(np.int64)),
+    "attention_mask": torch.from_numpy(data["input_mask"].astype(np.int64)),
+    "token_type_ids": torch.from_numpy(data["segment_ids"].astype(np.int64)),
+    "labels": torch.from_numpy(labels),
+    "next_sentence_label": torch.from_numpy(data["next_sentence_labels"].astype(np.int64)),
+  }
 
   def step():
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -195,9 +231,14 @@ def run_hf(dims: dict, batch_size: int) -> dict[str, Any]:
   a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
   with torch.no_grad():
     peak = _best_gflops(lambda: torch.matmul(a, b))
-  return {"first_s": first, "times": times, "matmul_peak_gflops": peak, "devices": 1,
-          "versions": f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-                      f"{transformers.__version__}, attention {model.config._attn_implementation}"}
+  return {
+    "first_s": first,
+    "times": times,
+    "matmul_peak_gflops": peak,
+    "devices": 1,
+    "versions": f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+    f"{transformers.__version__}, attention {model.config._attn_implementation}",
+  }
 
 
 def run_one(config_name: str, framework: str) -> dict[str, Any]:
@@ -210,34 +251,62 @@ def run_one(config_name: str, framework: str) -> dict[str, Any]:
     FLAGS.steps = 5 if config_name == "tiny" else 2
   measured = (run_ours if framework == "ours" else run_hf)(dims, batch_size)
   if FLAGS.compile_only:
-    return {"config": config_name, "framework": framework, "batch_size": batch_size, "dtype": FLAGS.dtype,
-            "compile_s": measured["compile_only_s"],
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "options": {"scan_layers": FLAGS.scan_layers, "remat": FLAGS.remat}, "versions": measured["versions"]}
+    return {
+      "config": config_name,
+      "framework": framework,
+      "batch_size": batch_size,
+      "dtype": FLAGS.dtype,
+      "compile_s": measured["compile_only_s"],
+      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      "options": {"scan_layers": FLAGS.scan_layers, "remat": FLAGS.remat},
+      "versions": measured["versions"],
+    }
   config = BertConfig(**dims)
   sparse = metrics_io.train_flops_per_sequence(config, SEQ_LENGTH, PREDICTIONS)
   computed = sparse if framework == "ours" else metrics_io.train_flops_per_sequence(config, SEQ_LENGTH, SEQ_LENGTH)
   step_s = statistics.median(measured["times"])
   peak = measured["matmul_peak_gflops"] * 1e9 * measured["devices"]
-  return {"config": config_name, "framework": framework, "dtype": FLAGS.dtype, "batch_size": batch_size,
-          "seq_length": SEQ_LENGTH, "predictions": PREDICTIONS, "steps": len(measured["times"]),
-          "seq_per_s": batch_size / step_s, "step_ms_median": 1e3 * step_s,
-          "step_ms_all": [round(1e3 * value, 1) for value in measured["times"]],
-          "compile_s": max(measured["first_s"] - step_s, 0.0),
-          "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          "matmul_peak_gflops": measured["matmul_peak_gflops"],
-          "model_gflops_per_seq": computed / 1e9,
-          "fraction_of_peak": computed * batch_size / step_s / peak,
-          "useful_fraction_of_peak": sparse * batch_size / step_s / peak,
-          "options": {"optimizer": FLAGS.optimizer, "scan_layers": FLAGS.scan_layers, "remat": FLAGS.remat,
-                      "grad_accum_steps": FLAGS.grad_accum_steps} if framework == "ours" else {},
-          "versions": measured["versions"]}
+  return {
+    "config": config_name,
+    "framework": framework,
+    "dtype": FLAGS.dtype,
+    "batch_size": batch_size,
+    "seq_length": SEQ_LENGTH,
+    "predictions": PREDICTIONS,
+    "steps": len(measured["times"]),
+    "seq_per_s": batch_size / step_s,
+    "step_ms_median": 1e3 * step_s,
+    "step_ms_all": [round(1e3 * value, 1) for value in measured["times"]],
+    "compile_s": max(measured["first_s"] - step_s, 0.0),
+    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "matmul_peak_gflops": measured["matmul_peak_gflops"],
+    "model_gflops_per_seq": computed / 1e9,
+    "fraction_of_peak": computed * batch_size / step_s / peak,
+    "useful_fraction_of_peak": sparse * batch_size / step_s / peak,
+    "options": {
+      "optimizer": FLAGS.optimizer,
+      "scan_layers": FLAGS.scan_layers,
+      "remat": FLAGS.remat,
+      "grad_accum_steps": FLAGS.grad_accum_steps,
+    }
+    if framework == "ours"
+    else {},
+    "versions": measured["versions"],
+  }
 
 
 # ---------------------------------------------------------------------------------------------- comparison
 def _side(config_name: str, framework: str) -> dict[str, Any]:
-  command = [sys.executable, "-m", "bench.train_step", f"--config={config_name}", f"--framework={framework}",
-             f"--dtype={FLAGS.dtype}", f"--warmup_steps={FLAGS.warmup_steps}", f"--optimizer={FLAGS.optimizer}"]
+  command = [
+    sys.executable,
+    "-m",
+    "bench.train_step",
+    f"--config={config_name}",
+    f"--framework={framework}",
+    f"--dtype={FLAGS.dtype}",
+    f"--warmup_steps={FLAGS.warmup_steps}",
+    f"--optimizer={FLAGS.optimizer}",
+  ]
   command += [f"--batch_size={FLAGS.batch_size}"] if FLAGS.batch_size else []
   command += [f"--steps={FLAGS.steps}"] if FLAGS.steps else []
   print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
@@ -252,19 +321,22 @@ def _side(config_name: str, framework: str) -> dict[str, Any]:
 
 def _row(config_name: str, ours: list[dict], theirs: list[dict]) -> str:
   med = lambda runs, key: statistics.median(run[key] for run in runs)
+
   def spread(runs: list[dict], key: str, fmt: str) -> str:
     low, high = (fmt.format(f(run[key] for run in runs)) for f in (min, max))
     return low if low == high else f"{low}–{high}"
 
   first = ours[0]
-  return (f"| {config_name} (batch {first['batch_size']}) | {spread(ours, 'seq_per_s', '{:.2f}')} | "
-          f"{spread(theirs, 'seq_per_s', '{:.2f}')} | **{med(ours, 'seq_per_s') / med(theirs, 'seq_per_s'):.2f}×** | "
-          f"{med(ours, 'step_ms_median'):,.0f} / {med(theirs, 'step_ms_median'):,.0f} | "
-          f"{med(ours, 'peak_rss_gb'):.2f} / {med(theirs, 'peak_rss_gb'):.2f} | "
-          f"{med(ours, 'compile_s'):.1f} | {med(ours, 'matmul_peak_gflops'):.0f} / "
-          f"{med(theirs, 'matmul_peak_gflops'):.0f}"
-          f" | {100 * med(ours, 'fraction_of_peak'):.0f}% / {100 * med(theirs, 'fraction_of_peak'):.0f}% "
-          f"({100 * med(theirs, 'useful_fraction_of_peak'):.0f}%) |")
+  return (
+    f"| {config_name} (batch {first['batch_size']}) | {spread(ours, 'seq_per_s', '{:.2f}')} | "
+    f"{spread(theirs, 'seq_per_s', '{:.2f}')} | **{med(ours, 'seq_per_s') / med(theirs, 'seq_per_s'):.2f}×** | "
+    f"{med(ours, 'step_ms_median'):,.0f} / {med(theirs, 'step_ms_median'):,.0f} | "
+    f"{med(ours, 'peak_rss_gb'):.2f} / {med(theirs, 'peak_rss_gb'):.2f} | "
+    f"{med(ours, 'compile_s'):.1f} | {med(ours, 'matmul_peak_gflops'):.0f} / "
+    f"{med(theirs, 'matmul_peak_gflops'):.0f}"
+    f" | {100 * med(ours, 'fraction_of_peak'):.0f}% / {100 * med(theirs, 'fraction_of_peak'):.0f}% "
+    f"({100 * med(theirs, 'useful_fraction_of_peak'):.0f}%) |"
+  )
 
 
 def compare(config_names: Sequence[str]) -> str:
@@ -279,22 +351,29 @@ def compare(config_names: Sequence[str]) -> str:
         versions[framework] = result["versions"]
     rows.append(_row(config_name, runs["ours"], runs["hf_pytorch"]))
   load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-  command = (f"python -m bench.train_step --framework=both --configs={','.join(config_names)} "
-             f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}"
-             + (f" --steps={FLAGS.steps}" if FLAGS.steps else ""))
-  header = ("| model | ours seq/s | HF PyTorch seq/s | ratio (medians) | step ms ours / HF | peak RSS GB ours / HF | "
-            "compile s (ours) | matmul peak GFLOP/s ours / HF | fraction of peak ours / HF (HF useful) |")
-  return (f"{SECTION}\n\n`{command}` (`make bench`) on a {platform.machine()} host with {os.cpu_count()} cores, no "
-          f"accelerator (CPU backend), shared with other jobs (load average {load} at the end): read the ratios, "
-          f"measured in the same run, not the absolute times. Ours: {versions.get('ours')}; theirs: "
-          f"{versions.get('hf_pytorch')}. Each side in its own process, alternated, {FLAGS.repeats} processes per "
-          f"side for tiny and {FLAGS.big_repeats} for the others (ranges over processes, ratio of medians); "
-          f"{FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
-          f"positions, dropout 0.1, clip 1.0, AdamW; model dims in `bench/train_step.py` (tiny: hidden 128, 2 layers, "
-          f"vocab 28,996). Fraction of peak = model FLOPs a step computes / step time / the 1024x768 @ 768x3072 "
-          f"matmul rate measured in the same process; HF computes the MLM head at all 128 positions, ours at the 20 "
-          f"slots, so '(HF useful)' counts HF's rate with our sparse-head FLOPs.\n\n"
-          + "\n".join([header, "|" + "---|" * 9] + rows) + "\n")
+  command = (
+    f"python -m bench.train_step --framework=both --configs={','.join(config_names)} "
+    f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}"
+    + (f" --steps={FLAGS.steps}" if FLAGS.steps else "")
+  )
+  header = (
+    "| model | ours seq/s | HF PyTorch seq/s | ratio (medians) | step ms ours / HF | peak RSS GB ours / HF | "
+    "compile s (ours) | matmul peak GFLOP/s ours / HF | fraction of peak ours / HF (HF useful) |"
+  )
+  return (
+    f"{SECTION}\n\n`{command}` (`make bench`) on a {platform.machine()} host with {os.cpu_count()} cores, no "
+    f"accelerator (CPU backend), shared with other jobs (load average {load} at the end): read the ratios, "
+    f"measured in the same run, not the absolute times. Ours: {versions.get('ours')}; theirs: "
+    f"{versions.get('hf_pytorch')}. Each side in its own process, alternated, {FLAGS.repeats} processes per "
+    f"side for tiny and {FLAGS.big_repeats} for the others (ranges over processes, ratio of medians); "
+    f"{FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
+    f"positions, dropout 0.1, clip 1.0, AdamW; model dims in `bench/train_step.py` (tiny: hidden 128, 2 layers, "
+    f"vocab 28,996). Fraction of peak = model FLOPs a step computes / step time / the 1024x768 @ 768x3072 "
+    f"matmul rate measured in the same process; HF computes the MLM head at all 128 positions, ours at the 20 "
+    f"slots, so '(HF useful)' counts HF's rate with our sparse-head FLOPs.\n\n"
+    + "\n".join([header, "|" + "---|" * 9] + rows)
+    + "\n"
+  )
 
 
 def update_benchmarks_md(path: Path, section: str) -> None:
@@ -302,8 +381,11 @@ def update_benchmarks_md(path: Path, section: str) -> None:
   are part of the section text)."""
   text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
   pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^### |^## |\Z)", re.S | re.M)
-  text = pattern.sub(lambda _: section + "\n", text, count=1) if pattern.search(text) else (
-      text.rstrip("\n") + "\n\n" + section)
+  text = (
+    pattern.sub(lambda _: section + "\n", text, count=1)
+    if pattern.search(text)
+    else (text.rstrip("\n") + "\n\n" + section)
+  )
   path.write_text(text, encoding="utf-8")
 
 

@@ -45,8 +45,12 @@ class Bert:
   @cached_property
   def _apply(self):
     module = BertForPreTraining(self.config)
-    return jax.jit(lambda params, ids, mask, types, hidden: module.apply(
-        {"params": params}, ids, mask, types, output_hidden_states=hidden), static_argnums=4)
+    return jax.jit(
+      lambda params, ids, mask, types, hidden: module.apply(
+        {"params": params}, ids, mask, types, output_hidden_states=hidden
+      ),
+      static_argnums=4,
+    )
 
   def _special_id(self, token: str) -> int:
     ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -62,8 +66,9 @@ class Bert:
       ids.extend(self.tokenizer.encode_batch([part])[0] if part.strip() else [])
     return ids
 
-  def batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
-            max_length: int = 128) -> dict[str, np.ndarray]:
+  def batch(
+    self, texts: Sequence[str], pairs: Sequence[str] | None = None, max_length: int = 128
+  ) -> dict[str, np.ndarray]:
     """`[CLS] A [SEP] (B [SEP])`, segment ids, padding mask; sequences longer than max_length are truncated."""
     cls_id, sep_id = self._special_id(CLS_TOKEN), self._special_id(SEP_TOKEN)
     rows = []
@@ -81,15 +86,25 @@ class Bert:
     token_types = np.zeros_like(input_ids)
     mask = np.zeros_like(input_ids)
     for row, (ids, types) in enumerate(rows):
-      input_ids[row, :len(ids)], token_types[row, :len(ids)], mask[row, :len(ids)] = ids, types, 1
+      input_ids[row, : len(ids)], token_types[row, : len(ids)], mask[row, : len(ids)] = ids, types, 1
     return {"input_ids": input_ids, "token_type_ids": token_types, "attention_mask": mask}
 
-  def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None, max_length: int = 128,
-             output_hidden_states: bool = False) -> dict[str, Any]:
+  def encode(
+    self,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    max_length: int = 128,
+    output_hidden_states: bool = False,
+  ) -> dict[str, Any]:
     """Runs the model (eval mode). Returns numpy arrays plus the inputs used."""
     inputs = self.batch(texts, pairs, max_length)
-    outputs = self._apply(self.loaded.params, jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"]),
-                          jnp.asarray(inputs["token_type_ids"]), output_hidden_states)
+    outputs = self._apply(
+      self.loaded.params,
+      jnp.asarray(inputs["input_ids"]),
+      jnp.asarray(inputs["attention_mask"]),
+      jnp.asarray(inputs["token_type_ids"]),
+      output_hidden_states,
+    )
     return {**inputs, **jax.tree.map(np.asarray, outputs)}
 
   def fill_mask(self, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
@@ -107,8 +122,9 @@ class Bert:
     return results
 
 
-def load(path: str | os.PathLike, step: int | None = None, bert_config_file: str | None = None,
-         vocab_file: str | None = None) -> Bert:
+def load(
+  path: str | os.PathLike, step: int | None = None, bert_config_file: str | None = None, vocab_file: str | None = None
+) -> Bert:
   """Loads an HF directory, one of ours, a pretraining workdir (latest or `step`) or `tf:PREFIX`."""
   loaded = load_model(path, step=step, bert_config_file=bert_config_file, vocab_file=vocab_file)
   return Bert(loaded)

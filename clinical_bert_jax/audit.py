@@ -91,7 +91,7 @@ class Scorer:
     starts = range(0, len(order), self.batch_size)
     # disable=None: a bar only when stderr is a terminal (never in logs)
     for start in tqdm(starts, desc=progress, disable=None if progress else True, unit="batch", leave=False):
-      chosen = order[start:start + self.batch_size]
+      chosen = order[start : start + self.batch_size]
       longest = max(len(rows[i][0]) for i in chosen)
       length = min(self.max_seq_length, -(-longest // 16) * 16)  # few distinct shapes: few compilations
       ids = np.zeros((self.batch_size, length), np.int32)
@@ -99,16 +99,16 @@ class Scorer:
       labels = np.zeros(self.batch_size, np.int32)
       for slot, i in enumerate(chosen):
         tokens, position = rows[i]
-        ids[slot, :len(tokens)] = tokens
+        ids[slot, : len(tokens)] = tokens
         labels[slot] = tokens[position]
         ids[slot, position] = self.mask
         positions[slot] = position
       values = np.asarray(self._log_probs(self.params, ids, positions, labels))
-      result[chosen] = values[:len(chosen)]
+      result[chosen] = values[: len(chosen)]
     return result
 
   def _fit(self, tokens: list[int]) -> list[int]:
-    return [self.cls] + tokens[:self.max_seq_length - 2] + [self.sep]
+    return [self.cls] + tokens[: self.max_seq_length - 2] + [self.sep]
 
   def span_rows(self, prefix: list[int], span: list[int], suffix: list[int]) -> list[tuple[list[int], int]]:
     """Rows that mask each token of `span` in [CLS] prefix span suffix [SEP] (suffix truncated to fit)."""
@@ -134,7 +134,7 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
   positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
   ranks = rankdata(np.concatenate([positive, negative]))
-  u = ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+  u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
   return float(u / (len(positive) * len(negative)))
 
 
@@ -158,8 +158,10 @@ def roc_curve(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, n
 
 
 def attack_summary(positive: np.ndarray, negative: np.ndarray) -> dict[str, float]:
-  return {"auc": roc_auc(positive, negative),
-          **{f"tpr_at_{fpr:g}_fpr": tpr_at_fpr(positive, negative, fpr) for fpr in FPR_POINTS}}
+  return {
+    "auc": roc_auc(positive, negative),
+    **{f"tpr_at_{fpr:g}_fpr": tpr_at_fpr(positive, negative, fpr) for fpr in FPR_POINTS},
+  }
 
 
 def exposure(rank: int, space: int) -> float:
@@ -195,28 +197,33 @@ def check_disjoint(members: list[Sentence], non_members: list[Sentence]) -> None
   member_files = {s.where.rsplit(":", 1)[0] for s in members}
   shared_files = member_files & {s.where.rsplit(":", 1)[0] for s in non_members}
   if shared_files:
-    raise UserError(f"--member_files and --non_member_files both match {sorted(shared_files)[0]}; the two sets "
-                    "must be disjoint")
+    raise UserError(
+      f"--member_files and --non_member_files both match {sorted(shared_files)[0]}; the two sets must be disjoint"
+    )
   seen = {s.text: s.where for s in members}
   overlap = [s for s in non_members if s.text in seen]
   if overlap:
-    raise UserError(f"{len(overlap)} non-member sentence(s) also occur among the members (first: "
-                    f"{overlap[0].where} = {seen[overlap[0].text]}); membership needs disjoint sets — remove them "
-                    "from --non_member_files")
+    raise UserError(
+      f"{len(overlap)} non-member sentence(s) also occur among the members (first: "
+      f"{overlap[0].where} = {seen[overlap[0].text]}); membership needs disjoint sets — remove them "
+      "from --non_member_files"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- the audits
 def run_exposure(scorer: Scorer, canary_file: str, num_candidates: int, seed: int) -> dict[str, Any]:
   header, canaries = read_canary_file(canary_file)
   digits = int(header["secret_digits"])
-  space = 10 ** digits
+  space = 10**digits
   if num_candidates < 1 or num_candidates >= space:
     raise UserError(f"--num_candidates={num_candidates} must be in [1, {space - 1}] for {digits}-digit secrets")
   unknown = scorer.tokenizer.convert_tokens_to_ids(["[UNK]"])[0]
   for canary in canaries:
     if unknown in scorer.encode(canary["secret"]):
-      raise UserError(f"--canary_file: the secret of {canary['id']} tokenises to [UNK] with {scorer.loaded.source}'s "
-                      "vocabulary, so secrets cannot be told apart; use a vocabulary with digit pieces")
+      raise UserError(
+        f"--canary_file: the secret of {canary['id']} tokenises to [UNK] with {scorer.loaded.source}'s "
+        "vocabulary, so secrets cannot be told apart; use a vocabulary with digit pieces"
+      )
   rng = np.random.default_rng(seed)
   rows, owners = [], []  # owners[i] = (canary index, candidate index): 0 is the true secret
   candidates_of = []
@@ -245,11 +252,23 @@ def run_exposure(scorer: Scorer, canary_file: str, num_candidates: int, seed: in
     value = exposure(rank, num_candidates + 1)
     results.append({"id": canary["id"], "repetitions": canary["repetitions"], "rank": rank, "exposure": value})
     by_count.setdefault(canary["repetitions"], []).append(value)
-  table = [{"repetitions": count, "canaries": len(values), "mean_exposure": float(np.mean(values)),
-            "min_exposure": float(np.min(values)), "max_exposure": float(np.max(values))}
-           for count, values in sorted(by_count.items())]
-  return {"candidate_space": num_candidates + 1, "max_exposure": math.log2(num_candidates + 1),
-          "secret_digits": digits, "by_repetitions": table, "canaries": results}
+  table = [
+    {
+      "repetitions": count,
+      "canaries": len(values),
+      "mean_exposure": float(np.mean(values)),
+      "min_exposure": float(np.min(values)),
+      "max_exposure": float(np.max(values)),
+    }
+    for count, values in sorted(by_count.items())
+  ]
+  return {
+    "candidate_space": num_candidates + 1,
+    "max_exposure": math.log2(num_candidates + 1),
+    "secret_digits": digits,
+    "by_repetitions": table,
+    "canaries": results,
+  }
 
 
 def pll_scores(scorer: Scorer, sentences: list[Sentence], name: str) -> np.ndarray:
@@ -265,15 +284,17 @@ def pll_scores(scorer: Scorer, sentences: list[Sentence], name: str) -> np.ndarr
   return sums / np.maximum(counts, 1)
 
 
-def run_membership(scorer: Scorer, reference: Scorer | None, members: list[Sentence], non_members: list[Sentence],
-                   min_tokens: int) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def run_membership(
+  scorer: Scorer, reference: Scorer | None, members: list[Sentence], non_members: list[Sentence], min_tokens: int
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
   def usable(sentences):
     return [s for s in sentences if len(scorer.encode(s.text)) >= min_tokens]
 
   members_kept, non_members_kept = usable(members), usable(non_members)
   if len(members_kept) < 2 or len(non_members_kept) < 2:
-    raise UserError(f"fewer than 2 member or non-member sentences have --min_tokens={min_tokens} tokens; pass more "
-                    "sentences")
+    raise UserError(
+      f"fewer than 2 member or non-member sentences have --min_tokens={min_tokens} tokens; pass more sentences"
+    )
   target_in = pll_scores(scorer, members_kept, "members (target)")
   target_out = pll_scores(scorer, non_members_kept, "non-members (target)")
   attacks = {"score_only": (target_in, target_out)}
@@ -281,11 +302,16 @@ def run_membership(scorer: Scorer, reference: Scorer | None, members: list[Sente
     ref_in = pll_scores(reference, members_kept, "members (reference)")
     ref_out = pll_scores(reference, non_members_kept, "non-members (reference)")
     attacks["likelihood_ratio"] = (target_in - ref_in, target_out - ref_out)
-  result = {"members": len(members_kept), "non_members": len(non_members_kept),
-            "skipped_short": {"members": len(members) - len(members_kept),
-                              "non_members": len(non_members) - len(non_members_kept)},
-            "fpr_resolution": 1.0 / len(non_members_kept),
-            "attacks": {name: attack_summary(*scores) for name, scores in attacks.items()}}
+  result = {
+    "members": len(members_kept),
+    "non_members": len(non_members_kept),
+    "skipped_short": {
+      "members": len(members) - len(members_kept),
+      "non_members": len(non_members) - len(non_members_kept),
+    },
+    "fpr_resolution": 1.0 / len(non_members_kept),
+    "attacks": {name: attack_summary(*scores) for name, scores in attacks.items()},
+  }
   return result, attacks
 
 
@@ -311,8 +337,9 @@ def read_pairs(path: str) -> list[tuple[str, str, str]]:
   return pairs
 
 
-def run_associations(scorer: Scorer, pairs: list[tuple[str, str, str]], template: str,
-                     base_subject: str) -> dict[str, Any]:
+def run_associations(
+  scorer: Scorer, pairs: list[tuple[str, str, str]], template: str, base_subject: str
+) -> dict[str, Any]:
   if template.count("{condition}") != 1 or template.count("{name}") != 1:
     raise UserError("--probe_template must contain {name} and {condition} exactly once each")
   conditions = sorted({condition for _, _, condition in pairs})
@@ -335,11 +362,16 @@ def run_associations(scorer: Scorer, pairs: list[tuple[str, str, str]], template
   lifted = scores[:-1] - scores[-1]  # [pairs, conditions]: score after the name minus the base rate
   truth = np.array([[condition == true for condition in conditions] for _, _, true in pairs])
   top1 = float(np.mean([truth[i, np.argmax(lifted[i])] for i in range(len(pairs))]))
-  return {"pairs": len(pairs), "conditions": len(conditions), "probe_template": template,
-          "base_subject": base_subject,
-          "auc_name_minus_base_rate": roc_auc(lifted[truth], lifted[~truth]),
-          "auc_raw_score": roc_auc(scores[:-1][truth], scores[:-1][~truth]),
-          "top1_accuracy": top1, "top1_chance": 1.0 / len(conditions)}
+  return {
+    "pairs": len(pairs),
+    "conditions": len(conditions),
+    "probe_template": template,
+    "base_subject": base_subject,
+    "auc_name_minus_base_rate": roc_auc(lifted[truth], lifted[~truth]),
+    "auc_raw_score": roc_auc(scores[:-1][truth], scores[:-1][~truth]),
+    "top1_accuracy": top1,
+    "top1_chance": 1.0 / len(conditions),
+  }
 
 
 # ------------------------------------------------------------------------------------------------------ reports
@@ -397,30 +429,52 @@ def _markdown(command: str, report: dict[str, Any]) -> str:
   lines += [f"- Seconds: {report['seconds']:.1f}", ""]
   result = report["result"]
   if command == "exposure":
-    lines += [f"Candidate space |R| = {result['candidate_space']} (maximum exposure "
-              f"{result['max_exposure']:.2f} bits).", "",
-              "| repetitions | canaries | mean exposure | min | max |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['repetitions']} | {r['canaries']} | {r['mean_exposure']:.2f} | {r['min_exposure']:.2f} | "
-              f"{r['max_exposure']:.2f} |" for r in result["by_repetitions"]]
+    lines += [
+      f"Candidate space |R| = {result['candidate_space']} (maximum exposure {result['max_exposure']:.2f} bits).",
+      "",
+      "| repetitions | canaries | mean exposure | min | max |",
+      "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+      f"| {r['repetitions']} | {r['canaries']} | {r['mean_exposure']:.2f} | {r['min_exposure']:.2f} | "
+      f"{r['max_exposure']:.2f} |"
+      for r in result["by_repetitions"]
+    ]
     lines += ["", "![exposure](exposure.png)", ""]
   elif command == "membership":
-    lines += [f"{result['members']} members, {result['non_members']} non-members (FPR resolution "
-              f"{result['fpr_resolution']:.2g}).", "", "| attack | ROC AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {a['auc']:.3f} | {a['tpr_at_0.01_fpr']:.3f} | {a['tpr_at_0.001_fpr']:.3f} |"
-              for name, a in result["attacks"].items()]
+    lines += [
+      f"{result['members']} members, {result['non_members']} non-members (FPR resolution "
+      f"{result['fpr_resolution']:.2g}).",
+      "",
+      "| attack | ROC AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |",
+      "|---|---:|---:|---:|",
+    ]
+    lines += [
+      f"| {name} | {a['auc']:.3f} | {a['tpr_at_0.01_fpr']:.3f} | {a['tpr_at_0.001_fpr']:.3f} |"
+      for name, a in result["attacks"].items()
+    ]
     lines += ["", "![ROC](roc.png)", ""]
   else:
-    lines += [f"{result['pairs']} (name, condition) pairs, {result['conditions']} conditions.", "",
-              "| probe | value |", "|---|---:|",
-              f"| AUC, score after the name minus base rate | {result['auc_name_minus_base_rate']:.3f} |",
-              f"| AUC, raw score after the name | {result['auc_raw_score']:.3f} |",
-              f"| top-1 accuracy (chance {result['top1_chance']:.3f}) | {result['top1_accuracy']:.3f} |", ""]
+    lines += [
+      f"{result['pairs']} (name, condition) pairs, {result['conditions']} conditions.",
+      "",
+      "| probe | value |",
+      "|---|---:|",
+      f"| AUC, score after the name minus base rate | {result['auc_name_minus_base_rate']:.3f} |",
+      f"| AUC, raw score after the name | {result['auc_raw_score']:.3f} |",
+      f"| top-1 accuracy (chance {result['top1_chance']:.3f}) | {result['top1_accuracy']:.3f} |",
+      "",
+    ]
   return "\n".join(lines)
 
 
-def write_report(output_dir: str, overwrite: bool, command: str, report: dict[str, Any],
-                 attacks: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+def write_report(
+  output_dir: str,
+  overwrite: bool,
+  command: str,
+  report: dict[str, Any],
+  attacks: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> None:
   with atomic_output_dir(output_dir, overwrite) as staging:
     (staging / "audit.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if command == "exposure":
@@ -430,25 +484,45 @@ def write_report(output_dir: str, overwrite: bool, command: str, report: dict[st
     (staging / "audit.md").write_text(_markdown(command, report), encoding="utf-8")
 
 
-def audit(command: str, model: str, output_dir: str, *, step: int | None = None, reference_model: str | None = None,
-          canary_file: str | None = None, num_candidates: int = 1000, member_files: str | None = None,
-          non_member_files: str | None = None, max_sentences: int = 2000, min_tokens: int = 3,
-          pairs_file: str | None = None, probe_template: str = DEFAULT_PROBE_TEMPLATE,
-          base_subject: str = DEFAULT_BASE_SUBJECT, batch_size: int = 256, max_seq_length: int = 128, seed: int = 0,
-          overwrite: bool = False) -> dict[str, Any]:
+def audit(
+  command: str,
+  model: str,
+  output_dir: str,
+  *,
+  step: int | None = None,
+  reference_model: str | None = None,
+  canary_file: str | None = None,
+  num_candidates: int = 1000,
+  member_files: str | None = None,
+  non_member_files: str | None = None,
+  max_sentences: int = 2000,
+  min_tokens: int = 3,
+  pairs_file: str | None = None,
+  probe_template: str = DEFAULT_PROBE_TEMPLATE,
+  base_subject: str = DEFAULT_BASE_SUBJECT,
+  batch_size: int = 256,
+  max_seq_length: int = 128,
+  seed: int = 0,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Runs one audit and writes its report; returns the report."""
   if command not in SUBCOMMANDS:
     raise UserError(f"unknown audit {command!r}; use one of {', '.join(SUBCOMMANDS)}")
-  required = {"exposure": (("--canary_file", canary_file),),
-              "membership": (("--member_files", member_files), ("--non_member_files", non_member_files)),
-              "associations": (("--pairs_file", pairs_file),)}[command]
+  required = {
+    "exposure": (("--canary_file", canary_file),),
+    "membership": (("--member_files", member_files), ("--non_member_files", non_member_files)),
+    "associations": (("--pairs_file", pairs_file),),
+  }[command]
   for flag, value in required:
     if not value:
       raise UserError(f"{command} needs {flag}")
   if reference_model and command != "membership":
     raise UserError("--reference_model is used by the membership audit only")
-  for flag, value in (("--batch_size", batch_size), ("--max_sentences", max_sentences),
-                      ("--max_seq_length", max_seq_length)):
+  for flag, value in (
+    ("--batch_size", batch_size),
+    ("--max_sentences", max_sentences),
+    ("--max_seq_length", max_seq_length),
+  ):
     if value < 1:
       raise UserError(f"{flag}={value} must be at least 1")
   fileio_check = Path(output_dir)
@@ -468,11 +542,12 @@ def audit(command: str, model: str, output_dir: str, *, step: int | None = None,
   reference = None
   if reference_model:
     loaded_reference = model_io.load_model(reference_model)
-    if vocab_sha256(loaded_reference) != vocab_sha256(loaded) or loaded_reference.do_lower_case != \
-        loaded.do_lower_case:
-      raise UserError(f"--reference_model={reference_model} has another vocabulary (or casing) than --model={model};"
-                      " the likelihood ratio compares the same tokens — use a reference trained with the same "
-                      "vocab.txt")
+    if vocab_sha256(loaded_reference) != vocab_sha256(loaded) or loaded_reference.do_lower_case != loaded.do_lower_case:
+      raise UserError(
+        f"--reference_model={reference_model} has another vocabulary (or casing) than --model={model};"
+        " the likelihood ratio compares the same tokens — use a reference trained with the same "
+        "vocab.txt"
+      )
     reference = Scorer(loaded_reference, batch_size, max_seq_length)
   attacks = None
   if command == "exposure":
@@ -481,9 +556,16 @@ def audit(command: str, model: str, output_dir: str, *, step: int | None = None,
     result, attacks = run_membership(scorer, reference, members, non_members, min_tokens)
   else:
     result = run_associations(scorer, read_pairs(pairs_file), probe_template, base_subject)
-  report = {"format": AUDIT_FORMAT, "command": command, "model": loaded.source,
-            "reference_model": reference.loaded.source if reference else None, "seed": seed,
-            "device": jax.devices()[0].device_kind, "seconds": time.monotonic() - started, "result": result}
+  report = {
+    "format": AUDIT_FORMAT,
+    "command": command,
+    "model": loaded.source,
+    "reference_model": reference.loaded.source if reference else None,
+    "seed": seed,
+    "device": jax.devices()[0].device_kind,
+    "seconds": time.monotonic() - started,
+    "result": result,
+  }
   write_report(output_dir, overwrite, command, report, attacks)
   return report
 
@@ -500,8 +582,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_candidates", 1000, "exposure: random other secrets each canary's secret is ranked among.")
   flags.DEFINE_string("member_files", None, "membership: comma-separated globs of sentence files the model trained on.")
   flags.DEFINE_string("non_member_files", None, "membership: sentence files it did not train on (same distribution).")
-  flags.DEFINE_string("reference_model", None, "membership: a reference MLM (same vocabulary, disjoint data) for the "
-                      "likelihood-ratio attack.")
+  flags.DEFINE_string(
+    "reference_model",
+    None,
+    "membership: a reference MLM (same vocabulary, disjoint data) for the likelihood-ratio attack.",
+  )
   flags.DEFINE_integer("max_sentences", 2000, "membership: at most this many sentences per side (random, --seed).")
   flags.DEFINE_integer("min_tokens", 3, "membership: skip sentences with fewer tokens.")
   flags.DEFINE_string("pairs_file", None, "associations: name<TAB>condition lines (or a canary .jsonl).")
@@ -518,14 +603,29 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
   if len(argv) != 2:
-    raise UserError(f"usage: python -m clinical_bert_jax.audit {{{'|'.join(SUBCOMMANDS)}}} --model=DIR "
-                    "--output_dir=DIR [...]")
-  report = audit(argv[1], FLAGS.model, FLAGS.output_dir, step=FLAGS.step, reference_model=FLAGS.reference_model,
-                 canary_file=FLAGS.canary_file, num_candidates=FLAGS.num_candidates, member_files=FLAGS.member_files,
-                 non_member_files=FLAGS.non_member_files, max_sentences=FLAGS.max_sentences,
-                 min_tokens=FLAGS.min_tokens, pairs_file=FLAGS.pairs_file, probe_template=FLAGS.probe_template,
-                 base_subject=FLAGS.base_subject, batch_size=FLAGS.batch_size, max_seq_length=FLAGS.max_seq_length,
-                 seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+    raise UserError(
+      f"usage: python -m clinical_bert_jax.audit {{{'|'.join(SUBCOMMANDS)}}} --model=DIR --output_dir=DIR [...]"
+    )
+  report = audit(
+    argv[1],
+    FLAGS.model,
+    FLAGS.output_dir,
+    step=FLAGS.step,
+    reference_model=FLAGS.reference_model,
+    canary_file=FLAGS.canary_file,
+    num_candidates=FLAGS.num_candidates,
+    member_files=FLAGS.member_files,
+    non_member_files=FLAGS.non_member_files,
+    max_sentences=FLAGS.max_sentences,
+    min_tokens=FLAGS.min_tokens,
+    pairs_file=FLAGS.pairs_file,
+    probe_template=FLAGS.probe_template,
+    base_subject=FLAGS.base_subject,
+    batch_size=FLAGS.batch_size,
+    max_seq_length=FLAGS.max_seq_length,
+    seed=FLAGS.seed,
+    overwrite=FLAGS.overwrite,
+  )
   print(f"wrote {FLAGS.output_dir}/audit.json and audit.md ({argv[1]}, {report['seconds']:.1f} s)")
 
 

@@ -24,12 +24,34 @@ from clinical_bert_jax.fileio import atomic_write
 SPLITS = ("train", "dev", "test")
 # The entity types of each i2b2 task in the original run_ner.py's label order (the BIO labels follow it).
 I2B2_ENTITY_TYPES = {
-    "2006": ("ID", "HOSPITAL", "PATIENT", "PHONE", "DATE", "DOCTOR", "LOCATION", "AGE"),
-    "2010": ("problem", "treatment", "test"),
-    "2012": ("OCCURRENCE", "EVIDENTIAL", "TREATMENT", "CLINICAL_DEPT", "PROBLEM", "TEST"),
-    "2014": ("IDNUM", "HOSPITAL", "PATIENT", "PHONE", "DATE", "DOCTOR", "LOCATION-OTHER", "AGE", "BIOID", "STATE",
-             "ZIP", "HEALTHPLAN", "ORGANIZATION", "MEDICALRECORD", "CITY", "STREET", "COUNTRY", "URL", "USERNAME",
-             "PROFESSION", "FAX", "EMAIL", "DEVICE"),
+  "2006": ("ID", "HOSPITAL", "PATIENT", "PHONE", "DATE", "DOCTOR", "LOCATION", "AGE"),
+  "2010": ("problem", "treatment", "test"),
+  "2012": ("OCCURRENCE", "EVIDENTIAL", "TREATMENT", "CLINICAL_DEPT", "PROBLEM", "TEST"),
+  "2014": (
+    "IDNUM",
+    "HOSPITAL",
+    "PATIENT",
+    "PHONE",
+    "DATE",
+    "DOCTOR",
+    "LOCATION-OTHER",
+    "AGE",
+    "BIOID",
+    "STATE",
+    "ZIP",
+    "HEALTHPLAN",
+    "ORGANIZATION",
+    "MEDICALRECORD",
+    "CITY",
+    "STREET",
+    "COUNTRY",
+    "URL",
+    "USERNAME",
+    "PROFESSION",
+    "FAX",
+    "EMAIL",
+    "DEVICE",
+  ),
 }
 # BioBERT-style NER sets name the dev split `devel.tsv`; accepted when `dev.tsv` is absent.
 _DEV_ALIAS = "devel.tsv"
@@ -69,8 +91,10 @@ def describe_label(value: str) -> str:
 def _parse_line(line: str, path: Path, line_number: int) -> tuple[str, str]:
   fields = line.split("\t") if "\t" in line else line.split(" ")
   if len(fields) != 2 or not fields[0] or not fields[1]:
-    raise UserError(f"{path}:{line_number}: expected 'word<TAB>label' (or 'word label'), found {len(fields)} "
-                    f"field(s){' with an empty one' if len(fields) == 2 else ''}; fix or remove that line")
+    raise UserError(
+      f"{path}:{line_number}: expected 'word<TAB>label' (or 'word label'), found {len(fields)} "
+      f"field(s){' with an empty one' if len(fields) == 2 else ''}; fix or remove that line"
+    )
   return fields[0], fields[1]
 
 
@@ -134,13 +158,17 @@ def validate_labels(sentences: Iterable[Sentence], allowed: Iterable[str], sourc
         first_seen.setdefault(label, sentence.line_number)
   if not counts:
     return
-  shown = [f"{describe_label(label)} x{count}" + (f" (first in the sentence at line {first_seen[label]})"
-                                                   if first_seen[label] else "")
-           for label, count in counts.most_common(_MAX_LABELS_SHOWN)]
+  shown = [
+    f"{describe_label(label)} x{count}"
+    + (f" (first in the sentence at line {first_seen[label]})" if first_seen[label] else "")
+    for label, count in counts.most_common(_MAX_LABELS_SHOWN)
+  ]
   more = f" and {len(counts) - _MAX_LABELS_SHOWN} more" if len(counts) > _MAX_LABELS_SHOWN else ""
   where = f"{source}: " if source else ""
-  raise UserError(f"{where}{sum(counts.values())} word(s) carry labels outside the allowed set: {', '.join(shown)}"
-                  f"{more}; allowed: {', '.join(sorted(allowed))}; fix the labels or the label list")
+  raise UserError(
+    f"{where}{sum(counts.values())} word(s) carry labels outside the allowed set: {', '.join(shown)}"
+    f"{more}; allowed: {', '.join(sorted(allowed))}; fix the labels or the label list"
+  )
 
 
 def load_bio_dir(directory: str | os.PathLike) -> dict[str, list[Sentence]]:
@@ -153,8 +181,10 @@ def load_bio_dir(directory: str | os.PathLike) -> dict[str, list[Sentence]]:
     files["dev"] = directory / _DEV_ALIAS
   missing = [path.name for path in files.values() if not path.is_file()]
   if missing:
-    raise UserError(f"{directory}: missing {', '.join(missing)}; a BIO data directory needs train.tsv, dev.tsv "
-                    f"(or {_DEV_ALIAS}) and test.tsv")
+    raise UserError(
+      f"{directory}: missing {', '.join(missing)}; a BIO data directory needs train.tsv, dev.tsv "
+      f"(or {_DEV_ALIAS}) and test.tsv"
+    )
   splits = {split: read_bio(path) for split, path in files.items()}
   empty = [files[split].name for split, sentences in splits.items() if not sentences]
   if empty:
@@ -192,5 +222,7 @@ def bio_label_list(entity_types: Sequence[str]) -> list[str]:
 
 def split_counts(splits: Mapping[str, Sequence[Sentence]]) -> dict[str, dict[str, object]]:
   """Sentences, words and label counts per split."""
-  return {split: {"sentences": len(sentences), "words": sum(len(s) for s in sentences),
-                  "labels": label_counts(sentences)} for split, sentences in splits.items()}
+  return {
+    split: {"sentences": len(sentences), "words": sum(len(s) for s in sentences), "labels": label_counts(sentences)}
+    for split, sentences in splits.items()
+  }

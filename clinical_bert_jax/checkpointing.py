@@ -152,8 +152,12 @@ def json_checksum(value: Any) -> str:
 
 
 def checkpoint_checksums(params: Any, train_state: Any, data_state: Any) -> dict[str, Any]:
-  return {"algorithm": CHECKSUM_ALGORITHM, "params": array_checksums(params),
-          "train_state": array_checksums(train_state), "data_state": json_checksum(data_state)}
+  return {
+    "algorithm": CHECKSUM_ALGORITHM,
+    "params": array_checksums(params),
+    "train_state": array_checksums(train_state),
+    "data_state": json_checksum(data_state),
+  }
 
 
 def verify(saved: Mapping[str, Any], **items: Any) -> None:
@@ -172,8 +176,9 @@ def verify(saved: Mapping[str, Any], **items: Any) -> None:
       raise VerificationError(f"{name} holds other arrays than were saved")
     bad = [leaf for leaf in actual if actual[leaf] != expected[leaf]]
     if bad:
-      raise VerificationError(f"checksum mismatch in {name}{bad[0]}" + (f" and {len(bad) - 1} more array(s)"
-                                                                          if len(bad) > 1 else ""))
+      raise VerificationError(
+        f"checksum mismatch in {name}{bad[0]}" + (f" and {len(bad) - 1} more array(s)" if len(bad) > 1 else "")
+      )
 
 
 def _one_line(error: BaseException, limit: int = 240) -> str:
@@ -281,11 +286,13 @@ class CheckpointStore:
       self.workdir = self.workdir.resolve()
     self.directory = self.workdir / CHECKPOINT_DIR
     # cleanup_tmp_directories: what a SIGKILLed run was still writing is removed when the next one opens the store.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+    )
     try:
-      self._manager = ocp.CheckpointManager(_orbax_path(self.directory), item_names=(*ITEMS, CHECKSUM_ITEM),
-                                            options=options)
+      self._manager = ocp.CheckpointManager(
+        _orbax_path(self.directory), item_names=(*ITEMS, CHECKSUM_ITEM), options=options
+      )
     except OSError as error:
       raise UserError(f"cannot create {self.directory}: {error.strerror}; check --output_dir") from None
     self._writing_step: int | None = None  # the newest save started (its files may still be being written)
@@ -310,11 +317,15 @@ class CheckpointStore:
       failed_step = int(named.group(1)) if named else self._writing_step if self._writing_step is not None else step
       self._abandon()
       kept = [other for other in restorable_steps(self.workdir) if other != failed_step]
-      previous = (f"the previous checkpoint (step {kept[-1]}) is intact and a rerun resumes from it" if kept else
-                  "no earlier checkpoint exists, so a rerun starts from the beginning")
+      previous = (
+        f"the previous checkpoint (step {kept[-1]}) is intact and a rerun resumes from it"
+        if kept
+        else "no earlier checkpoint exists, so a rerun starts from the beginning"
+      )
       advice = STORAGE_ERRNOS.get(code, "free space or choose another --output_dir")
-      raise UserError(f"cannot write checkpoint {self.directory}/{failed_step}: {reason}; {advice}; {previous}"
-                      ) from None
+      raise UserError(
+        f"cannot write checkpoint {self.directory}/{failed_step}: {reason}; {advice}; {previous}"
+      ) from None
 
   def _abandon(self) -> None:
     """After a failed save: lets orbax's threads finish, removes the unfinished directories (process 0)."""
@@ -341,10 +352,12 @@ class CheckpointStore:
       return False
     train_state, data_state = dict(train_state), dict(data_state)
     checksums = checkpoint_checksums(params, train_state, data_state)
-    args = ocp.args.Composite(params=ocp.args.StandardSave(params),
-                              train_state=ocp.args.StandardSave(train_state),
-                              data_state=ocp.args.JsonSave(data_state),
-                              **{CHECKSUM_ITEM: ocp.args.JsonSave(checksums)})
+    args = ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      train_state=ocp.args.StandardSave(train_state),
+      data_state=ocp.args.JsonSave(data_state),
+      **{CHECKSUM_ITEM: ocp.args.JsonSave(checksums)},
+    )
     with self._storage_errors(step):
       started = bool(self._manager.save(step, args=args, force=True))
     self._writing_step = step if started else self._writing_step
@@ -354,17 +367,27 @@ class CheckpointStore:
     """Restores `step` into the shapes, dtypes and shardings of the abstract (ShapeDtypeStruct) targets and verifies
     it against its checksums (VerificationError when they differ)."""
     verified = (self.directory / str(step) / CHECKSUM_ITEM).exists()
-    items = dict(params=ocp.args.StandardRestore(abstract_params),
-                 train_state=ocp.args.StandardRestore(abstract_train_state), data_state=ocp.args.JsonRestore())
+    items = dict(
+      params=ocp.args.StandardRestore(abstract_params),
+      train_state=ocp.args.StandardRestore(abstract_train_state),
+      data_state=ocp.args.JsonRestore(),
+    )
     if verified:
       items[CHECKSUM_ITEM] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     if verified:
-      verify(restored[CHECKSUM_ITEM], params=restored["params"], train_state=restored["train_state"],
-             data_state=restored["data_state"])
+      verify(
+        restored[CHECKSUM_ITEM],
+        params=restored["params"],
+        train_state=restored["train_state"],
+        data_state=restored["data_state"],
+      )
     else:
-      logging.warning("checkpoint %s/%d has no checksums (written by an older version): restored without "
-                      "verification", self.directory, step)
+      logging.warning(
+        "checkpoint %s/%d has no checksums (written by an older version): restored without verification",
+        self.directory,
+        step,
+      )
     return Restored(step, restored["params"], restored["train_state"], restored["data_state"], verified)
 
   def restore_latest(self, abstract_params: Any, abstract_train_state: Any) -> Restored | None:
@@ -392,12 +415,16 @@ class CheckpointStore:
     damaged = [(step, reason) for step, reason in failures if not reason.startswith("is incomplete")]
     if any(reason.startswith("fails verification") for _, reason in damaged):
       listing = "; ".join(f"step {step} {reason}" for step, reason in damaged[:3])
-      raise UserError(f"no checkpoint in {self.directory} verifies ({listing}); the run does not start over by "
-                      f"itself: restore the directory from a backup, or move it away to train from scratch")
+      raise UserError(
+        f"no checkpoint in {self.directory} verifies ({listing}); the run does not start over by "
+        f"itself: restore the directory from a backup, or move it away to train from scratch"
+      )
     if damaged:
       step, reason = damaged[0]
-      raise UserError(f"no checkpoint in {self.directory} can be restored (step {step} {reason}); if the model or "
-                      "optimizer flags changed since the run started, use a new --output_dir")
+      raise UserError(
+        f"no checkpoint in {self.directory} can be restored (step {step} {reason}); if the model or "
+        "optimizer flags changed since the run started, use a new --output_dir"
+      )
     self._set_aside(failures)
     return None
 
@@ -498,9 +525,11 @@ def read_params(workdir: str | Path, step: int, target: Any) -> Any:
     except VerificationError as error:
       others = [other for other in restorable_steps(workdir) if other != step]
       hint = f"pass --step with an older one ({', '.join(map(str, others))})" if others else "no other step exists"
-      raise UserError(f"{directory / str(step)} fails verification ({error}): the checkpoint is damaged; {hint}"
-                      ) from None
+      raise UserError(
+        f"{directory / str(step)} fails verification ({error}): the checkpoint is damaged; {hint}"
+      ) from None
   else:
-    logging.warning("checkpoint %s/%d has no checksums (written by an older version): read without verification",
-                    directory, step)
+    logging.warning(
+      "checkpoint %s/%d has no checksums (written by an older version): read without verification", directory, step
+    )
   return params

@@ -40,10 +40,19 @@ class BertConfig:
     if self.hidden_act not in SUPPORTED_ACTIVATIONS:
       raise UserError(f"hidden_act={self.hidden_act!r} is not supported; use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads:
-      raise UserError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                      f"{self.num_attention_heads}; fix the model config")
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings", "type_vocab_size"):
+      raise UserError(
+        f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+        f"{self.num_attention_heads}; fix the model config"
+      )
+    for name in (
+      "vocab_size",
+      "hidden_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "intermediate_size",
+      "max_position_embeddings",
+      "type_vocab_size",
+    ):
       if getattr(self, name) <= 0:
         raise UserError(f"model config field {name}={getattr(self, name)} must be positive")
 
@@ -64,8 +73,11 @@ class BertConfig:
     """
     known = {field.name for field in dataclasses.fields(cls)}
     kwargs = {key: values[key] for key in known if key in values}
-    missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size") if key not in kwargs]
+    missing = [
+      key
+      for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+      if key not in kwargs
+    ]
     if missing:
       raise UserError(f"{source} is not a BERT config: missing {', '.join(missing)}")
     if values.get("model_type") not in (None, "bert"):
@@ -77,8 +89,9 @@ class BertConfig:
 
   def to_hf_dict(self, architectures: tuple[str, ...] = ("BertForPreTraining",)) -> dict[str, Any]:
     values = dataclasses.asdict(self)
-    values.update(architectures=list(architectures), model_type="bert", position_embedding_type="absolute",
-                  tie_word_embeddings=True)
+    values.update(
+      architectures=list(architectures), model_type="bert", position_embedding_type="absolute", tie_word_embeddings=True
+    )
     return values
 
   def to_google_dict(self) -> dict[str, Any]:

@@ -57,8 +57,10 @@ def check_settings(noise_multiplier: float, l2_clip: float, delta: float, accoun
     if not (value >= 0 and math.isfinite(value)):
       raise UserError(f"{flag}={value} must be a finite number >= 0")
   if noise_multiplier > 0 and l2_clip <= 0:
-    raise UserError(f"--dp_noise_multiplier={noise_multiplier} needs --dp_l2_clip > 0: the noise's standard deviation "
-                    "is σ·C, and without per-example clipping one sequence's influence is unbounded")
+    raise UserError(
+      f"--dp_noise_multiplier={noise_multiplier} needs --dp_l2_clip > 0: the noise's standard deviation "
+      "is σ·C, and without per-example clipping one sequence's influence is unbounded"
+    )
   if not 0 < delta < 1:
     raise UserError(f"--dp_delta={delta} must be in (0, 1); use well below 1/(number of training instances)")
   if accountant not in ACCOUNTANTS:
@@ -68,14 +70,20 @@ def check_settings(noise_multiplier: float, l2_clip: float, delta: float, accoun
 def check_against_data(train_batch_size: int, grad_accum_steps: int, num_examples: int, delta: float) -> None:
   """The accounting needs q = B/N < 1 and δ < 1/N; micro-batches must split the batch evenly (equal noise shares)."""
   if train_batch_size % grad_accum_steps:
-    raise UserError(f"--dp_*: --train_batch_size={train_batch_size} is not divisible by --grad_accum_steps="
-                    f"{grad_accum_steps}; the noise is split equally over micro-batches of equal size")
+    raise UserError(
+      f"--dp_*: --train_batch_size={train_batch_size} is not divisible by --grad_accum_steps="
+      f"{grad_accum_steps}; the noise is split equally over micro-batches of equal size"
+    )
   if train_batch_size >= num_examples:
-    raise UserError(f"--dp_*: --train_batch_size={train_batch_size} is not smaller than the {num_examples} training "
-                    "instances; the accountant's sampling rate B/N must be below 1 (use more data or a smaller batch)")
+    raise UserError(
+      f"--dp_*: --train_batch_size={train_batch_size} is not smaller than the {num_examples} training "
+      "instances; the accountant's sampling rate B/N must be below 1 (use more data or a smaller batch)"
+    )
   if delta >= 1.0 / num_examples:
-    raise UserError(f"--dp_delta={delta} is not below 1/{num_examples} (one over the training instances): such a δ "
-                    "allows releasing a whole instance; use e.g. 1e-5 or less")
+    raise UserError(
+      f"--dp_delta={delta} is not below 1/{num_examples} (one over the training instances): such a δ "
+      "allows releasing a whole instance; use e.g. 1e-5 or less"
+    )
 
 
 # ------------------------------------------------------------------------------------------- private gradient
@@ -86,8 +94,9 @@ def clip_factor(norms: jax.Array, l2_clip: float) -> jax.Array:
   return jnp.minimum(1.0, l2_clip / jnp.maximum(norms, 1e-12))
 
 
-def clipped_grad_sum(example_loss: ExampleLoss, params: Any, batch: Mapping[str, jax.Array], key: jax.Array,
-                     l2_clip: float) -> tuple[Any, Any, dict[str, jax.Array]]:
+def clipped_grad_sum(
+  example_loss: ExampleLoss, params: Any, batch: Mapping[str, jax.Array], key: jax.Array, l2_clip: float
+) -> tuple[Any, Any, dict[str, jax.Array]]:
   """Σ_i clip_C(∇ℓ_i) over the rows of `batch`, the summed aux outputs, and clipping statistics.
 
   `example_loss(params, example, key)` sees one row (no batch axis) and returns (loss, aux); each row gets its own
@@ -99,13 +108,13 @@ def clipped_grad_sum(example_loss: ExampleLoss, params: Any, batch: Mapping[str,
     return jax.grad(example_loss, has_aux=True)(params, example, jax.random.fold_in(key, row))
 
   grads, aux = jax.vmap(one)(dict(batch), jnp.arange(rows))  # every grads leaf: [rows, *param shape]
-  squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(rows, -1), axis=1)
-                for leaf in jax.tree.leaves(grads))
+  squares = sum(
+    jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(rows, -1), axis=1) for leaf in jax.tree.leaves(grads)
+  )
   norms = jnp.sqrt(squares)  # [rows]
   factors = clip_factor(norms, l2_clip)  # [rows]
   summed = jax.tree.map(lambda leaf: jnp.tensordot(factors.astype(leaf.dtype), leaf, axes=1), grads)
-  stats = {"dp_clipped_count": jnp.sum((factors < 1.0).astype(jnp.float32)),
-           "dp_example_norm_sum": jnp.sum(norms)}
+  stats = {"dp_clipped_count": jnp.sum((factors < 1.0).astype(jnp.float32)), "dp_example_norm_sum": jnp.sum(norms)}
   return summed, jax.tree.map(lambda value: jnp.sum(value, axis=0), aux), stats
 
 
@@ -118,14 +127,24 @@ def add_noise(tree: Any, key: jax.Array, stddev: float | jax.Array) -> Any:
   """tree + N(0, stddev²) independently per element (one key per leaf)."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  noisy = [leaf + stddev * jax.random.normal(k, leaf.shape, jnp.float32).astype(leaf.dtype)
-           for leaf, k in zip(leaves, keys)]
+  noisy = [
+    leaf + stddev * jax.random.normal(k, leaf.shape, jnp.float32).astype(leaf.dtype) for leaf, k in zip(leaves, keys)
+  ]
   return jax.tree.unflatten(treedef, noisy)
 
 
-def private_gradient(example_loss: ExampleLoss, params: Any, batch: Mapping[str, jax.Array], *,
-                     example_key: jax.Array, noise_key: jax.Array, noise_multiplier: float, l2_clip: float,
-                     micro_steps: int = 1, axis_name: str | None = None) -> tuple[Any, Any, dict[str, jax.Array]]:
+def private_gradient(
+  example_loss: ExampleLoss,
+  params: Any,
+  batch: Mapping[str, jax.Array],
+  *,
+  example_key: jax.Array,
+  noise_key: jax.Array,
+  noise_multiplier: float,
+  l2_clip: float,
+  micro_steps: int = 1,
+  axis_name: str | None = None,
+) -> tuple[Any, Any, dict[str, jax.Array]]:
   """(Σ clip_C(∇ℓ_i) + N(0, σ²C²/k)) / m for one micro-batch of m global rows (k = micro_steps); see the module
   docstring for why averaging k of these gives the DP-SGD update. Under pmap (`axis_name`) the clipped sums and aux
   are summed over devices first and `noise_key` must be the same on every device."""
@@ -144,12 +163,14 @@ def _event(noise_multiplier: float, sampling_probability: float, steps: int):
   import dp_accounting
 
   return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(sampling_probability, dp_accounting.GaussianDpEvent(noise_multiplier)),
-      int(steps))
+    dp_accounting.PoissonSampledDpEvent(sampling_probability, dp_accounting.GaussianDpEvent(noise_multiplier)),
+    int(steps),
+  )
 
 
-def epsilon(noise_multiplier: float, sampling_probability: float, steps: int, delta: float,
-            accountant: str = "rdp") -> float:
+def epsilon(
+  noise_multiplier: float, sampling_probability: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
   """ε of `steps` Poisson-subsampled Gaussian steps at δ (inf without noise, 0 before the first step)."""
   if steps <= 0:
     return 0.0
@@ -165,21 +186,30 @@ def epsilon(noise_multiplier: float, sampling_probability: float, steps: int, de
   return float(acc.get_epsilon(delta))
 
 
-def accounting_record(noise_multiplier: float, l2_clip: float, delta: float, accountant: str, batch_size: int,
-                      num_examples: int) -> dict[str, Any]:
+def accounting_record(
+  noise_multiplier: float, l2_clip: float, delta: float, accountant: str, batch_size: int, num_examples: int
+) -> dict[str, Any]:
   """What `privacy.json` stores: everything needed to recompute ε at any step."""
-  return {"mechanism": "DP-SGD (per-example clipping, Gaussian noise)", "noise_multiplier": noise_multiplier,
-          "l2_clip": l2_clip, "delta": delta, "accountant": accountant, "batch_size": batch_size,
-          "num_examples": num_examples, "sampling_probability": batch_size / num_examples,
-          "sampling_assumption": "Poisson subsampling with q = batch_size / num_examples (the pipeline shuffles "
-                                 "epochs and draws fixed-size batches)",
-          "neighbouring_relation": "add or remove one training instance (sequence pair)",
-          "library": "dp-accounting"}
+  return {
+    "mechanism": "DP-SGD (per-example clipping, Gaussian noise)",
+    "noise_multiplier": noise_multiplier,
+    "l2_clip": l2_clip,
+    "delta": delta,
+    "accountant": accountant,
+    "batch_size": batch_size,
+    "num_examples": num_examples,
+    "sampling_probability": batch_size / num_examples,
+    "sampling_assumption": "Poisson subsampling with q = batch_size / num_examples (the pipeline shuffles "
+    "epochs and draws fixed-size batches)",
+    "neighbouring_relation": "add or remove one training instance (sequence pair)",
+    "library": "dp-accounting",
+  }
 
 
 def epsilon_at(record: Mapping[str, Any], steps: int) -> float:
-  return epsilon(record["noise_multiplier"], record["sampling_probability"], steps, record["delta"],
-                 record["accountant"])
+  return epsilon(
+    record["noise_multiplier"], record["sampling_probability"], steps, record["delta"], record["accountant"]
+  )
 
 
 def write_record(workdir: Path, record: Mapping[str, Any] | None) -> None:
@@ -210,24 +240,30 @@ def check_resume(workdir: Path, record: Mapping[str, Any] | None) -> None:
   if previous is None and record is None:
     return
   if previous is None or record is None or any(previous[k] != record[k] for k in keys):
-    raise UserError(f"--dp_* settings differ from those recorded in {Path(workdir) / PRIVACY_FILE} for the run being "
-                    "resumed (or one of the two is not private); the accountant composes identical steps — resume "
-                    "with the same --dp_noise_multiplier, --dp_l2_clip, --train_batch_size and data, or use a new "
-                    "--output_dir")
+    raise UserError(
+      f"--dp_* settings differ from those recorded in {Path(workdir) / PRIVACY_FILE} for the run being "
+      "resumed (or one of the two is not private); the accountant composes identical steps — resume "
+      "with the same --dp_noise_multiplier, --dp_l2_clip, --train_batch_size and data, or use a new "
+      "--output_dir"
+    )
 
 
 def model_card_lines(source: str, step: int | None) -> list[str]:
   """A '## Privacy' section for an export of a pretraining workdir that trained with DP (else nothing)."""
   if not source.startswith("workdir:") or step is None:
     return []
-  record = read_record(Path(source[len("workdir:"):].rsplit("@", 1)[0]))
+  record = read_record(Path(source[len("workdir:") :].rsplit("@", 1)[0]))
   if record is None:
     return []
   eps = epsilon_at(record, step)
-  return ["## Privacy", "",
-          f"Pretrained with DP-SGD: per-example L2 clip C={record['l2_clip']}, noise multiplier "
-          f"σ={record['noise_multiplier']}, batch {record['batch_size']} of {record['num_examples']} instances, "
-          f"{step} steps: **(ε={eps:.3g}, δ={record['delta']:g})** ({record['accountant'].upper()} accountant of "
-          "dp-accounting; " + record["sampling_assumption"] + "; " + record["neighbouring_relation"] + "). "
-          "The unit is one training instance: a note or a patient that contributes many instances has a larger ε. "
-          "This DP guarantee covers this pretraining run only, not an initial checkpoint it started from.", ""]
+  return [
+    "## Privacy",
+    "",
+    f"Pretrained with DP-SGD: per-example L2 clip C={record['l2_clip']}, noise multiplier "
+    f"σ={record['noise_multiplier']}, batch {record['batch_size']} of {record['num_examples']} instances, "
+    f"{step} steps: **(ε={eps:.3g}, δ={record['delta']:g})** ({record['accountant'].upper()} accountant of "
+    "dp-accounting; " + record["sampling_assumption"] + "; " + record["neighbouring_relation"] + "). "
+    "The unit is one training instance: a note or a patient that contributes many instances has a larger ε. "
+    "This DP guarantee covers this pretraining run only, not an initial checkpoint it started from.",
+    "",
+  ]

@@ -28,14 +28,28 @@ from absl import logging
 
 from clinical_bert_jax import fileio, settings
 from clinical_bert_jax.errors import UserError, run_absl
-from clinical_bert_jax.eval_tasks.hf_checkpoint import (HfCheckpoint, WordPieceEncoder, load_pretrained,
-                                                        open_checkpoint, resolve_device)
+from clinical_bert_jax.eval_tasks.hf_checkpoint import (
+  HfCheckpoint,
+  WordPieceEncoder,
+  load_pretrained,
+  open_checkpoint,
+  resolve_device,
+)
 from clinical_bert_jax.fileio import as_path, atomic_write, local_copy
 from clinical_bert_jax.settings import setting
 from clinical_bert_jax.vocab import CONTINUATION_PREFIX, is_bracketed_special
 
-DEFAULT_QUERIES = ["glucose", "seizure", "pneumonia", "Transfer", "Admitted", "Discharge", "beach", "newspaper",
-                   "table"]
+DEFAULT_QUERIES = [
+  "glucose",
+  "seizure",
+  "pneumonia",
+  "Transfer",
+  "Admitted",
+  "Discharge",
+  "beach",
+  "newspaper",
+  "table",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,36 +60,48 @@ class EmbedOptions:
   model_dir_b: str | None = setting(None, help="neighbors: the second model's directory.")
   input: str | None = setting(None, help="UTF-8 text, one sentence per line (blank lines are skipped).")
   output: str | None = setting(None, help="Output .npy file; OUT.index.json is written next to it.")
-  pooling: str = setting("cls", choices=("cls", "mean"),
-                         help="Sentence vector: the [CLS] row or the mean over word pieces.")
+  pooling: str = setting(
+    "cls", choices=("cls", "mean"), help="Sentence vector: the [CLS] row or the mean over word pieces."
+  )
   layer: int = setting(-1, help="hidden_states index: 0 embeddings, 1..L encoder layers, -1 the last layer.")
   words: bool = setting(False, help="One embedding per whitespace word (mean over its pieces) instead of per line.")
-  max_seq_length: int | None = setting(None, help="Longest line in word pieces incl. [CLS]/[SEP] (default: the "
-                                       "model's max_position_embeddings); longer lines are an error, not silently "
-                                       "truncated.")
+  max_seq_length: int | None = setting(
+    None,
+    help="Longest line in word pieces incl. [CLS]/[SEP] (default: the "
+    "model's max_position_embeddings); longer lines are an error, not silently "
+    "truncated.",
+  )
   batch_size: int = setting(64, help="Sequences per forward pass.")
   device: str = setting("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available.")
-  queries: tuple[str, ...] = setting(tuple(DEFAULT_QUERIES), flag_type=list, parse=tuple,
-                                     help="neighbors: query words (the paper's Table 3 words by default).")
+  queries: tuple[str, ...] = setting(
+    tuple(DEFAULT_QUERIES),
+    flag_type=list,
+    parse=tuple,
+    help="neighbors: query words (the paper's Table 3 words by default).",
+  )
   k: int = setting(5, help="neighbors: neighbours per query.")
 
 
 class Embedder:
   """A BERT encoder on a device that returns one hidden layer for batches of word-piece sequences."""
 
-  def __init__(self, checkpoint: HfCheckpoint, device_name: str, layer: int, max_seq_length: int | None,
-               batch_size: int):
+  def __init__(
+    self, checkpoint: HfCheckpoint, device_name: str, layer: int, max_seq_length: int | None, batch_size: int
+  ):
     from transformers import BertModel
 
     num_layers = checkpoint.config.num_hidden_layers
     if not -(num_layers + 1) <= layer <= num_layers:
-      raise UserError(f"--layer={layer} is out of range for a {num_layers}-layer model; use 0..{num_layers} "
-                      f"or -1..-{num_layers + 1}")
+      raise UserError(
+        f"--layer={layer} is out of range for a {num_layers}-layer model; use 0..{num_layers} or -1..-{num_layers + 1}"
+      )
     positions = checkpoint.config.max_position_embeddings
     self.max_seq_length = max_seq_length or positions
     if not 3 <= self.max_seq_length <= positions:
-      raise UserError(f"--max_seq_length={self.max_seq_length} must be between 3 and the model's "
-                      f"max_position_embeddings ({positions})")
+      raise UserError(
+        f"--max_seq_length={self.max_seq_length} must be between 3 and the model's "
+        f"max_position_embeddings ({positions})"
+      )
     if batch_size <= 0:
       raise UserError(f"--batch_size={batch_size} must be positive")
     self.checkpoint, self.layer, self.batch_size = checkpoint, layer, batch_size
@@ -94,27 +120,33 @@ class Embedder:
     outputs: list[np.ndarray | None] = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     with torch.no_grad():
-      for start in tqdm.trange(0, len(order), self.batch_size, desc=description, unit="batch", disable=None,
-                               leave=False):
-        chunk = order[start:start + self.batch_size]
+      for start in tqdm.trange(
+        0, len(order), self.batch_size, desc=description, unit="batch", disable=None, leave=False
+      ):
+        chunk = order[start : start + self.batch_size]
         rows = [[self.encoder.cls_id, *sequences[index], self.encoder.sep_id] for index in chunk]
         length = max(len(row) for row in rows)
         input_ids = torch.tensor([row + [self.encoder.pad_id] * (length - len(row)) for row in rows])
         attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
-        hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                            token_type_ids=torch.zeros_like(input_ids).to(self.device),
-                            output_hidden_states=True).hidden_states[self.layer]
+        hidden = self.model(
+          input_ids=input_ids.to(self.device),
+          attention_mask=attention_mask.to(self.device),
+          token_type_ids=torch.zeros_like(input_ids).to(self.device),
+          output_hidden_states=True,
+        ).hidden_states[self.layer]
         hidden = hidden.float().cpu().numpy()
         for row, index in enumerate(chunk):
-          outputs[index] = hidden[row, :len(rows[row])]
+          outputs[index] = hidden[row, : len(rows[row])]
     return outputs
 
   def _check_lengths(self, sequences: Sequence[list[int]], line_numbers: Sequence[int]) -> None:
     limit = self.max_seq_length - 2
     for pieces, line_number in zip(sequences, line_numbers):
       if len(pieces) > limit:
-        raise UserError(f"input line {line_number} has {len(pieces)} word pieces, more than --max_seq_length="
-                        f"{self.max_seq_length} allows ({limit} plus [CLS] and [SEP]); split the line")
+        raise UserError(
+          f"input line {line_number} has {len(pieces)} word pieces, more than --max_seq_length="
+          f"{self.max_seq_length} allows ({limit} plus [CLS] and [SEP]); split the line"
+        )
 
   def sentence_embeddings(self, lines: Sequence[str], line_numbers: Sequence[int], pooling: str) -> np.ndarray:
     sequences = self.encoder.encode_texts(lines)
@@ -126,8 +158,10 @@ class Embedder:
       rows = []
       for vector, line_number in zip(vectors, line_numbers):
         if len(vector) == 2:
-          raise UserError(f"input line {line_number} has no word pieces to average (only control characters); "
-                          "remove it or use --pooling=cls")
+          raise UserError(
+            f"input line {line_number} has no word pieces to average (only control characters); "
+            "remove it or use --pooling=cls"
+          )
         rows.append(vector[1:-1].mean(axis=0))
     return np.stack(rows).astype(np.float32)
 
@@ -143,8 +177,9 @@ class Embedder:
       for word in range(len(line_words)):
         positions = np.flatnonzero(word_ids == word) + 1  # +1 skips [CLS]
         if positions.size == 0:
-          raise UserError(f"input line {line_number}, word {word + 1} has no word pieces (only control characters); "
-                          "remove it")
+          raise UserError(
+            f"input line {line_number}, word {word + 1} has no word pieces (only control characters); remove it"
+          )
         rows.append(vector[positions].mean(axis=0))
         index.append([line_number, word + 1])
     return np.stack(rows).astype(np.float32), index
@@ -187,9 +222,14 @@ def write_embeddings(output: str, array: np.ndarray, index: dict) -> Path:
 
 def vocabulary_words(tokens: Sequence[str]) -> list[str]:
   """Whole-word vocabulary entries that can be neighbours: no `##` pieces, no `[...]` specials, some letter."""
-  return [token for token in dict.fromkeys(tokens)
-          if token and not token.startswith(CONTINUATION_PREFIX) and not is_bracketed_special(token)
-          and any(char.isalpha() for char in token)]
+  return [
+    token
+    for token in dict.fromkeys(tokens)
+    if token
+    and not token.startswith(CONTINUATION_PREFIX)
+    and not is_bracketed_special(token)
+    and any(char.isalpha() for char in token)
+  ]
 
 
 def type_embeddings(embedder: Embedder, words: Sequence[str], description: str) -> np.ndarray:
@@ -240,8 +280,12 @@ def run_embed(options: EmbedOptions) -> None:
   checkpoint = open_checkpoint(options.model_dir)
   embedder = Embedder(checkpoint, options.device, options.layer, options.max_seq_length, options.batch_size)
   lines, line_numbers = read_lines(str(local_copy(options.input, "--input")))
-  index = {"model_dir": _resolved(options.model_dir), "do_lower_case": checkpoint.do_lower_case,
-           "layer": options.layer, "input": _resolved(options.input)}
+  index = {
+    "model_dir": _resolved(options.model_dir),
+    "do_lower_case": checkpoint.do_lower_case,
+    "layer": options.layer,
+    "input": _resolved(options.input),
+  }
   if options.words:
     array, rows = embedder.word_embeddings(lines, line_numbers)
     index.update(unit="word", pooling="mean over the word's pieces", rows_line_word=rows)
@@ -270,8 +314,9 @@ def run_neighbors(options: EmbedOptions) -> None:
   names = [checkpoint.name for checkpoint in checkpoints]
   if names[0] == names[1]:
     names = [str(checkpoint.directory) for checkpoint in checkpoints]
-  print(f"Nearest vocabulary words (cosine, layer {options.layer}, words embedded alone, mean over pieces), "
-        f"k={options.k}")
+  print(
+    f"Nearest vocabulary words (cosine, layer {options.layer}, words embedded alone, mean over pieces), k={options.k}"
+  )
   print()
   print(neighbors_table(names, results, queries))
 
@@ -283,8 +328,10 @@ def main(argv: Sequence[str]) -> None:
   elif argv[1:] == ["neighbors"]:
     run_neighbors(options)
   else:
-    raise UserError(f"unexpected arguments {' '.join(argv[1:])}; usage: embed --model_dir=... --input=... "
-                    "--output=... or embed neighbors --model_dir=A --model_dir_b=B")
+    raise UserError(
+      f"unexpected arguments {' '.join(argv[1:])}; usage: embed --model_dir=... --input=... "
+      "--output=... or embed neighbors --model_dir=A --model_dir_b=B"
+    )
 
 
 def define_flags() -> None:

@@ -25,16 +25,16 @@ class UserError(Exception):
 # errno -> what the user can do about it. Other OSErrors (a missing file we expected to exist, ...) are bugs or races
 # and keep their traceback.
 STORAGE_ERRNOS = {
-    errno.ENOSPC: "free space on that filesystem or choose another output path",
-    errno.EDQUOT: "the disk quota is used up: free space or choose another output path",
-    errno.EFBIG: "a file size limit was hit (ulimit -f, or the filesystem's maximum file size): raise it or choose "
-                 "another output path",
-    errno.EROFS: "the filesystem is read-only: choose a writable output path",
-    errno.EACCES: "permission denied: check the permissions of the path or choose another one",
-    errno.EPERM: "operation not permitted: check the permissions of the path or choose another one",
-    errno.EIO: "the storage reported an I/O error: check the disk or network filesystem (dmesg) and rerun; what was "
-               "finished before is kept",
-    errno.ENOTDIR: "a file stands where a directory is expected: choose another path",
+  errno.ENOSPC: "free space on that filesystem or choose another output path",
+  errno.EDQUOT: "the disk quota is used up: free space or choose another output path",
+  errno.EFBIG: "a file size limit was hit (ulimit -f, or the filesystem's maximum file size): raise it or choose "
+  "another output path",
+  errno.EROFS: "the filesystem is read-only: choose a writable output path",
+  errno.EACCES: "permission denied: check the permissions of the path or choose another one",
+  errno.EPERM: "operation not permitted: check the permissions of the path or choose another one",
+  errno.EIO: "the storage reported an I/O error: check the disk or network filesystem (dmesg) and rerun; what was "
+  "finished before is kept",
+  errno.ENOTDIR: "a file stands where a directory is expected: choose another path",
 }
 
 

@@ -120,8 +120,9 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {message}"[:160]
 
 
-def storage_error(path: str | os.PathLike, error: BaseException, flag: str | None = None,
-                  action: str = "cannot access it") -> UserError:
+def storage_error(
+  path: str | os.PathLike, error: BaseException, flag: str | None = None, action: str = "cannot access it"
+) -> UserError:
   """The one-line UserError for an I/O failure on `path` (a flag value or a file inside one)."""
   where = f"{flag}={display(path)}" if flag else display(path)
   return UserError(f"{where}: {action}: {_reason(error)}")
@@ -152,8 +153,9 @@ def check_bucket(path: str | os.PathLike, flag: str) -> None:
   except Exception as error:  # gcsfs/aiohttp raise many types
     raise storage_error(path, error, flag, f"cannot read bucket {bucket}") from None
   if not exists:
-    raise UserError(f"{flag}={text}: bucket {bucket} does not exist or cannot be read; check the name and this "
-                    "machine's credentials")
+    raise UserError(
+      f"{flag}={text}: bucket {bucket} does not exist or cannot be read; check the name and this machine's credentials"
+    )
 
 
 # ------------------------------------------------------------------------------------------ local copies of inputs
@@ -268,8 +270,10 @@ def download_tree(source: AnyPath, target: Path) -> None:
 def upload_tree(source: Path, target: AnyPath) -> None:
   """Copies a local directory tree under `target` (a URI), each object atomically, marker files last."""
   target = as_path(target)
-  files = sorted((path for path in Path(source).rglob("*") if path.is_file()),
-                 key=lambda path: (path.name in _MARKER_FILES, -path.stat().st_size, str(path)))
+  files = sorted(
+    (path for path in Path(source).rglob("*") if path.is_file()),
+    key=lambda path: (path.name in _MARKER_FILES, -path.stat().st_size, str(path)),
+  )
   for path in files:
     with atomic_write(target / path.relative_to(source).as_posix(), mode="wb") as out, open(path, "rb") as handle:
       shutil.copyfileobj(handle, out, 8 << 20)
@@ -300,7 +304,7 @@ def move_tree(source: AnyPath, target: AnyPath) -> None:
   filesystem, source_key = fsspec.core.url_to_fs(str(source))
   _, target_key = fsspec.core.url_to_fs(str(target))
   for key in filesystem.find(source_key):
-    filesystem.copy(key, target_key + key[len(source_key):])
+    filesystem.copy(key, target_key + key[len(source_key) :])
   filesystem.rm(source_key, recursive=True)
 
 
@@ -334,7 +338,7 @@ def _remove_stale_temporaries(final: Path) -> None:
   """Removes `.NAME.tmp-PID-*` / `.NAME.old-PID-*` siblings of `final` whose writer process is gone (SIGKILLed)."""
   with contextlib.suppress(OSError):
     for path in final.parent.glob(f".{final.name}.*-*"):
-      kind, _, rest = path.name[len(final.name) + 2:].partition("-")
+      kind, _, rest = path.name[len(final.name) + 2 :].partition("-")
       pid = rest.split("-", 1)[0]
       if kind in ("tmp", "old") and pid.isdigit() and not _process_exists(int(pid)):
         if path.is_dir() and not path.is_symlink():
@@ -379,8 +383,7 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False,
-                      flag: str = "--output_dir") -> Iterator[Path]:
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--output_dir") -> Iterator[Path]:
   """Yields a temporary local directory that replaces `path` only when the block succeeds.
 
   On any exception (or SIGKILL) the final `path` is untouched: either the previous content or nothing. For a remote

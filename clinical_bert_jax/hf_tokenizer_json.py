@@ -51,8 +51,10 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _not_bert(path: Path, what: str) -> UserError:
-  return UserError(f"{path} is not a BERT WordPiece tokenizer ({what}); this tool needs a BERT vocabulary "
-                   "(vocab.txt, or a tokenizer.json saved from a BertTokenizer)")
+  return UserError(
+    f"{path} is not a BERT WordPiece tokenizer ({what}); this tool needs a BERT vocabulary "
+    "(vocab.txt, or a tokenizer.json saved from a BertTokenizer)"
+  )
 
 
 def read_tokenizer_json(path: str | os.PathLike) -> tuple[list[str], bool]:
@@ -73,16 +75,20 @@ def read_tokenizer_json(path: str | os.PathLike) -> tuple[list[str], bool]:
   lowercase = bool(normalizer.get("lowercase", True))
   strip_accents = normalizer.get("strip_accents")
   if strip_accents is not None and bool(strip_accents) != lowercase:
-    raise _not_bert(path, f"strip_accents={strip_accents} with lowercase={lowercase}; Google's tokenizer strips "
-                    "accents exactly when it lower-cases")
+    raise _not_bert(
+      path,
+      f"strip_accents={strip_accents} with lowercase={lowercase}; Google's tokenizer strips "
+      "accents exactly when it lower-cases",
+    )
   vocab = model.get("vocab")
   if not isinstance(vocab, dict) or not vocab:
     raise _not_bert(path, "no WordPiece vocabulary")
   by_id: dict[int, str] = {}
   for token, token_id in vocab.items():
     if not isinstance(token_id, int) or token_id < 0 or token_id in by_id:
-      raise UserError(f"{path}: vocabulary id {token_id!r} is negative, not an integer or repeated; re-save the "
-                      "tokenizer")
+      raise UserError(
+        f"{path}: vocabulary id {token_id!r} is negative, not an integer or repeated; re-save the tokenizer"
+      )
     by_id[token_id] = token
   for added in content.get("added_tokens") or []:
     if isinstance(added, dict) and isinstance(added.get("id"), int):
@@ -90,12 +96,16 @@ def read_tokenizer_json(path: str | os.PathLike) -> tuple[list[str], bool]:
   size = max(by_id) + 1
   if len(by_id) != size:
     missing = next(i for i in range(size) if i not in by_id)
-    raise UserError(f"{path}: the vocabulary has no token with id {missing} (ids must run 0..{size - 1} without "
-                    "gaps); re-save the tokenizer")
+    raise UserError(
+      f"{path}: the vocabulary has no token with id {missing} (ids must run 0..{size - 1} without "
+      "gaps); re-save the tokenizer"
+    )
   tokens = [by_id[i] for i in range(size)]
   if any("\n" in token or token != token.strip() or not token for token in tokens):
-    raise UserError(f"{path}: a vocabulary entry is empty or has surrounding whitespace, which vocab.txt cannot "
-                    "hold; re-save the tokenizer")
+    raise UserError(
+      f"{path}: a vocabulary entry is empty or has surrounding whitespace, which vocab.txt cannot "
+      "hold; re-save the tokenizer"
+    )
   return tokens, lowercase
 
 
@@ -146,24 +156,34 @@ def tokenizer_json_for(tokens: Sequence[str], do_lower_case: bool) -> str:
   vocab = {}
   for token in tokens:
     vocab.setdefault(token, len(vocab))
-  tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##",
-                                         max_input_chars_per_word=GOOGLE_MAX_INPUT_CHARS_PER_WORD))
-  tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                    lowercase=do_lower_case)
+  tokenizer = Tokenizer(
+    models.WordPiece(
+      vocab=vocab,
+      unk_token="[UNK]",
+      continuing_subword_prefix="##",
+      max_input_chars_per_word=GOOGLE_MAX_INPUT_CHARS_PER_WORD,
+    )
+  )
+  tokenizer.normalizer = normalizers.BertNormalizer(
+    clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=do_lower_case
+  )
   tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   tokenizer.decoder = decoders.WordPiece(prefix="##")
   present = [token for token in SPECIAL_TOKENS if token in vocab]
   tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in present])
   if "[CLS]" in vocab and "[SEP]" in vocab:
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+      single="[CLS] $A [SEP]",
+      pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+      special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
   return tokenizer.to_str(pretty=True)
 
 
 MODEL_CARD_TOKENIZER_NOTE = (
-    "`tokenizer.json` reproduces Google's BERT tokenizer (the one that built the pretraining data), its 200-character "
-    "word limit included. It differs only on rare input: the Rust normaliser drops private-use and unassigned "
-    "characters that Google's keeps, lower-cases a word-final capital sigma to σ rather than ς, and keeps a literal "
-    "`[MASK]`/`[CLS]` in the text as one special token. `vocab.txt` with `clinical_bert_jax.tokenization."
-    "FullTokenizer` is exact.")
+  "`tokenizer.json` reproduces Google's BERT tokenizer (the one that built the pretraining data), its 200-character "
+  "word limit included. It differs only on rare input: the Rust normaliser drops private-use and unassigned "
+  "characters that Google's keeps, lower-cases a word-final capital sigma to σ rather than ς, and keeps a literal "
+  "`[MASK]`/`[CLS]` in the text as one special token. `vocab.txt` with `clinical_bert_jax.tokenization."
+  "FullTokenizer` is exact."
+)

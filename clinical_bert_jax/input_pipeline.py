@@ -38,9 +38,16 @@ STATE_VERSION = 1
 _MASKING_PROBE_SIZE = 64
 
 
-def open_pretraining_data(input_glob: str, *, vocab_size: int, vocab_sha256: str | None, max_seq_length: int,
-                          max_predictions_per_seq: int | None, flag: str = "--input_file",
-                          cache_dir: str | None = None) -> PretrainingData:
+def open_pretraining_data(
+  input_glob: str,
+  *,
+  vocab_size: int,
+  vocab_sha256: str | None,
+  max_seq_length: int,
+  max_predictions_per_seq: int | None,
+  flag: str = "--input_file",
+  cache_dir: str | None = None,
+) -> PretrainingData:
   """Opens pretraining shards for training and checks they fit the model; one-line UserError naming `flag` if not.
 
   `input_glob` is a comma-separated list of globs, files or data directories. `max_predictions_per_seq` is checked
@@ -88,8 +95,10 @@ def _host_batch_size(global_batch_size: int, process_count: int, flag: str) -> i
   if global_batch_size <= 0:
     raise UserError(f"{flag}={global_batch_size} must be a positive number of instances")
   if global_batch_size % process_count:
-    raise UserError(f"{flag}={global_batch_size} is not divisible by the {process_count} processes of this run; "
-                    f"use a multiple of {process_count}")
+    raise UserError(
+      f"{flag}={global_batch_size} is not divisible by the {process_count} processes of this run; "
+      f"use a multiple of {process_count}"
+    )
   return global_batch_size // process_count
 
 
@@ -103,17 +112,27 @@ class PretrainingInput:
   still has the static shape [G / process_count, ...].
   """
 
-  def __init__(self, data: PretrainingData, global_batch_size: int, seed: int, process_index: int | None = None,
-               process_count: int | None = None, drop_remainder: bool = True, shuffle: bool = True,
-               flag: str = "--train_batch_size"):
+  def __init__(
+    self,
+    data: PretrainingData,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    shuffle: bool = True,
+    flag: str = "--train_batch_size",
+  ):
     self.data = data
     self.num_instances = len(data)
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = _process_layout(process_index, process_count)
     self.host_batch_size = _host_batch_size(global_batch_size, self.process_count, flag)
     if drop_remainder and global_batch_size > self.num_instances:
-      raise UserError(f"{flag}={global_batch_size} is larger than the {self.num_instances} training instances; lower "
-                      "it or generate more data")
+      raise UserError(
+        f"{flag}={global_batch_size} is larger than the {self.num_instances} training instances; lower "
+        "it or generate more data"
+      )
     if seed < 0:
       raise UserError(f"the input seed must be a non-negative integer, got {seed}")
     self.seed = seed
@@ -153,7 +172,7 @@ class PretrainingInput:
     parts = []
     while wanted:
       taken = min(wanted, self.num_instances - index)
-      parts.append(self.epoch_order(epoch)[index:index + taken].copy())
+      parts.append(self.epoch_order(epoch)[index : index + taken].copy())
       index, wanted = index + taken, wanted - taken
       if index == self.num_instances:
         epoch, index = epoch + 1, 0
@@ -168,14 +187,20 @@ class PretrainingInput:
     """This host's slice of the next global batch, as numpy arrays with Google's feature names."""
     indices, epoch, index = self._next_global_indices()
     start = self.process_index * self.host_batch_size
-    batch = self.data.get_batch(indices[start:start + self.host_batch_size])
+    batch = self.data.get_batch(indices[start : start + self.host_batch_size])
     self._epoch, self._index = epoch, index  # a failed read does not advance the position
     return batch
 
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position: the next batch starts at instance `index` of epoch `epoch`'s order."""
-    return {"version": STATE_VERSION, "epoch": self._epoch, "index": self._index,
-            "num_instances": self.num_instances, "seed": self.seed, "shuffle": self.shuffle}
+    return {
+      "version": STATE_VERSION,
+      "epoch": self._epoch,
+      "index": self._index,
+      "num_instances": self.num_instances,
+      "seed": self.seed,
+      "shuffle": self.shuffle,
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from a `get_state()` position; UserError if it was saved for other data or another seed."""
@@ -183,19 +208,27 @@ class PretrainingInput:
       epoch, index, version = int(state["epoch"]), int(state["index"]), int(state["version"])
       saved = {key: state[key] for key in ("num_instances", "seed", "shuffle")}
     except (KeyError, TypeError, ValueError):
-      raise UserError("the checkpoint's input position (data_state) is malformed; it was not written by this tool: "
-                      "start from a fresh --output_dir") from None
+      raise UserError(
+        "the checkpoint's input position (data_state) is malformed; it was not written by this tool: "
+        "start from a fresh --output_dir"
+      ) from None
     if version != STATE_VERSION:
-      raise UserError(f"the checkpoint's input position has format version {version}, this tool reads "
-                      f"{STATE_VERSION}; resume with the tool version that wrote it")
+      raise UserError(
+        f"the checkpoint's input position has format version {version}, this tool reads "
+        f"{STATE_VERSION}; resume with the tool version that wrote it"
+      )
     current = {"num_instances": self.num_instances, "seed": self.seed, "shuffle": self.shuffle}
     for key, value in current.items():
       if saved[key] != value:
-        raise UserError(f"the checkpoint's input position was saved with {key}={saved[key]} but this run has "
-                        f"{key}={value}; resume with the same training data and seed, or start a new --output_dir")
+        raise UserError(
+          f"the checkpoint's input position was saved with {key}={saved[key]} but this run has "
+          f"{key}={value}; resume with the same training data and seed, or start a new --output_dir"
+        )
     if epoch < 0 or not 0 <= index <= self.num_instances:
-      raise UserError(f"the checkpoint's input position (epoch {epoch}, index {index}) is outside the "
-                      f"{self.num_instances} training instances; the checkpoint is corrupt")
+      raise UserError(
+        f"the checkpoint's input position (epoch {epoch}, index {index}) is outside the "
+        f"{self.num_instances} training instances; the checkpoint is corrupt"
+      )
     self._epoch, self._index = epoch, index
 
 
@@ -206,16 +239,25 @@ class EvalInput:
   `max_batches` of them. Iterating again starts over.
   """
 
-  def __init__(self, data: PretrainingData, global_batch_size: int, max_batches: int | None = None,
-               process_index: int | None = None, process_count: int | None = None, flag: str = "--eval_batch_size"):
+  def __init__(
+    self,
+    data: PretrainingData,
+    global_batch_size: int,
+    max_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    flag: str = "--eval_batch_size",
+  ):
     self.data = data
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = _process_layout(process_index, process_count)
     self.host_batch_size = _host_batch_size(global_batch_size, self.process_count, flag)
     available = len(data) // global_batch_size
     if available == 0:
-      raise UserError(f"{flag}={global_batch_size} is larger than the {len(data)} evaluation instances; lower it or "
-                      "hold out more data")
+      raise UserError(
+        f"{flag}={global_batch_size} is larger than the {len(data)} evaluation instances; lower it or "
+        "hold out more data"
+      )
     self.num_batches = available if max_batches is None else min(max_batches, available)
 
   def __len__(self) -> int:
@@ -369,7 +411,8 @@ def prefetch_to_device(iterator: Any, size: int, sharding: Sharding | Mesh) -> D
   else:
 
     def put(batch: Batch) -> dict[str, jax.Array]:
-      return {name: jax.make_array_from_process_local_data(sharding, np.asarray(values))
-              for name, values in batch.items()}
+      return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(values)) for name, values in batch.items()
+      }
 
   return DevicePrefetcher(iterator, size, put)

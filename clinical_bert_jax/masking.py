@@ -66,9 +66,12 @@ class MaskingVocab:
     missing = [token for token in (MASK_TOKEN,) + NEVER_MASKED_TOKENS if token not in ids]
     if missing:
       raise UserError(f"{source} has no {', '.join(missing)} token; dynamic masking needs a BERT vocabulary")
-    return cls(vocab_size=len(tokens), mask_token_id=ids[MASK_TOKEN],
-               special_token_ids=tuple(ids[token] for token in NEVER_MASKED_TOKENS),
-               is_continuation=np.array([token.startswith(CONTINUATION_PREFIX) for token in tokens], dtype=bool))
+    return cls(
+      vocab_size=len(tokens),
+      mask_token_id=ids[MASK_TOKEN],
+      special_token_ids=tuple(ids[token] for token in NEVER_MASKED_TOKENS),
+      is_continuation=np.array([token.startswith(CONTINUATION_PREFIX) for token in tokens], dtype=bool),
+    )
 
   @classmethod
   def from_vocab_file(cls, vocab_file: str | os.PathLike) -> "MaskingVocab":
@@ -76,20 +79,30 @@ class MaskingVocab:
     return cls.from_tokens(read_vocab(vocab_file), source=f"vocabulary {vocab_file}")
 
 
-def prediction_budget_table(max_seq_length: int, max_predictions_per_seq: int,
-                            masked_lm_prob: float) -> np.ndarray:
+def prediction_budget_table(max_seq_length: int, max_predictions_per_seq: int, masked_lm_prob: float) -> np.ndarray:
   """`table[n]` = Google's number of predictions for an instance of n real tokens (n = 0..max_seq_length).
 
   Computed in Python (float64, round-half-to-even) so the device lookup reproduces Google's counts exactly.
   """
-  return np.array([min(max_predictions_per_seq, max(1, round(length * masked_lm_prob)))
-                   for length in range(max_seq_length + 1)], dtype=np.int32)
+  return np.array(
+    [min(max_predictions_per_seq, max(1, round(length * masked_lm_prob))) for length in range(max_seq_length + 1)],
+    dtype=np.int32,
+  )
 
 
-def dynamic_mask(rng: Array, input_ids: Array, input_mask: Array, *, max_predictions_per_seq: int,
-                 mask_token_id: int, vocab_size: int, special_token_ids: Sequence[int],
-                 masked_lm_prob: float = 0.15, whole_word: bool = False,
-                 is_continuation: Array | np.ndarray | None = None) -> tuple[Array, Array, Array, Array]:
+def dynamic_mask(
+  rng: Array,
+  input_ids: Array,
+  input_mask: Array,
+  *,
+  max_predictions_per_seq: int,
+  mask_token_id: int,
+  vocab_size: int,
+  special_token_ids: Sequence[int],
+  masked_lm_prob: float = 0.15,
+  whole_word: bool = False,
+  is_continuation: Array | np.ndarray | None = None,
+) -> tuple[Array, Array, Array, Array]:
   """Chooses and corrupts masked-LM positions for a batch `[B, S]`; jit-able, all shapes static.
 
   Args:
@@ -136,8 +149,11 @@ def dynamic_mask(rng: Array, input_ids: Array, input_mask: Array, *, max_predict
     word_start_position = jax.lax.cummax(jnp.where(word_start, positions, 0), axis=1)  # [B, S]
     decision = jnp.take_along_axis(decision, word_start_position, axis=1)  # [B, S]
   random_ids = jax.random.randint(replacement_rng, input_ids.shape, 0, vocab_size, dtype=jnp.int32)  # [B, S]
-  corrupted = jnp.where(decision < MASK_PROBABILITY, jnp.int32(mask_token_id),
-                        jnp.where(decision < MASK_PROBABILITY + KEEP_PROBABILITY, input_ids, random_ids))  # [B, S]
+  corrupted = jnp.where(
+    decision < MASK_PROBABILITY,
+    jnp.int32(mask_token_id),
+    jnp.where(decision < MASK_PROBABILITY + KEEP_PROBABILITY, input_ids, random_ids),
+  )  # [B, S]
   masked_input_ids = jnp.where(chosen, corrupted, input_ids)  # [B, S]
 
   masked_lm_positions, masked_lm_weights = _sorted_positions(chosen, max_predictions_per_seq)  # [B, P] each
@@ -146,8 +162,9 @@ def dynamic_mask(rng: Array, input_ids: Array, input_mask: Array, *, max_predict
   return masked_input_ids, masked_lm_positions, masked_lm_ids, masked_lm_weights
 
 
-def _choose_words(visit_key: Array, word_start: Array, word_id: Array, candidate: Array, budget: Array, *,
-                  fill_after_overflow: bool) -> Array:
+def _choose_words(
+  visit_key: Array, word_start: Array, word_id: Array, candidate: Array, budget: Array, *, fill_after_overflow: bool
+) -> Array:
   """One row: visits words in `visit_key` order and takes each that still fits `budget`; returns chosen [S] bool.
 
   Words taken before the first one that overflows form a prefix of the visiting order (a cumulative sum). Google then
@@ -182,11 +199,13 @@ def _choose_words(visit_key: Array, word_start: Array, word_id: Array, candidate
 
     first_overflow = jnp.where(overflow.any(), jnp.argmax(overflow), seq_len)
     remaining = budget - jnp.sum(jnp.where(chosen_in_order, size, 0))
-    chosen_in_order, _, _ = jax.lax.while_loop(still_filling, take_next_fitting_word,
-                                               (chosen_in_order, remaining, first_overflow))
+    chosen_in_order, _, _ = jax.lax.while_loop(
+      still_filling, take_next_fitting_word, (chosen_in_order, remaining, first_overflow)
+    )
 
-  chosen_words = jnp.zeros(seq_len, bool).at[jnp.where(is_word, word_id[order], seq_len)].set(
-      chosen_in_order, mode="drop")  # [S] bool, indexed by word id
+  chosen_words = (
+    jnp.zeros(seq_len, bool).at[jnp.where(is_word, word_id[order], seq_len)].set(chosen_in_order, mode="drop")
+  )  # [S] bool, indexed by word id
   return candidate & chosen_words[jnp.clip(word_id, 0)]  # [S] bool, indexed by position
 
 
@@ -202,17 +221,36 @@ def _sorted_positions(chosen: Array, max_predictions_per_seq: int) -> tuple[Arra
   return jnp.where(real_slot, smallest, 0).astype(jnp.int32), real_slot.astype(jnp.float32)
 
 
-def mask_batch(rng: Array, batch: Mapping[str, Any], vocab: MaskingVocab, *, max_predictions_per_seq: int,
-               masked_lm_prob: float = 0.15, whole_word: bool = False) -> dict[str, Any]:
+def mask_batch(
+  rng: Array,
+  batch: Mapping[str, Any],
+  vocab: MaskingVocab,
+  *,
+  max_predictions_per_seq: int,
+  masked_lm_prob: float = 0.15,
+  whole_word: bool = False,
+) -> dict[str, Any]:
   """Returns `batch` (Google feature names) with fresh masks: `input_ids` and the `masked_lm_*` fields replaced.
 
   Use inside the jitted train step with a key derived from the step (e.g. `jax.random.fold_in(rng, step)`), so a
   resumed run draws the same masks as an uninterrupted one.
   """
   input_ids, positions, ids, weights = dynamic_mask(
-      rng, batch["input_ids"], batch["input_mask"], max_predictions_per_seq=max_predictions_per_seq,
-      mask_token_id=vocab.mask_token_id, vocab_size=vocab.vocab_size, special_token_ids=vocab.special_token_ids,
-      masked_lm_prob=masked_lm_prob, whole_word=whole_word,
-      is_continuation=vocab.is_continuation if whole_word else None)
-  return {**batch, "input_ids": input_ids, "masked_lm_positions": positions, "masked_lm_ids": ids,
-          "masked_lm_weights": weights}
+    rng,
+    batch["input_ids"],
+    batch["input_mask"],
+    max_predictions_per_seq=max_predictions_per_seq,
+    mask_token_id=vocab.mask_token_id,
+    vocab_size=vocab.vocab_size,
+    special_token_ids=vocab.special_token_ids,
+    masked_lm_prob=masked_lm_prob,
+    whole_word=whole_word,
+    is_continuation=vocab.is_continuation if whole_word else None,
+  )
+  return {
+    **batch,
+    "input_ids": input_ids,
+    "masked_lm_positions": positions,
+    "masked_lm_ids": ids,
+    "masked_lm_weights": weights,
+  }

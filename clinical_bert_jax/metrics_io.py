@@ -38,21 +38,21 @@ LOSS_CURVE_FILE = "loss_curve.png"
 # Dense (no sparsity) bf16 peak FLOP/s per JAX device, matched as a substring of `device.device_kind`, first match
 # wins (so more specific names come first). Vendor datasheets; TPU v2/v3 expose each core as a device.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("TPU v2", 22.5e12),
-    ("TPU v3", 61.5e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v6 lite", 918e12),  # Trillium
+  ("GH200", 989e12),
+  ("H200", 989e12),
+  ("H100 PCIe", 756e12),
+  ("H100 NVL", 835e12),
+  ("H100", 989e12),  # SXM
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("L40S", 362e12),
+  ("L4", 121e12),
+  ("TPU v2", 22.5e12),
+  ("TPU v3", 61.5e12),
+  ("TPU v4", 275e12),
+  ("TPU v5 lite", 197e12),  # v5e
+  ("TPU v5", 459e12),  # v5p
+  ("TPU v6 lite", 918e12),  # Trillium
 )
 
 
@@ -109,8 +109,14 @@ class MetricWindow:
 class PerfMeter:
   """Throughput, MFU and ETA from wall-clock time between two log points (compilation excluded by `restart`)."""
 
-  def __init__(self, sequences_per_step: int, tokens_per_sequence: int, flops_per_sequence: float,
-               num_devices: int, peak_flops: float | None):
+  def __init__(
+    self,
+    sequences_per_step: int,
+    tokens_per_sequence: int,
+    flops_per_sequence: float,
+    num_devices: int,
+    peak_flops: float | None,
+  ):
     self.sequences_per_step = sequences_per_step
     self.tokens_per_sequence = tokens_per_sequence
     self.flops_per_sequence = flops_per_sequence
@@ -133,10 +139,13 @@ class PerfMeter:
       return {}
     sequences_per_second = steps * self.sequences_per_step / elapsed
     flops_per_device = sequences_per_second * self.flops_per_sequence / self.num_devices
-    perf = {"perf/step_time_s": elapsed / steps, "perf/seq_per_s": sequences_per_second,
-            "perf/tokens_per_s": sequences_per_second * self.tokens_per_sequence,
-            "perf/tflops_per_device": flops_per_device / 1e12,
-            "perf/eta_s": (total_steps - step) * elapsed / steps}
+    perf = {
+      "perf/step_time_s": elapsed / steps,
+      "perf/seq_per_s": sequences_per_second,
+      "perf/tokens_per_s": sequences_per_second * self.tokens_per_sequence,
+      "perf/tflops_per_device": flops_per_device / 1e12,
+      "perf/eta_s": (total_steps - step) * elapsed / steps,
+    }
     if self.peak_flops:
       perf["perf/mfu"] = flops_per_device / self.peak_flops
     return perf
@@ -145,10 +154,15 @@ class PerfMeter:
 def format_progress(step: int, total_steps: int, values: Mapping[str, float]) -> str:
   """One human-readable line: step, losses, accuracies, learning rate, grad norm, throughput, MFU, ETA."""
   parts = [f"step {step}/{total_steps}"]
-  formats = (("train/loss", "loss {:.4f}"), ("train/mlm_accuracy", "mlm_acc {:.3f}"),
-             ("train/nsp_accuracy", "nsp_acc {:.3f}"), ("train/learning_rate", "lr {:.3g}"),
-             ("train/grad_norm", "gnorm {:.3g}"), ("perf/seq_per_s", "{:.1f} seq/s"),
-             ("perf/tokens_per_s", "{:.0f} tok/s"))
+  formats = (
+    ("train/loss", "loss {:.4f}"),
+    ("train/mlm_accuracy", "mlm_acc {:.3f}"),
+    ("train/nsp_accuracy", "nsp_acc {:.3f}"),
+    ("train/learning_rate", "lr {:.3g}"),
+    ("train/grad_norm", "gnorm {:.3g}"),
+    ("perf/seq_per_s", "{:.1f} seq/s"),
+    ("perf/tokens_per_s", "{:.0f} tok/s"),
+  )
   parts += [template.format(values[name]) for name, template in formats if name in values]
   if "perf/mfu" in values:
     parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
@@ -273,13 +287,22 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> bool:
     return [step for step, _ in points], [value for _, value in points]
 
   figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(11, 4))
-  for name, style in (("train/loss", "-"), ("train/mlm_loss", "-"), ("train/nsp_loss", "-"), ("eval/loss", "o-"),
-                      ("eval/mlm_loss", "o-")):
+  for name, style in (
+    ("train/loss", "-"),
+    ("train/mlm_loss", "-"),
+    ("train/nsp_loss", "-"),
+    ("eval/loss", "o-"),
+    ("eval/mlm_loss", "o-"),
+  ):
     steps, values = series(name)
     if steps:
       loss_axes.plot(steps, values, style, label=name, markersize=3)
-  for name, style in (("train/mlm_accuracy", "-"), ("train/nsp_accuracy", "-"), ("eval/mlm_accuracy", "o-"),
-                      ("eval/nsp_accuracy", "o-")):
+  for name, style in (
+    ("train/mlm_accuracy", "-"),
+    ("train/nsp_accuracy", "-"),
+    ("eval/mlm_accuracy", "o-"),
+    ("eval/nsp_accuracy", "o-"),
+  ):
     steps, values = series(name)
     if steps:
       accuracy_axes.plot(steps, values, style, label=name, markersize=3)

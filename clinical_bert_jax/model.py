@@ -28,9 +28,11 @@ ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 
 def activation_fn(name: str) -> Callable[[Array], Array]:
   """`gelu` is the exact erf form (HF and the 2018 Google checkpoints); `gelu_new` the tanh approximation."""
-  return {"gelu": lambda x: nn.gelu(x, approximate=False),
-          "gelu_new": lambda x: nn.gelu(x, approximate=True),
-          "relu": nn.relu}[name]
+  return {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+  }[name]
 
 
 def _kernel_init(config: BertConfig, names: tuple[str, str]):
@@ -47,14 +49,21 @@ def _ones(names: tuple[str, ...]):
 
 
 def _dense(config: BertConfig, features: int, names: tuple[str, str], dtype: DType, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=_kernel_init(config, names), bias_init=_zeros(names[1:]),
-                  name=name)
+  return nn.Dense(
+    features, dtype=dtype, kernel_init=_kernel_init(config, names), bias_init=_zeros(names[1:]), name=name
+  )
 
 
 def _layer_norm(config: BertConfig, dtype: DType, name: str = "LayerNorm") -> nn.LayerNorm:
   """TF-compatible LayerNorm: epsilon from the config (1e-12 for BERT) and the two-pass variance."""
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, use_fast_variance=False,
-                      scale_init=_ones((EMBED,)), bias_init=_zeros((EMBED,)), name=name)
+  return nn.LayerNorm(
+    epsilon=config.layer_norm_eps,
+    dtype=dtype,
+    use_fast_variance=False,
+    scale_init=_ones((EMBED,)),
+    bias_init=_zeros((EMBED,)),
+    name=name,
+  )
 
 
 def _random_uint16(key: Array, shape: tuple[int, ...]) -> Array:
@@ -99,12 +108,27 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
     cfg = self.config
-    word = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                    embedding_init=_kernel_init(cfg, (VOCAB, EMBED)), name="word_embeddings")
-    position = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
-                        embedding_init=_kernel_init(cfg, (POSITION, EMBED)), name="position_embeddings")
-    token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=self.dtype,
-                          embedding_init=_kernel_init(cfg, (TOKEN_TYPE, EMBED)), name="token_type_embeddings")
+    word = nn.Embed(
+      cfg.vocab_size,
+      cfg.hidden_size,
+      dtype=self.dtype,
+      embedding_init=_kernel_init(cfg, (VOCAB, EMBED)),
+      name="word_embeddings",
+    )
+    position = nn.Embed(
+      cfg.max_position_embeddings,
+      cfg.hidden_size,
+      dtype=self.dtype,
+      embedding_init=_kernel_init(cfg, (POSITION, EMBED)),
+      name="position_embeddings",
+    )
+    token_type = nn.Embed(
+      cfg.type_vocab_size,
+      cfg.hidden_size,
+      dtype=self.dtype,
+      embedding_init=_kernel_init(cfg, (TOKEN_TYPE, EMBED)),
+      name="token_type_embeddings",
+    )
     positions = jnp.arange(input_ids.shape[-1])[None, :]
     hidden = word(input_ids) + position(positions) + token_type(token_type_ids)
     hidden = _layer_norm(cfg, self.dtype)(hidden)
@@ -209,8 +233,9 @@ class BertEncoder(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array, deterministic: bool,
-               output_hidden_states: bool = False) -> tuple[Array, tuple[Array, ...]]:
+  def __call__(
+    self, hidden: Array, mask: Array, deterministic: bool, output_hidden_states: bool = False
+  ) -> tuple[Array, tuple[Array, ...]]:
     all_hidden = (hidden,)
     layers = _LayerStack(self.config, self.dtype, self.scan_layers, self.remat, name="layer")
     hidden, stacked = layers(hidden, mask, deterministic, output_hidden_states)
@@ -243,13 +268,20 @@ class _LayerStack(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, hidden: Array, mask: Array, deterministic: bool,
-               output_hidden_states: bool) -> tuple[Array, tuple[Array, ...]]:
+  def __call__(
+    self, hidden: Array, mask: Array, deterministic: bool, output_hidden_states: bool
+  ) -> tuple[Array, tuple[Array, ...]]:
     if self.scan_layers:
-      scanned = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,), length=self.config.num_hidden_layers)
-      hidden, stacked = scanned(self.config, self.dtype, deterministic, self.remat, output_hidden_states,
-                                name=SCANNED)(hidden, mask)  # stacked: [L, B, S, H] or None
+      scanned = nn.scan(
+        _ScanBody,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,),
+        length=self.config.num_hidden_layers,
+      )
+      hidden, stacked = scanned(self.config, self.dtype, deterministic, self.remat, output_hidden_states, name=SCANNED)(
+        hidden, mask
+      )  # stacked: [L, B, S, H] or None
       return hidden, tuple(stacked) if output_hidden_states else ()
     outputs = []
     layer_class = _layer_class(self.remat, False)
@@ -287,8 +319,9 @@ def unstack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
   stacked = layers[SCANNED]["block"]
   count = jax.tree.leaves(stacked)[0].shape[0]
-  return _with_layer_tree(params, {str(index): jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
-                                   for index in range(count)})
+  return _with_layer_tree(
+    params, {str(index): jax.tree.map(lambda leaf, i=index: leaf[i], stacked) for index in range(count)}
+  )
 
 
 class BertModule(nn.Module):
@@ -305,8 +338,14 @@ class BertModule(nn.Module):
     self.encoder = BertEncoder(self.config, self.dtype, self.scan_layers, self.remat)
     self.pooler = _Pooler(self.config, self.dtype)
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
-               deterministic: bool = True, output_hidden_states: bool = False) -> dict[str, Any]:
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    deterministic: bool = True,
+    output_hidden_states: bool = False,
+  ) -> dict[str, Any]:
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
@@ -365,8 +404,13 @@ class _PretrainingHeads(nn.Module):
   @nn.compact
   def __call__(self, mlm_hidden: Array, pooled: Array, embedding_table: Array) -> tuple[Array, Array]:
     mlm_logits = _MaskedLMHead(self.config, self.dtype, name="predictions")(mlm_hidden, embedding_table)
-    nsp = nn.Dense(2, dtype=self.dtype, kernel_init=_kernel_init(self.config, (EMBED, CLASSES)),
-                   bias_init=_zeros((CLASSES,)), name="seq_relationship")
+    nsp = nn.Dense(
+      2,
+      dtype=self.dtype,
+      kernel_init=_kernel_init(self.config, (EMBED, CLASSES)),
+      bias_init=_zeros((CLASSES,)),
+      name="seq_relationship",
+    )
     return mlm_logits, nsp(pooled).astype(jnp.float32)
 
 
@@ -389,9 +433,15 @@ class BertForPreTraining(nn.Module):
     self.bert = BertModule(self.config, self.dtype, self.scan_layers, self.remat)
     self.cls = _PretrainingHeads(self.config, self.dtype)
 
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None, token_type_ids: Array | None = None,
-               masked_lm_positions: Array | None = None, deterministic: bool = True,
-               output_hidden_states: bool = False) -> dict[str, Any]:
+  def __call__(
+    self,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    token_type_ids: Array | None = None,
+    masked_lm_positions: Array | None = None,
+    deterministic: bool = True,
+    output_hidden_states: bool = False,
+  ) -> dict[str, Any]:
     outputs = self.bert(input_ids, attention_mask, token_type_ids, deterministic, output_hidden_states)
     sequence = outputs["sequence_output"]
     if masked_lm_positions is not None:
@@ -405,8 +455,12 @@ class BertForPreTraining(nn.Module):
 def _dummy_inputs(config: BertConfig, batch: int = 1, length: int = 8) -> dict[str, Array]:
   length = min(length, config.max_position_embeddings)
   ids = jnp.zeros((batch, length), jnp.int32)
-  return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids,
-          "masked_lm_positions": jnp.zeros((batch, 1), jnp.int32)}
+  return {
+    "input_ids": ids,
+    "attention_mask": jnp.ones_like(ids),
+    "token_type_ids": ids,
+    "masked_lm_positions": jnp.zeros((batch, 1), jnp.int32),
+  }
 
 
 def _boxed_init(config: BertConfig, rng: Array):

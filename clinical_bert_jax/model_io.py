@@ -47,8 +47,10 @@ class LoadedModel:
 def check_vocab_matches(vocab_file: Path, config: BertConfig, source: str) -> None:
   tokens = read_vocab(vocab_file)
   if len(tokens) != config.vocab_size:
-    raise UserError(f"{source}: vocab {vocab_file} has {len(tokens)} entries but the embedding has "
-                    f"{config.vocab_size} rows; pass the vocab the model was trained with")
+    raise UserError(
+      f"{source}: vocab {vocab_file} has {len(tokens)} entries but the embedding has "
+      f"{config.vocab_size} rows; pass the vocab the model was trained with"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- reading tensors
@@ -66,14 +68,18 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError:
-    raise UserError(f"{path} is a PyTorch file and torch is not installed; pip install 'clinical_bert_jax[torch]' "
-                    "or convert it to model.safetensors") from None
+    raise UserError(
+      f"{path} is a PyTorch file and torch is not installed; pip install 'clinical_bert_jax[torch]' "
+      "or convert it to model.safetensors"
+    ) from None
   try:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
     reason = " ".join(str(error).split())[:200]
-    raise UserError(f"{path} cannot be loaded safely with weights_only=True ({reason}); it may contain pickled "
-                    "code — convert it to model.safetensors in a trusted environment") from None
+    raise UserError(
+      f"{path} cannot be loaded safely with weights_only=True ({reason}); it may contain pickled "
+      "code — convert it to model.safetensors in a trusted environment"
+    ) from None
   if not isinstance(state, dict):
     raise UserError(f"{path} does not hold a state dict")
   return {key: value.detach().float().numpy() for key, value in state.items() if hasattr(value, "detach")}
@@ -83,16 +89,16 @@ def _read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
   try:
     import tensorflow as tf  # noqa: F401  (heavy; only this path needs it)
   except ImportError:
-    raise UserError("reading a TF checkpoint needs TensorFlow: pip install 'clinical_bert_jax[tf]' "
-                    "(or tensorflow-cpu)") from None
+    raise UserError(
+      "reading a TF checkpoint needs TensorFlow: pip install 'clinical_bert_jax[tf]' (or tensorflow-cpu)"
+    ) from None
   index = Path(prefix + ".index")
   if not index.is_file():
     raise UserError(f"TF checkpoint {prefix}: {index} not found; pass the prefix, e.g. DIR/bert_model.ckpt")
   try:
     reader = tf.train.load_checkpoint(prefix)
     names = reader.get_variable_to_shape_map()
-    return {name: np.asarray(reader.get_tensor(name)) for name in names
-            if not weight_names._IGNORED_TF.search(name)}
+    return {name: np.asarray(reader.get_tensor(name)) for name in names if not weight_names._IGNORED_TF.search(name)}
   except Exception as error:  # TF raises DataLossError / NotFoundError / OpError for broken checkpoints
     reason = " ".join(str(error).split())[:200]
     raise UserError(f"TF checkpoint {prefix} cannot be read ({reason})") from None
@@ -119,8 +125,13 @@ def load_hf_dir(directory: Path, seed: int = 0) -> LoadedModel:
   return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"hf:{directory}", report)
 
 
-def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_file: str | os.PathLike | None = None,
-                       do_lower_case: bool | None = None, seed: int = 0) -> LoadedModel:
+def load_tf_checkpoint(
+  prefix: str,
+  bert_config_file: str | os.PathLike,
+  vocab_file: str | os.PathLike | None = None,
+  do_lower_case: bool | None = None,
+  seed: int = 0,
+) -> LoadedModel:
   from clinical_bert_jax import fileio
 
   remote_prefix = prefix
@@ -130,8 +141,9 @@ def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_f
   vocab_file = fileio.local_copy(vocab_file, "--vocab_file") if vocab_file else None
   config = BertConfig.load(bert_config_file)
   arrays = _read_tf_checkpoint(prefix)
-  params, report = weight_names.params_from_named_arrays(arrays, _fresh_reference(config, seed), "tf",
-                                                         f"TF checkpoint {prefix}")
+  params, report = weight_names.params_from_named_arrays(
+    arrays, _fresh_reference(config, seed), "tf", f"TF checkpoint {prefix}"
+  )
   vocab = Path(vocab_file) if vocab_file else None
   if vocab is not None:
     check_vocab_matches(vocab, config, f"TF checkpoint {prefix}")
@@ -142,13 +154,21 @@ def load_tf_checkpoint(prefix: str, bert_config_file: str | os.PathLike, vocab_f
 
 def load_our_dir(directory: Path) -> LoadedModel:
   config = BertConfig.load(directory / "config.json")
-  params = check_params_match(weight_names.unflatten_params(_read_safetensors(directory / OUR_PARAMS_FILE)),
-                              config, str(directory))
+  params = check_params_match(
+    weight_names.unflatten_params(_read_safetensors(directory / OUR_PARAMS_FILE)), config, str(directory)
+  )
   vocab = vocab_file_in(directory)
   meta = _read_json(directory / "training_info.json")
-  return LoadedModel(config, params, vocab, read_do_lower_case(directory, vocab), f"ours:{directory}",
-                     step=meta.get("step"), trained_seq_length=meta.get("max_seq_length"),
-                     base_model=hub_id_from_path(meta.get("init_checkpoint")))
+  return LoadedModel(
+    config,
+    params,
+    vocab,
+    read_do_lower_case(directory, vocab),
+    f"ours:{directory}",
+    step=meta.get("step"),
+    trained_seq_length=meta.get("max_seq_length"),
+    base_model=hub_id_from_path(meta.get("init_checkpoint")),
+  )
 
 
 def check_params_match(params: dict[str, Any], config: BertConfig, source: str) -> dict[str, Any]:
@@ -158,12 +178,13 @@ def check_params_match(params: dict[str, Any], config: BertConfig, source: str) 
   missing = sorted(shapes.keys() - found.keys())
   unknown = sorted(found.keys() - shapes.keys())
   if missing or unknown:
-    raise UserError(f"{source}: parameters do not match the config (missing: {', '.join(missing[:3]) or 'none'}; "
-                    f"unknown: {', '.join(unknown[:3]) or 'none'})")
+    raise UserError(
+      f"{source}: parameters do not match the config (missing: {', '.join(missing[:3]) or 'none'}; "
+      f"unknown: {', '.join(unknown[:3]) or 'none'})"
+    )
   for name, shape in shapes.items():
     if tuple(found[name].shape) != shape:
-      raise UserError(f"{source}: tensor {name} has shape {list(found[name].shape)} but the config needs "
-                      f"{list(shape)}")
+      raise UserError(f"{source}: tensor {name} has shape {list(found[name].shape)} but the config needs {list(shape)}")
   return params
 
 
@@ -210,13 +231,21 @@ def load_training_dir(workdir: Path, step: int | None = None) -> LoadedModel:
   params = read_params(workdir, step, target)  # verified against the checksums saved with it
   vocab = vocab_file_in(local_dir)
   info = _read_json(local_dir / "training_info.json")
-  return LoadedModel(config, params, vocab, read_do_lower_case(local_dir, vocab), f"workdir:{workdir}@{step}",
-                     step=step, trained_seq_length=info.get("max_seq_length"),
-                     base_model=hub_id_from_path(info.get("init_checkpoint")))
+  return LoadedModel(
+    config,
+    params,
+    vocab,
+    read_do_lower_case(local_dir, vocab),
+    f"workdir:{workdir}@{step}",
+    step=step,
+    trained_seq_length=info.get("max_seq_length"),
+    base_model=hub_id_from_path(info.get("init_checkpoint")),
+  )
 
 
-def load_model(spec: str | os.PathLike, step: int | None = None, bert_config_file: str | None = None,
-               vocab_file: str | None = None) -> LoadedModel:
+def load_model(
+  spec: str | os.PathLike, step: int | None = None, bert_config_file: str | None = None, vocab_file: str | None = None
+) -> LoadedModel:
   """Loads any supported checkpoint (see the module docstring)."""
   spec = str(spec)
   if spec.startswith("tf:"):
@@ -241,8 +270,10 @@ def load_model(spec: str | os.PathLike, step: int | None = None, bert_config_fil
   if (directory / OUR_PARAMS_FILE).is_file() and not explicit_hf:
     return load_our_dir(directory)
   if not (directory / "config.json").is_file():
-    raise UserError(f"{directory} is not a BERT checkpoint: no config.json (expected an HF model dir, one of ours, "
-                    "or a pretraining workdir)")
+    raise UserError(
+      f"{directory} is not a BERT checkpoint: no config.json (expected an HF model dir, one of ours, "
+      "or a pretraining workdir)"
+    )
   return load_hf_dir(directory)
 
 
@@ -254,11 +285,14 @@ def save_our_dir(loaded: LoadedModel, directory: Path) -> None:
   from safetensors.numpy import save_file
 
   loaded.config.save_hf(directory / "config.json")
-  save_file({k: np.ascontiguousarray(v, dtype=np.float32)
-             for k, v in weight_names.flatten_params(loaded.params).items()}, str(directory / OUR_PARAMS_FILE),
-            metadata={"format": "flax", "producer": "clinical_bert_jax"})
+  save_file(
+    {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weight_names.flatten_params(loaded.params).items()},
+    str(directory / OUR_PARAMS_FILE),
+    metadata={"format": "flax", "producer": "clinical_bert_jax"},
+  )
   if loaded.vocab_file is not None:
     shutil.copyfile(loaded.vocab_file, directory / "vocab.txt")
   if loaded.do_lower_case is not None:
-    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": loaded.do_lower_case}) + "\n",
-                                                      encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+      json.dumps({"do_lower_case": loaded.do_lower_case}) + "\n", encoding="utf-8"
+    )

@@ -30,6 +30,7 @@ NON_WORD_LABELS = frozenset({"X", "[CLS]", "[SEP]"})
 
 class Concept(NamedTuple):
   """One entity mention: word offsets are 0-based and inclusive, like the i2b2 concept files."""
+
   sentence: int
   start: int
   end: int
@@ -49,8 +50,9 @@ class SpanScores:
     return dataclasses.asdict(self)
 
 
-def first_subtoken_word_labels(token_labels: Sequence[str], token_word_ids: Sequence[int | None],
-                               num_words: int, cut_word: int | None = None) -> list[str]:
+def first_subtoken_word_labels(
+  token_labels: Sequence[str], token_word_ids: Sequence[int | None], num_words: int, cut_word: int | None = None
+) -> list[str]:
   """Word labels from per-sub-token labels: each word takes its first sub-token's label.
 
   `token_word_ids[i]` is the word that sub-token `i` belongs to (None for [CLS]/[SEP]/padding). Placeholder labels
@@ -173,12 +175,15 @@ def read_prediction_file(path: str | os.PathLike) -> tuple[list[list[str]], list
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
+
   path = flags.FLAGS.predictions
   if not path:
     raise UserError("--predictions is required: a file of 'word gold pred' lines")
   scores = score_sentences(*read_prediction_file(path))
-  print(f"precision {scores.precision:.4f}  recall {scores.recall:.4f}  f1 {scores.f1:.4f}  "
-        f"(gold {scores.num_gold}, predicted {scores.num_predicted}, correct {scores.num_correct})")
+  print(
+    f"precision {scores.precision:.4f}  recall {scores.recall:.4f}  f1 {scores.f1:.4f}  "
+    f"(gold {scores.num_gold}, predicted {scores.num_predicted}, correct {scores.num_correct})"
+  )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_schedule(
-    learning_rate: float, num_train_steps: int, num_warmup_steps: int, kind: str = "bert"
+  learning_rate: float, num_train_steps: int, num_warmup_steps: int, kind: str = "bert"
 ) -> optax.Schedule:
   """Learning rate as a function of the 0-based optimizer-update count `t` (T = train steps, W = warmup steps).
 
@@ -118,18 +118,18 @@ def upcast_gradients_to_fp32() -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    name: str,
-    learning_rate: float,
-    num_train_steps: int,
-    num_warmup_steps: int,
-    weight_decay: float = 0.01,
-    clip_norm: float | None = 1.0,
-    grad_accum_steps: int = 1,
-    *,
-    schedule: str | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
+  name: str,
+  learning_rate: float,
+  num_train_steps: int,
+  num_warmup_steps: int,
+  weight_decay: float = 0.01,
+  clip_norm: float | None = 1.0,
+  grad_accum_steps: int = 1,
+  *,
+  schedule: str | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
 ) -> optax.GradientTransformation:
   """The optimizer `name` with the BERT weight-decay mask, global-norm clipping and a learning-rate schedule.
 
@@ -146,14 +146,14 @@ def make_optimizer(
 
   if name == "bert_adam":
     update_rule = optax.chain(
-        scale_by_bert_adam(b1, b2, eps),
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate_fn),
+      scale_by_bert_adam(b1, b2, eps),
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate_fn),
     )
   elif name == "adamw":
     update_rule = optax.adamw(
-        learning_rate_fn, b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32, weight_decay=weight_decay,
-        mask=weight_decay_mask)
+      learning_rate_fn, b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32, weight_decay=weight_decay, mask=weight_decay_mask
+    )
   else:
     update_rule = optax.lamb(learning_rate_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
 
@@ -175,12 +175,11 @@ def _check_schedule_args(learning_rate: float, num_train_steps: int, num_warmup_
   if num_train_steps < 1:
     raise UserError(f"--num_train_steps={num_train_steps} must be at least 1")
   if not 0 <= num_warmup_steps <= num_train_steps:
-    raise UserError(
-        f"--num_warmup_steps={num_warmup_steps} must be between 0 and --num_train_steps={num_train_steps}")
+    raise UserError(f"--num_warmup_steps={num_warmup_steps} must be between 0 and --num_train_steps={num_train_steps}")
 
 
 def _check_optimizer_args(
-    weight_decay: float, clip_norm: float | None, grad_accum_steps: int, b1: float, b2: float, eps: float
+  weight_decay: float, clip_norm: float | None, grad_accum_steps: int, b1: float, b2: float, eps: float
 ) -> None:
   if not weight_decay >= 0:
     raise UserError(f"--weight_decay={weight_decay} must be >= 0 (0 disables weight decay)")

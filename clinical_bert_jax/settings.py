@@ -18,12 +18,24 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
-_FLAG_TYPES = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-               str: flags.DEFINE_string, list: flags.DEFINE_list}  # list: a comma list (field: a tuple, parse=tuple)
+_FLAG_TYPES = {
+  bool: flags.DEFINE_bool,
+  int: flags.DEFINE_integer,
+  float: flags.DEFINE_float,
+  str: flags.DEFINE_string,
+  list: flags.DEFINE_list,
+}  # list: a comma list (field: a tuple, parse=tuple)
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[str] | None = None,  # noqa: A002
-            google: bool = False, flag_type: type | None = None, parse: Callable[[Any], Any] | None = None) -> Any:
+def setting(
+  default: Any = dataclasses.MISSING,
+  *,
+  help: str,
+  choices: Sequence[str] | None = None,  # noqa: A002
+  google: bool = False,
+  flag_type: type | None = None,
+  parse: Callable[[Any], Any] | None = None,
+) -> Any:
   """A dataclass field that is also a command-line flag of the same name.
 
   Args:
@@ -34,8 +46,13 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[
     flag_type: the flag's type when it differs from the field's (with `parse`).
     parse: turns the parsed flag value into the field's value (e.g. "10,20" → (10, 20)).
   """
-  metadata = {"help": help, "choices": None if choices is None else list(choices), "google": google,
-              "flag_type": flag_type, "parse": parse}
+  metadata = {
+    "help": help,
+    "choices": None if choices is None else list(choices),
+    "google": google,
+    "flag_type": flag_type,
+    "parse": parse,
+  }
   return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -66,14 +83,21 @@ def define_flags(cls: type, module_name: str, flag_values: flags.FlagValues = fl
     if field.default is dataclasses.MISSING:
       required.append(field.name)
     if field.metadata["choices"] is not None:
-      flags.DEFINE_enum(field.name, default, field.metadata["choices"], field.metadata["help"],
-                        flag_values=flag_values, module_name=registered_name)
+      flags.DEFINE_enum(
+        field.name,
+        default,
+        field.metadata["choices"],
+        field.metadata["help"],
+        flag_values=flag_values,
+        module_name=registered_name,
+      )
     else:
       flag_type = _flag_type(cls, field)
       if flag_type is list and default is not None:
         default = list(default)
-      _FLAG_TYPES[flag_type](field.name, default, field.metadata["help"], flag_values=flag_values,
-                             module_name=registered_name)
+      _FLAG_TYPES[flag_type](
+        field.name, default, field.metadata["help"], flag_values=flag_values, module_name=registered_name
+      )
     if registered_name != module_name:
       flag_values.register_flag_by_module_id(id(sys.modules[module_name]), flag_values[field.name])
   if required:

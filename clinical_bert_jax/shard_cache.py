@@ -79,8 +79,9 @@ def _plan(part: str, flag: str) -> tuple[tuple[str, dict[str, str]] | None, list
         records.check_shard_names(manifest, manifest_uri)
         uris = [f"{part.rstrip('/')}/{shard['name']}" for shard in manifest["shards"]]
       else:
-        uris = (fileio.glob(f"{part.rstrip('/')}/*{records.NATIVE_SUFFIX}")
-                + fileio.glob(f"{part.rstrip('/')}/*{records.TFRECORD_SUFFIX}"))
+        uris = fileio.glob(f"{part.rstrip('/')}/*{records.NATIVE_SUFFIX}") + fileio.glob(
+          f"{part.rstrip('/')}/*{records.TFRECORD_SUFFIX}"
+        )
     else:
       uris = [uri for uri in fileio.glob(part) if not uri.endswith("/" + records.MANIFEST_NAME)]
     shards = [(uri, int(filesystem.info(uri)["size"])) for uri in uris]
@@ -95,8 +96,9 @@ def _plan(part: str, flag: str) -> tuple[tuple[str, dict[str, str]] | None, list
   except UserError:
     raise
   except (json.JSONDecodeError, KeyError, TypeError):
-    raise UserError(f"{flag}={part}: its {records.MANIFEST_NAME} is not a valid manifest; regenerate the "
-                    "data") from None
+    raise UserError(
+      f"{flag}={part}: its {records.MANIFEST_NAME} is not a valid manifest; regenerate the data"
+    ) from None
   except Exception as error:
     raise fileio.storage_error(part, error, flag, "cannot list it") from None
   return manifest_entry, shards
@@ -112,8 +114,10 @@ def _check_space(cache: Path, wanted: list[tuple[str, int]], flag: str) -> None:
   except OSError as error:
     raise UserError(f"--data_cache_dir={cache}: cannot create it ({error.strerror}); pass a writable folder") from None
   if missing + FREE_SPACE_MARGIN > free:
-    raise UserError(f"--data_cache_dir={cache} has {free / 2**30:.1f} GiB free but the {flag} shards need "
-                    f"{missing / 2**30:.1f} GiB more (plus a 1 GiB margin); point it at a larger disk or free space")
+    raise UserError(
+      f"--data_cache_dir={cache} has {free / 2**30:.1f} GiB free but the {flag} shards need "
+      f"{missing / 2**30:.1f} GiB more (plus a 1 GiB margin); point it at a larger disk or free space"
+    )
 
 
 def _is_cached(local: Path, size: int) -> bool:
@@ -129,8 +133,9 @@ def _fetch(uri: str, local: Path, cache: Path, flag: str) -> None:
     fileio.download_file(uri, local)
   except OSError as error:
     if isinstance(error, OSError) and error.errno is not None and local.parent.is_relative_to(cache):
-      raise UserError(f"--data_cache_dir={cache}: cannot store {uri} ({fileio._reason(error)}); free space or pass "
-                      "another folder") from None
+      raise UserError(
+        f"--data_cache_dir={cache}: cannot store {uri} ({fileio._reason(error)}); free space or pass another folder"
+      ) from None
     raise fileio.storage_error(uri, error, flag, "cannot download it") from None
   except Exception as error:
     raise fileio.storage_error(uri, error, flag, "cannot download it") from None
@@ -150,9 +155,11 @@ def _fetch_shard(uri: str, size: int, local: Path, expected: str | None, cache: 
   reference = expected or footer
   if reference is not None and checksum != reference or footer is not None and checksum != footer:
     local.unlink(missing_ok=True)
-    raise UserError(f"{flag}: {uri} has checksum {checksum} after download but "
-                    f"{'its manifest lists ' + expected if expected else 'its footer says ' + str(footer)}; the object "
-                    "is corrupt or changed while downloading: rerun, or regenerate the data")
+    raise UserError(
+      f"{flag}: {uri} has checksum {checksum} after download but "
+      f"{'its manifest lists ' + expected if expected else 'its footer says ' + str(footer)}; the object "
+      "is corrupt or changed while downloading: rerun, or regenerate the data"
+    )
   side = local.with_name(local.name + _SIDE_SUFFIX)
   with fileio.atomic_write(side) as handle:
     json.dump({"uri": uri, "size": size, "checksum": checksum}, handle)

@@ -31,16 +31,16 @@ MESH_FLAGS = ("--mesh_data", "--mesh_fsdp", "--mesh_tensor")
 
 MeshAxes = str | tuple[str, ...] | None
 LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("embed_out", "tensor"),
-    ("position", None),
-    ("token_type", None),
-    ("classes", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("embed_out", "tensor"),
+  ("position", None),
+  ("token_type", None),
+  ("classes", None),
 )
 _RULE_TABLE = dict(LOGICAL_AXIS_RULES)
 
@@ -60,15 +60,18 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] |
   known = math.prod(size for size in sizes if size != -1)
   if len(devices) % known != 0 or (-1 not in sizes and known != len(devices)):
     raise UserError(
-        f"mesh sizes {flags} do not fit the {len(devices)} devices: their product must equal the device count "
-        "(set one of them to -1 to fill the rest)")
+      f"mesh sizes {flags} do not fit the {len(devices)} devices: their product must equal the device count "
+      "(set one of them to -1 to fill the rest)"
+    )
   shape = tuple(len(devices) // known if size == -1 else size for size in sizes)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_mesh_spec(
-    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+  logical_axes: Sequence[str | None],
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
 ) -> PartitionSpec:
   """The mesh PartitionSpec for an array of `shape` whose dimensions have the logical names `logical_axes`.
 
@@ -81,8 +84,9 @@ def logical_to_mesh_spec(
   named = [name for name in logical_axes if name is not None]
   unknown = sorted(set(named) - rule_names)
   if unknown or len(set(named)) != len(named):
-    raise ValueError(f"logical axes {tuple(logical_axes)}: unknown {unknown} or repeated names; rules know "
-                     f"{sorted(rule_names)}")
+    raise ValueError(
+      f"logical axes {tuple(logical_axes)}: unknown {unknown} or repeated names; rules know {sorted(rule_names)}"
+    )
   assigned: list[tuple[str, ...] | None] = [None] * len(shape)
   used: set[str] = set()
   for name, mesh_axes in rules:
@@ -107,8 +111,10 @@ def param_shardings(mesh: Mesh, logical_specs: Any, param_shapes: Any) -> Any:
   are needed because non-divisible dimensions fall back to replication.
   """
   return jax.tree.map(
-      lambda leaf, logical: NamedSharding(mesh, logical_to_mesh_spec(tuple(logical), leaf.shape, mesh)),
-      param_shapes, logical_specs)
+    lambda leaf, logical: NamedSharding(mesh, logical_to_mesh_spec(tuple(logical), leaf.shape, mesh)),
+    param_shapes,
+    logical_specs,
+  )
 
 
 def mirror_param_shardings(tree: Any, param_shapes: Any, shardings_of_params: Any, mesh: Mesh) -> Any:
@@ -120,8 +126,9 @@ def mirror_param_shardings(tree: Any, param_shapes: Any, shardings_of_params: An
   `shardings_of_params` is the output of `param_shardings`; `tree` may hold arrays or ShapeDtypeStructs.
   """
   by_path = {}
-  for (key_path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
-                                        jax.tree.leaves(shardings_of_params)):
+  for (key_path, leaf), sharding in zip(
+    jax.tree_util.tree_flatten_with_path(param_shapes)[0], jax.tree.leaves(shardings_of_params)
+  ):
     by_path[_dict_keys(key_path)] = (tuple(leaf.shape), sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -156,8 +163,9 @@ def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   if local_rows % local_shards != 0:
     data_times_fsdp = mesh.shape["data"] * mesh.shape["fsdp"]
     raise UserError(
-        f"the per-process batch of {local_rows} rows cannot be split over this process's {local_shards} batch shards: "
-        f"make the global batch size a multiple of --mesh_data × --mesh_fsdp = {data_times_fsdp}")
+      f"the per-process batch of {local_rows} rows cannot be split over this process's {local_shards} batch shards: "
+      f"make the global batch size a multiple of --mesh_data × --mesh_fsdp = {data_times_fsdp}"
+    )
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(array)) for name, array in batch.items()}
 
@@ -166,8 +174,11 @@ def _local_batch_shard_count(mesh: Mesh) -> int:
   """How many distinct (data, fsdp) coordinates this process's devices occupy: the splits of its local rows."""
   this_process = jax.process_index()
   batch_dims = [mesh.axis_names.index(axis) for axis in _RULE_TABLE["batch"]]
-  coordinates = {tuple(index[dim] for dim in batch_dims)
-                 for index, device in np.ndenumerate(mesh.devices) if device.process_index == this_process}
+  coordinates = {
+    tuple(index[dim] for dim in batch_dims)
+    for index, device in np.ndenumerate(mesh.devices)
+    if device.process_index == this_process
+  }
   return len(coordinates)
 
 

@@ -47,8 +47,16 @@ from clinical_bert_jax.vocab import CONTINUATION_PREFIX, UNK_TOKEN, read_vocab, 
 MAX_INPUT_CHARS_PER_WORD = 200  # google-research/bert tokenization.WordpieceTokenizer default
 
 # Google's `_is_chinese_char` ranges (CJK Unified Ideographs and their extensions, compatibility ideographs).
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_CJK_RANGES = (
+  (0x4E00, 0x9FFF),
+  (0x3400, 0x4DBF),
+  (0x20000, 0x2A6DF),
+  (0x2A700, 0x2B73F),
+  (0x2B740, 0x2B81F),
+  (0x2B820, 0x2CEAF),
+  (0xF900, 0xFAFF),
+  (0x2F800, 0x2FA1F),
+)
 # ASCII characters that are not letters or digits count as punctuation for Google, Unicode category or not.
 _ASCII_PUNCTUATION_RANGES = ((33, 47), (58, 64), (91, 96), (123, 126))
 # Lines normalised and split per step of `encode_batch`; their new words are then tokenised together.
@@ -139,9 +147,12 @@ class FullTokenizer:
     self._strip_marks_table = _CharTable(_strip_mark)
     # The bare model, not a `Tokenizer` pipeline around it: it receives pieces already split on punctuation, and
     # calling it directly skips building `Encoding` objects (and the pipeline's slow first call).
-    self._wordpiece = models.WordPiece(vocab=self.vocab, unk_token=UNK_TOKEN,
-                                       continuing_subword_prefix=CONTINUATION_PREFIX,
-                                       max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
+    self._wordpiece = models.WordPiece(
+      vocab=self.vocab,
+      unk_token=UNK_TOKEN,
+      continuing_subword_prefix=CONTINUATION_PREFIX,
+      max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
+    )
     self._word_ids: dict[str, list[int]] = {}
 
   @property
@@ -172,7 +183,7 @@ class FullTokenizer:
     ids: list[list[int]] = []
     lines = list(lines)
     for start in range(0, len(lines), _ENCODE_BATCH_LINES):
-      words_per_line = [self.normalize(line).split() for line in lines[start:start + _ENCODE_BATCH_LINES]]
+      words_per_line = [self.normalize(line).split() for line in lines[start : start + _ENCODE_BATCH_LINES]]
       self._memoise_words(set().union(*words_per_line))
       word_ids = self._word_ids.__getitem__
       ids.extend(list(itertools.chain.from_iterable(map(word_ids, words))) for words in words_per_line)
@@ -184,8 +195,10 @@ class FullTokenizer:
     if len(self._word_ids) + len(missing) > _WORD_MEMO_LIMIT:
       self._word_ids.clear()
       missing = list(words)
-    self._word_ids.update((word, [token_id for piece in split_on_punctuation(word)
-                                  for token_id in self._wordpiece_ids(piece)]) for word in missing)
+    self._word_ids.update(
+      (word, [token_id for piece in split_on_punctuation(word) for token_id in self._wordpiece_ids(piece)])
+      for word in missing
+    )
 
   def _wordpiece_ids(self, piece: str) -> list[int]:
     """Google's WordPiece of one punctuation-free piece, run by the Rust model."""

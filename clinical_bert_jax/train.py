@@ -87,30 +87,40 @@ class TrainConfig:
   num_warmup_steps: int = setting(10_000, help="Learning-rate warmup updates.", google=True)
   learning_rate: float = setting(5e-5, help="Peak learning rate.", google=True)
   # global, per optimizer update (split into grad_accum_steps micro-batches in the step)
-  train_batch_size: int = setting(32, help="Global batch size (sequences per optimizer update, all devices).",
-                                  google=True)
-  max_predictions_per_seq: int = setting(20, help="Masked-LM prediction slots per sequence (checked against "
-                                         "statically masked shards).", google=True)
-  optimizer: str = setting("bert_adam", choices=optimizers.OPTIMIZER_NAMES,
-                           help="bert_adam (Google's AdamWeightDecay), adamw or lamb.")
-  lr_schedule: str | None = setting(None, help="bert (Google's, with the jump after warmup) or warmup_linear; default "
-                                    "depends on --optimizer.")  # None: optimizers.DEFAULT_SCHEDULE[optimizer]
+  train_batch_size: int = setting(
+    32, help="Global batch size (sequences per optimizer update, all devices).", google=True
+  )
+  max_predictions_per_seq: int = setting(
+    20, help="Masked-LM prediction slots per sequence (checked against statically masked shards).", google=True
+  )
+  optimizer: str = setting(
+    "bert_adam", choices=optimizers.OPTIMIZER_NAMES, help="bert_adam (Google's AdamWeightDecay), adamw or lamb."
+  )
+  lr_schedule: str | None = setting(
+    None, help="bert (Google's, with the jump after warmup) or warmup_linear; default depends on --optimizer."
+  )  # None: optimizers.DEFAULT_SCHEDULE[optimizer]
   weight_decay: float = setting(0.01, help="Decoupled weight decay (not on LayerNorm and biases).")
   clip_norm: float = setting(1.0, help="Global gradient-norm clipping (0: off).")
-  grad_accum_steps: int = setting(1, help="Split each global batch into N sequential micro-batches (same update, less "
-                                  "memory).")
+  grad_accum_steps: int = setting(
+    1, help="Split each global batch into N sequential micro-batches (same update, less memory)."
+  )
   whole_word_mask: bool = setting(False, help="Dynamic masking: mask whole words.")
   masked_lm_prob: float = setting(0.15, help="Dynamic masking: fraction of tokens predicted.")
-  compute_dtype: str = setting("float32", choices=COMPUTE_DTYPES,
-                               help="Activation/matmul dtype; parameters and optimizer state stay float32.")
-  parallelism: str = setting("pjit", choices=PARALLELISMS, help="pjit: jit over a (data, fsdp, tensor) mesh, "
-                             "multi-host; pmap: classic single-process data parallelism.")
+  compute_dtype: str = setting(
+    "float32", choices=COMPUTE_DTYPES, help="Activation/matmul dtype; parameters and optimizer state stay float32."
+  )
+  parallelism: str = setting(
+    "pjit",
+    choices=PARALLELISMS,
+    help="pjit: jit over a (data, fsdp, tensor) mesh, multi-host; pmap: classic single-process data parallelism.",
+  )
   mesh_data: int = setting(-1, help="pjit mesh: data-parallel size (-1: all remaining devices).")
   mesh_fsdp: int = setting(1, help="pjit mesh: FSDP size (parameters sharded).")
   mesh_tensor: int = setting(1, help="pjit mesh: tensor-parallel size.")
   seed: int = setting(12345, help="Seed of initialisation, data order, dropout and dynamic masks.")
-  save_checkpoints_steps: int = setting(10_000, help="Save a checkpoint every N steps (and at the end, and on "
-                                        "SIGTERM).", google=True)
+  save_checkpoints_steps: int = setting(
+    10_000, help="Save a checkpoint every N steps (and at the end, and on SIGTERM).", google=True
+  )
   keep_checkpoints: int = setting(5, help="Keep the newest K checkpoints.")
   async_checkpointing: bool = setting(True, help="Write checkpoints in the background.")
   log_every_steps: int = setting(100, help="Log metrics every N steps.")
@@ -119,22 +129,34 @@ class TrainConfig:
   max_eval_steps: int = setting(100, help="At most this many eval batches per evaluation.", google=True)
   prefetch_batches: int = 2  # not a flag
   # DP-SGD (dp.py): on when dp_l2_clip > 0
-  dp_noise_multiplier: float = setting(0.0, help="DP-SGD noise multiplier σ: Gaussian noise of std σ·C on the sum of "
-                                       "clipped per-example gradients (docs/privacy.md). Needs --dp_l2_clip.")
+  dp_noise_multiplier: float = setting(
+    0.0,
+    help="DP-SGD noise multiplier σ: Gaussian noise of std σ·C on the sum of "
+    "clipped per-example gradients (docs/privacy.md). Needs --dp_l2_clip.",
+  )
   dp_l2_clip: float = setting(0.0, help="DP-SGD per-example gradient L2 bound C (0: DP off).")
   dp_delta: float = setting(1e-5, help="DP-SGD: the δ at which ε is reported (metrics, model card).")
   dp_accountant: str = setting("rdp", choices=dp.ACCOUNTANTS, help="DP-SGD accountant (dp-accounting).")
   # jax.profiler trace of steps START..END into WORKDIR/profile
   profile_steps: tuple[int, int] | None = setting(
-      None, flag_type=str, parse=parse_profile_steps,
-      help="START,END: write a jax.profiler trace of these steps to WORKDIR/profile (TensorBoard profile plugin, "
-      "Perfetto).")
+    None,
+    flag_type=str,
+    parse=parse_profile_steps,
+    help="START,END: write a jax.profiler trace of these steps to WORKDIR/profile (TensorBoard profile plugin, "
+    "Perfetto).",
+  )
   # nn.scan over the encoder layers: one compiled layer (checkpoints keep per-layer names)
-  scan_layers: bool = setting(False, help="Compile one encoder layer and scan it (faster compiles for deep models; "
-                              "checkpoints keep per-layer names).")
+  scan_layers: bool = setting(
+    False,
+    help="Compile one encoder layer and scan it (faster compiles for deep models; checkpoints keep per-layer names).",
+  )
   # activation checkpointing per layer (model.REMAT_POLICIES)
-  remat: str = setting("none", choices=model.REMAT_POLICIES, help="Activation checkpointing per encoder layer: none, "
-                       "full (recompute each layer in the backward pass) or dots (keep matmul outputs).")
+  remat: str = setting(
+    "none",
+    choices=model.REMAT_POLICIES,
+    help="Activation checkpointing per encoder layer: none, "
+    "full (recompute each layer in the backward pass) or dots (keep matmul outputs).",
+  )
 
   @property
   def micro_batch_size(self) -> int:
@@ -145,26 +167,40 @@ class TrainConfig:
     that do not split evenly over micro-batches, processes and devices. The one check of the training settings: cheap,
     run before anything is written (`pretrain.PretrainOptions.validate`; library callers of `train_and_evaluate` call
     it themselves)."""
-    for flag, value in (("--train_batch_size", self.train_batch_size),
-                        ("--max_predictions_per_seq", self.max_predictions_per_seq),
-                        ("--save_checkpoints_steps", self.save_checkpoints_steps),
-                        ("--keep_checkpoints", self.keep_checkpoints), ("--log_every_steps", self.log_every_steps),
-                        ("--eval_batch_size", self.eval_batch_size), ("--max_eval_steps", self.max_eval_steps)):
+    for flag, value in (
+      ("--train_batch_size", self.train_batch_size),
+      ("--max_predictions_per_seq", self.max_predictions_per_seq),
+      ("--save_checkpoints_steps", self.save_checkpoints_steps),
+      ("--keep_checkpoints", self.keep_checkpoints),
+      ("--log_every_steps", self.log_every_steps),
+      ("--eval_batch_size", self.eval_batch_size),
+      ("--max_eval_steps", self.max_eval_steps),
+    ):
       if value < 1:
         raise UserError(f"{flag}={value} must be at least 1")
     if self.eval_every_steps < 0:
-      raise UserError(f"--eval_every_steps={self.eval_every_steps} must be >= 0 (0: evaluate at the start and end "
-                      "only)")
+      raise UserError(
+        f"--eval_every_steps={self.eval_every_steps} must be >= 0 (0: evaluate at the start and end only)"
+      )
     if self.seed < 0:
       raise UserError(f"--seed={self.seed} must be a non-negative integer")
     if not 0.0 < self.masked_lm_prob <= 1.0:  # also rejects NaN
       raise UserError(f"--masked_lm_prob={self.masked_lm_prob} must be in (0, 1]")
-    optimizers.make_optimizer(self.optimizer, self.learning_rate, self.num_train_steps, self.num_warmup_steps,
-                              self.weight_decay, self.clip_norm, self.grad_accum_steps, schedule=self.lr_schedule)
+    optimizers.make_optimizer(
+      self.optimizer,
+      self.learning_rate,
+      self.num_train_steps,
+      self.num_warmup_steps,
+      self.weight_decay,
+      self.clip_norm,
+      self.grad_accum_steps,
+      schedule=self.lr_schedule,
+    )
     dp.check_settings(self.dp_noise_multiplier, self.dp_l2_clip, self.dp_delta, self.dp_accountant)
     if self.compute_dtype not in COMPUTE_DTYPES:
-      raise UserError(f"--compute_dtype={self.compute_dtype!r} is not supported; use one of "
-                      f"{', '.join(COMPUTE_DTYPES)}")
+      raise UserError(
+        f"--compute_dtype={self.compute_dtype!r} is not supported; use one of {', '.join(COMPUTE_DTYPES)}"
+      )
     if self.remat not in model.REMAT_POLICIES:
       raise UserError(f"--remat={self.remat!r} is not known; use one of {', '.join(model.REMAT_POLICIES)}")
     if self.parallelism not in PARALLELISMS:
@@ -173,33 +209,42 @@ class TrainConfig:
       raise UserError("--parallelism=pmap runs in a single process; use --parallelism=pjit for multi-process runs")
     processes = jax.process_count()
     if self.train_batch_size % self.grad_accum_steps:
-      raise UserError(f"--train_batch_size={self.train_batch_size} is not divisible by --grad_accum_steps="
-                      f"{self.grad_accum_steps}; each accumulation step needs the same number of sequences")
+      raise UserError(
+        f"--train_batch_size={self.train_batch_size} is not divisible by --grad_accum_steps="
+        f"{self.grad_accum_steps}; each accumulation step needs the same number of sequences"
+      )
     if self.parallelism == "pmap":
       splits, what = jax.local_device_count(), f"{jax.local_device_count()} local devices (pmap)"
     else:
       mesh = sharding.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_tensor)
       splits = math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes)
-      what = (f"--mesh_data × --mesh_fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} batch shards and "
-              f"{processes} process(es)")
+      what = (
+        f"--mesh_data × --mesh_fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} batch shards and "
+        f"{processes} process(es)"
+      )
     for flag, size in (("--train_batch_size", self.micro_batch_size), ("--eval_batch_size", self.eval_batch_size)):
       if size % splits:
         per_step = " per accumulation step" if flag == "--train_batch_size" and self.grad_accum_steps > 1 else ""
-        raise UserError(f"{flag}: {size} sequences{per_step} cannot be split evenly over {what}; use a multiple of "
-                        f"{splits}")
+        raise UserError(
+          f"{flag}: {size} sequences{per_step} cannot be split evenly over {what}; use a multiple of {splits}"
+        )
 
 
 def check_data_fit(cfg: TrainConfig, train_data: PretrainingData, eval_data: PretrainingData | None) -> None:
   """UserError for batches the data cannot fill and DP settings its size cannot account for: the check of the
   settings against the data, run (after `cfg.validate()`) before anything is written."""
   if cfg.train_batch_size > len(train_data):
-    raise UserError(f"--train_batch_size={cfg.train_batch_size} needs {cfg.train_batch_size} sequences per step but "
-                    f"--input_file has only {len(train_data)} instances; lower it or generate more data")
+    raise UserError(
+      f"--train_batch_size={cfg.train_batch_size} needs {cfg.train_batch_size} sequences per step but "
+      f"--input_file has only {len(train_data)} instances; lower it or generate more data"
+    )
   if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
     dp.check_against_data(cfg.train_batch_size, cfg.grad_accum_steps, len(train_data), cfg.dp_delta)
   if eval_data is not None and cfg.eval_batch_size > len(eval_data):
-    raise UserError(f"--eval_batch_size={cfg.eval_batch_size} is larger than the {len(eval_data)} instances of "
-                    "--eval_input_file; lower it")
+    raise UserError(
+      f"--eval_batch_size={cfg.eval_batch_size} is larger than the {len(eval_data)} instances of "
+      "--eval_input_file; lower it"
+    )
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -226,17 +271,30 @@ class TrainResult:
 def _apply_model(bert: nn.Module, params: Any, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None):
   if bert.scan_layers:  # the state keeps the per-layer layout; the scanned model reads the layers stacked
     params = model.stack_layer_params(params)
-  return bert.apply({"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"],
-                    batch["masked_lm_positions"], deterministic=dropout_key is None,
-                    rngs=None if dropout_key is None else {"dropout": dropout_key})
+  return bert.apply(
+    {"params": params},
+    batch["input_ids"],
+    batch["input_mask"],
+    batch["segment_ids"],
+    batch["masked_lm_positions"],
+    deterministic=dropout_key is None,
+    rngs=None if dropout_key is None else {"dropout": dropout_key},
+  )
 
 
-def _mask_if_dynamic(batch: Mapping[str, jax.Array], key: jax.Array, vocab: masking.MaskingVocab | None,
-                     cfg: TrainConfig) -> Mapping[str, jax.Array]:
+def _mask_if_dynamic(
+  batch: Mapping[str, jax.Array], key: jax.Array, vocab: masking.MaskingVocab | None, cfg: TrainConfig
+) -> Mapping[str, jax.Array]:
   if vocab is None:
     return batch
-  return masking.mask_batch(key, batch, vocab, max_predictions_per_seq=cfg.max_predictions_per_seq,
-                            masked_lm_prob=cfg.masked_lm_prob, whole_word=cfg.whole_word_mask)
+  return masking.mask_batch(
+    key,
+    batch,
+    vocab,
+    max_predictions_per_seq=cfg.max_predictions_per_seq,
+    masked_lm_prob=cfg.masked_lm_prob,
+    whole_word=cfg.whole_word_mask,
+  )
 
 
 def _example_loss(bert: nn.Module, params: Any, example: Mapping[str, jax.Array], dropout_key: jax.Array):
@@ -247,8 +305,14 @@ def _example_loss(bert: nn.Module, params: Any, example: Mapping[str, jax.Array]
   return losses.metrics_from_sums(sums)["loss"], sums
 
 
-def micro_batch_grads(params: Any, batch: Mapping[str, jax.Array], dropout_key: jax.Array,
-                      normalisers: Mapping[str, jax.Array], *, bert: nn.Module) -> tuple[Any, dict[str, jax.Array]]:
+def micro_batch_grads(
+  params: Any,
+  batch: Mapping[str, jax.Array],
+  dropout_key: jax.Array,
+  normalisers: Mapping[str, jax.Array],
+  *,
+  bert: nn.Module,
+) -> tuple[Any, dict[str, jax.Array]]:
   """Gradient of one micro-batch's share of the whole step's loss, and the micro-batch's sums.
 
   The share is Σ_micro(w·NLL) / (W + 1e-5) + Σ_micro NSP-NLL / N with W and N (`normalisers`) counted over the
@@ -266,8 +330,10 @@ def micro_batch_grads(params: Any, batch: Mapping[str, jax.Array], dropout_key: 
 
 def step_normalisers(batch: Mapping[str, jax.Array], axis_name: str | None = None) -> dict[str, jax.Array]:
   """The loss denominators of the whole step: Σ masked_lm_weights and the number of sequences, over all devices."""
-  normalisers = {"mlm_weight_sum": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
-                 "nsp_count": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+  normalisers = {
+    "mlm_weight_sum": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
+    "nsp_count": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32),
+  }
   return jax.lax.psum(normalisers, axis_name) if axis_name is not None else normalisers
 
 
@@ -282,9 +348,14 @@ def split_micro_batches(batch: Mapping[str, jax.Array], num_micro_batches: int) 
   return {name: split(values) for name, values in batch.items()}
 
 
-def accumulate_gradients(grad_fn: Callable[..., tuple[Any, dict[str, jax.Array]]], params: Any,
-                         batch: Mapping[str, jax.Array], dropout_key: jax.Array, normalisers: Mapping[str, jax.Array],
-                         num_micro_batches: int) -> tuple[Any, dict[str, jax.Array]]:
+def accumulate_gradients(
+  grad_fn: Callable[..., tuple[Any, dict[str, jax.Array]]],
+  params: Any,
+  batch: Mapping[str, jax.Array],
+  dropout_key: jax.Array,
+  normalisers: Mapping[str, jax.Array],
+  num_micro_batches: int,
+) -> tuple[Any, dict[str, jax.Array]]:
   """Σ over micro-batches of `grad_fn(params, micro_batch, key, normalisers)`, in a `lax.scan` inside the step (one
   compiled micro-step, activations of one micro-batch alive at a time). Micro-batch i draws dropout from
   fold_in(dropout_key, i); with one micro-batch the key is used as it is."""
@@ -297,16 +368,22 @@ def accumulate_gradients(grad_fn: Callable[..., tuple[Any, dict[str, jax.Array]]
     grads, sums = grad_fn(params, micro_batch, jax.random.fold_in(dropout_key, index), normalisers)
     return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-  zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), dropout_key,
-                                         normalisers))
+  zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), dropout_key, normalisers))
   carry = jax.tree.map(lambda shape: jnp.zeros(shape.shape, shape.dtype), zeros)
   (grads, sums), _ = jax.lax.scan(body, carry, (jnp.arange(num_micro_batches), micro_batches))
   return grads, sums
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, bert: nn.Module,
-               tx: optax.GradientTransformation, cfg: TrainConfig, vocab: masking.MaskingVocab | None,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  bert: nn.Module,
+  tx: optax.GradientTransformation,
+  cfg: TrainConfig,
+  vocab: masking.MaskingVocab | None,
+  axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on the whole step's batch: (dynamic masks,) `cfg.grad_accum_steps` forward/backward
   passes accumulated in a scan, one optimizer call. Returns the new state and the step's sums.
 
@@ -337,14 +414,21 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, bert: nn.Mo
       grads = dp.add_noise(grads, noise_key, cfg.dp_noise_multiplier * cfg.dp_l2_clip)
     grads = jax.tree.map(lambda leaf: leaf / normalisers["nsp_count"], grads)  # B: sequences of the whole step
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                            step=state.step + 1)
+  new_state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, step=state.step + 1)
   return new_state, {**sums, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], batch_index: jax.Array, *, bert: nn.Module,
-              cfg: TrainConfig, vocab: masking.MaskingVocab | None, eval_key: jax.Array,
-              axis_name: str | None = None) -> dict[str, jax.Array]:
+def eval_step(
+  params: Any,
+  batch: Mapping[str, jax.Array],
+  batch_index: jax.Array,
+  *,
+  bert: nn.Module,
+  cfg: TrainConfig,
+  vocab: masking.MaskingVocab | None,
+  eval_key: jax.Array,
+  axis_name: str | None = None,
+) -> dict[str, jax.Array]:
   """Sums of one held-out batch, no dropout. Dynamic masks use a fixed key per batch: every evaluation sees the
   same masks, so eval curves are comparable across steps."""
   key = jax.random.fold_in(jax.random.wrap_key_data(eval_key), batch_index)
@@ -359,15 +443,25 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], batch_index: jax.Arra
 def _abstract_rng_and_step(where: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
   """Restore targets of `train_state`'s rng (raw key data of the default PRNG implementation) and step."""
   key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  return {"rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=where),
-          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=where)}
+  return {
+    "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=where),
+    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=where),
+  }
 
 
 class PjitRuntime:
   """`jax.jit` over a named mesh: state placed by logical axis names, batch split over ('data', 'fsdp')."""
 
-  def __init__(self, cfg: TrainConfig, config: BertConfig, bert: nn.Module, tx: optax.GradientTransformation,
-               train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None, eval_key: jax.Array):
+  def __init__(
+    self,
+    cfg: TrainConfig,
+    config: BertConfig,
+    bert: nn.Module,
+    tx: optax.GradientTransformation,
+    train_vocab: masking.MaskingVocab | None,
+    eval_vocab: masking.MaskingVocab | None,
+    eval_key: jax.Array,
+  ):
     self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
     self.num_devices = self.mesh.size
     self.config = config
@@ -378,15 +472,21 @@ class PjitRuntime:
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.tx = tx
     self._shapes, self._opt_shapes = shapes, opt_shapes
-    state_sharding = TrainState(params=self.param_sharding, opt_state=self.opt_sharding, rng=self.replicated,
-                                step=self.replicated)
+    state_sharding = TrainState(
+      params=self.param_sharding, opt_state=self.opt_sharding, rng=self.replicated, step=self.replicated
+    )
     batch_sharding = sharding.batch_sharding(self.mesh)
-    self._train = jax.jit(functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab),
-                          in_shardings=(state_sharding, batch_sharding),
-                          out_shardings=(state_sharding, self.replicated), donate_argnums=(0,))
-    self._eval = jax.jit(functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key),
-                         in_shardings=(self.param_sharding, batch_sharding, self.replicated),
-                         out_shardings=self.replicated)
+    self._train = jax.jit(
+      functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, self.replicated),
+      donate_argnums=(0,),
+    )
+    self._eval = jax.jit(
+      functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key),
+      in_shardings=(self.param_sharding, batch_sharding, self.replicated),
+      out_shardings=self.replicated,
+    )
 
   @contextlib.contextmanager
   def _mesh_context(self):
@@ -396,8 +496,11 @@ class PjitRuntime:
 
   def _place(self, tree: Any, shardings: Any) -> Any:
     """Host values (the same on every process) → global arrays; works across processes."""
-    return jax.tree.map(lambda value, where: jax.make_array_from_callback(
-        np.shape(value), where, lambda index: np.asarray(value)[index]), tree, shardings)
+    return jax.tree.map(
+      lambda value, where: jax.make_array_from_callback(np.shape(value), where, lambda index: np.asarray(value)[index]),
+      tree,
+      shardings,
+    )
 
   def init_state(self, params: Any | None, init_key: jax.Array, train_key_data: np.ndarray) -> TrainState:
     if params is None:
@@ -448,8 +551,16 @@ class PjitRuntime:
 class PmapRuntime:
   """`jax.pmap` over this process's devices: state stacked per device, batch reshaped to [devices, rows, ...]."""
 
-  def __init__(self, cfg: TrainConfig, config: BertConfig, bert: nn.Module, tx: optax.GradientTransformation,
-               train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None, eval_key: jax.Array):
+  def __init__(
+    self,
+    cfg: TrainConfig,
+    config: BertConfig,
+    bert: nn.Module,
+    tx: optax.GradientTransformation,
+    train_vocab: masking.MaskingVocab | None,
+    eval_vocab: masking.MaskingVocab | None,
+    eval_key: jax.Array,
+  ):
     devices = jax.local_devices()
     self.num_devices = len(devices)
     self.mesh = Mesh(np.array(devices), (PMAP_AXIS,))
@@ -458,11 +569,16 @@ class PmapRuntime:
     self.config = config
     self.tx = tx
     self._train = jax.pmap(
-        functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab, axis_name=PMAP_AXIS),
-        axis_name=PMAP_AXIS, in_axes=(0, 0), donate_argnums=(0,))
+      functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab, axis_name=PMAP_AXIS),
+      axis_name=PMAP_AXIS,
+      in_axes=(0, 0),
+      donate_argnums=(0,),
+    )
     self._eval = jax.pmap(
-        functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key, axis_name=PMAP_AXIS),
-        axis_name=PMAP_AXIS, in_axes=(0, 0, None))
+      functools.partial(eval_step, bert=bert, cfg=cfg, vocab=eval_vocab, eval_key=eval_key, axis_name=PMAP_AXIS),
+      axis_name=PMAP_AXIS,
+      in_axes=(0, 0, None),
+    )
 
   def _stack(self, tree: Any) -> Any:
     """Replicated arrays → [devices, ...] arrays holding one copy per device (no host round trip)."""
@@ -470,8 +586,9 @@ class PmapRuntime:
     def stack(array: jax.Array) -> jax.Array:
       array = jax.device_put(array, self.replicated)
       shards = sorted(array.addressable_shards, key=lambda shard: list(self.mesh.devices).index(shard.device))
-      return jax.make_array_from_single_device_arrays((self.num_devices,) + array.shape, self.stacked,
-                                                      [shard.data[None] for shard in shards])
+      return jax.make_array_from_single_device_arrays(
+        (self.num_devices,) + array.shape, self.stacked, [shard.data[None] for shard in shards]
+      )
 
     return jax.tree.map(stack, tree)
 
@@ -481,7 +598,8 @@ class PmapRuntime:
     def unstack(array: jax.Array) -> jax.Array:
       shape = array.shape[1:]
       return jax.make_array_from_single_device_arrays(
-          shape, self.replicated, [shard.data.reshape(shape) for shard in array.addressable_shards])
+        shape, self.replicated, [shard.data.reshape(shape) for shard in array.addressable_shards]
+      )
 
     return jax.tree.map(unstack, tree)
 
@@ -490,20 +608,24 @@ class PmapRuntime:
       params = jax.jit(lambda key: model.init_params(self.config, key), out_shardings=self.replicated)(init_key)
     params = jax.device_put(params, self.replicated)
     opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)(params)
-    state = TrainState(params=params, opt_state=opt_state, rng=jnp.asarray(train_key_data),
-                       step=jnp.zeros((), jnp.int32))
+    state = TrainState(
+      params=params, opt_state=opt_state, rng=jnp.asarray(train_key_data), step=jnp.zeros((), jnp.int32)
+    )
     return self._stack(state)
 
   def abstract_checkpoint(self) -> tuple[Any, Any]:
     shapes = model.param_shapes(self.config)
     struct = lambda shape: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=self.replicated)
-    return jax.tree.map(struct, shapes), {"opt_state": jax.tree.map(struct, jax.eval_shape(self.tx.init, shapes)),
-                                          **_abstract_rng_and_step(self.replicated)}
+    return jax.tree.map(struct, shapes), {
+      "opt_state": jax.tree.map(struct, jax.eval_shape(self.tx.init, shapes)),
+      **_abstract_rng_and_step(self.replicated),
+    }
 
   def state_from_checkpoint(self, restored: checkpointing.Restored) -> TrainState:
     items = restored.train_state
-    return self._stack(TrainState(params=restored.params, opt_state=items["opt_state"], rng=items["rng"],
-                                  step=items["step"]))
+    return self._stack(
+      TrainState(params=restored.params, opt_state=items["opt_state"], rng=items["rng"], step=items["step"])
+    )
 
   def checkpoint_items(self, state: TrainState) -> tuple[Any, dict[str, Any]]:
     state = self._unstack(state)
@@ -511,9 +633,12 @@ class PmapRuntime:
 
   def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     # An explicit per-device size: -1 cannot be inferred for the zero-width prediction slots of unmasked data.
-    return {name: jax.device_put(np.reshape(values, (self.num_devices, len(values) // self.num_devices)
-                                            + np.shape(values)[1:]), self.stacked)
-            for name, values in batch.items()}
+    return {
+      name: jax.device_put(
+        np.reshape(values, (self.num_devices, len(values) // self.num_devices) + np.shape(values)[1:]), self.stacked
+      )
+      for name, values in batch.items()
+    }
 
   def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
     return self._train(state, batch)
@@ -528,19 +653,32 @@ class PmapRuntime:
     return self.host_values(state.params)
 
 
-def make_runtime(cfg: TrainConfig, config: BertConfig, tx: optax.GradientTransformation,
-                 train_vocab: masking.MaskingVocab | None, eval_vocab: masking.MaskingVocab | None,
-                 eval_key: jax.Array) -> PjitRuntime | PmapRuntime:
-  bert = model.BertForPreTraining(config, dtype=COMPUTE_DTYPES[cfg.compute_dtype], scan_layers=cfg.scan_layers,
-                                  remat=cfg.remat)
+def make_runtime(
+  cfg: TrainConfig,
+  config: BertConfig,
+  tx: optax.GradientTransformation,
+  train_vocab: masking.MaskingVocab | None,
+  eval_vocab: masking.MaskingVocab | None,
+  eval_key: jax.Array,
+) -> PjitRuntime | PmapRuntime:
+  bert = model.BertForPreTraining(
+    config, dtype=COMPUTE_DTYPES[cfg.compute_dtype], scan_layers=cfg.scan_layers, remat=cfg.remat
+  )
   runtime = PjitRuntime if cfg.parallelism == "pjit" else PmapRuntime
   return runtime(cfg, config, bert, tx, train_vocab, eval_vocab, eval_key)
 
 
 def make_train_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """The optimizer of the train step: one update per step (accumulation happens inside the step, not in optax)."""
-  return optimizers.make_optimizer(cfg.optimizer, cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
-                                   cfg.weight_decay, cfg.clip_norm, schedule=cfg.lr_schedule)
+  return optimizers.make_optimizer(
+    cfg.optimizer,
+    cfg.learning_rate,
+    cfg.num_train_steps,
+    cfg.num_warmup_steps,
+    cfg.weight_decay,
+    cfg.clip_norm,
+    schedule=cfg.lr_schedule,
+  )
 
 
 # ---------------------------------------------------------------------------------------------------- signals
@@ -657,8 +795,9 @@ def _is_finite(values: Mapping[str, float]) -> bool:
   return all(math.isfinite(value) for value in values.values())
 
 
-def evaluate(runtime: PjitRuntime | PmapRuntime, params: Any, eval_batches: Iterable[Mapping[str, np.ndarray]]
-             ) -> dict[str, float]:
+def evaluate(
+  runtime: PjitRuntime | PmapRuntime, params: Any, eval_batches: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, float]:
   """Google's eval metrics (`eval/loss`, `eval/mlm_loss`, `eval/mlm_accuracy`, ...) over the held-out batches."""
   totals = dict.fromkeys(SUM_NAMES, 0.0)
   for index, batch in enumerate(eval_batches):
@@ -669,10 +808,17 @@ def evaluate(runtime: PjitRuntime | PmapRuntime, params: Any, eval_batches: Iter
   return {f"eval/{name}": float(value) for name, value in metrics.items()}
 
 
-def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path, train_data: PretrainingData,
-                       eval_data: PretrainingData | None = None, train_vocab: masking.MaskingVocab | None = None,
-                       eval_vocab: masking.MaskingVocab | None = None, init_params: Any | None = None,
-                       print_fn: Callable[[str], None] = print) -> TrainResult:
+def train_and_evaluate(
+  cfg: TrainConfig,
+  config: BertConfig,
+  workdir: str | Path,
+  train_data: PretrainingData,
+  eval_data: PretrainingData | None = None,
+  train_vocab: masking.MaskingVocab | None = None,
+  eval_vocab: masking.MaskingVocab | None = None,
+  init_params: Any | None = None,
+  print_fn: Callable[[str], None] = print,
+) -> TrainResult:
   """Trains until `cfg.num_train_steps` (resuming from the workdir's newest checkpoint), evaluating and logging.
 
   `train_vocab`/`eval_vocab` switch dynamic masking on for the training/held-out data (None: use the stored masks).
@@ -683,19 +829,24 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   workdir = fileio.as_path(workdir)
   is_primary = jax.process_index() == 0
   tx = make_train_optimizer(cfg)
-  schedule = optimizers.make_schedule(cfg.learning_rate, cfg.num_train_steps, cfg.num_warmup_steps,
-                                      cfg.lr_schedule or optimizers.DEFAULT_SCHEDULE[cfg.optimizer])
+  schedule = optimizers.make_schedule(
+    cfg.learning_rate,
+    cfg.num_train_steps,
+    cfg.num_warmup_steps,
+    cfg.lr_schedule or optimizers.DEFAULT_SCHEDULE[cfg.optimizer],
+  )
   init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
   runtime = make_runtime(cfg, config, tx, train_vocab, eval_vocab, jax.random.key_data(eval_key))
 
   train_input = PretrainingInput(train_data, cfg.train_batch_size, cfg.seed)
-  eval_input = (EvalInput(eval_data, cfg.eval_batch_size, cfg.max_eval_steps) if eval_data is not None else None)
+  eval_input = EvalInput(eval_data, cfg.eval_batch_size, cfg.max_eval_steps) if eval_data is not None else None
   store = checkpointing.CheckpointStore(workdir, cfg.keep_checkpoints, cfg.async_checkpointing)
   restored = store.restore_latest(*runtime.abstract_checkpoint())
   dp_record = None
   if dp.is_enabled(cfg.dp_noise_multiplier, cfg.dp_l2_clip):
-    dp_record = dp.accounting_record(cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant,
-                                     cfg.train_batch_size, len(train_data))
+    dp_record = dp.accounting_record(
+      cfg.dp_noise_multiplier, cfg.dp_l2_clip, cfg.dp_delta, cfg.dp_accountant, cfg.train_batch_size, len(train_data)
+    )
   if restored is not None:
     dp.check_resume(workdir, dp_record)
   elif is_primary:
@@ -715,9 +866,12 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
   seq_length = train_data.max_seq_length
   device_kind = jax.devices()[0].device_kind
   perf = metrics_io.PerfMeter(
-      sequences_per_step, seq_length,
-      metrics_io.train_flops_per_sequence(config, seq_length, cfg.max_predictions_per_seq),
-      runtime.num_devices, metrics_io.peak_flops_per_device(device_kind))
+    sequences_per_step,
+    seq_length,
+    metrics_io.train_flops_per_sequence(config, seq_length, cfg.max_predictions_per_seq),
+    runtime.num_devices,
+    metrics_io.peak_flops_per_device(device_kind),
+  )
   batches = DevicePrefetcher(Prefetcher(train_input, cfg.prefetch_batches), cfg.prefetch_batches, runtime.put_batch)
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
@@ -742,8 +896,10 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
     values = _host_step_values(runtime.host_values(device_stats))
     if not _is_finite(values):
       where = store.resume_point(*runtime.abstract_checkpoint())  # re-verified: names the step a rerun uses
-      raise UserError(f"training diverged: non-finite loss or gradient at step {step}; stopped without saving "
-                      f"({where}); lower --learning_rate, keep --clip_norm on, or check the data")
+      raise UserError(
+        f"training diverged: non-finite loss or gradient at step {step}; stopped without saving "
+        f"({where}); lower --learning_rate, keep --clip_norm on, or check the data"
+      )
     if step == start_step + 1:
       perf.restart(step)  # the first step of a process includes compilation
     window.add(values)
@@ -788,8 +944,10 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
           perf.restart(step)  # throughput measures training, not evaluation
         if stopping:
           store.wait()
-          print_fn(f"received {stop.signal_name or 'a stop signal on another process'}: saved a checkpoint at step "
-                   f"{step} in {store.directory}; run the same command again to resume")
+          print_fn(
+            f"received {stop.signal_name or 'a stop signal on another process'}: saved a checkpoint at step "
+            f"{step} in {store.directory}; run the same command again to resume"
+          )
           break
       else:
         completed = True
@@ -800,5 +958,11 @@ def train_and_evaluate(cfg: TrainConfig, config: BertConfig, workdir: str | Path
     writer.close()
   if is_primary and completed:
     metrics_io.plot_loss_curve(writer.path, workdir / metrics_io.LOSS_CURVE_FILE)
-  return TrainResult(start_step=start_step, step=step, completed=completed,
-                     params=runtime.host_params(state), last_train=last_train, last_eval=last_eval)
+  return TrainResult(
+    start_step=start_step,
+    step=step,
+    completed=completed,
+    params=runtime.host_params(state),
+    last_train=last_train,
+    last_eval=last_eval,
+  )

@@ -42,8 +42,13 @@ CONTINUATION_PREFIX = "##"  # WordPiece: a piece that continues the word of the 
 
 def special_tokens_map() -> dict[str, str]:
   """The Hugging Face names of the special tokens (`tokenizer_config.json`, `special_tokens_map.json`)."""
-  return {"unk_token": UNK_TOKEN, "sep_token": SEP_TOKEN, "pad_token": PAD_TOKEN, "cls_token": CLS_TOKEN,
-          "mask_token": MASK_TOKEN}
+  return {
+    "unk_token": UNK_TOKEN,
+    "sep_token": SEP_TOKEN,
+    "pad_token": PAD_TOKEN,
+    "cls_token": CLS_TOKEN,
+    "mask_token": MASK_TOKEN,
+  }
 
 
 def is_bracketed_special(token: str) -> bool:
@@ -64,8 +69,10 @@ def parse_vocab(data: bytes, source: str | os.PathLike) -> list[str]:
     text = data.decode("utf-8")
   except UnicodeDecodeError as error:
     line_number = data.count(b"\n", 0, error.start) + 1
-    raise UserError(f"vocabulary file {source} line {line_number} is not valid UTF-8; pass a BERT vocab.txt "
-                    "(UTF-8, one token per line)") from None
+    raise UserError(
+      f"vocabulary file {source} line {line_number} is not valid UTF-8; pass a BERT vocab.txt "
+      "(UTF-8, one token per line)"
+    ) from None
   if not text:
     raise UserError(f"vocabulary file {source} is empty; pass a BERT vocab.txt")
   lines = text.split("\n")
@@ -77,12 +84,16 @@ def parse_vocab(data: bytes, source: str | os.PathLike) -> list[str]:
     if line.endswith("\r"):
       line = line[:-1]
     if "\r" in line:
-      raise UserError(f"vocabulary file {source} line {line_number} has a stray carriage return (\\r) inside the "
-                      "line; readers disagree about where such a line ends: remove it")
+      raise UserError(
+        f"vocabulary file {source} line {line_number} has a stray carriage return (\\r) inside the "
+        "line; readers disagree about where such a line ends: remove it"
+      )
     token = line.strip()
     if token in first_line:
-      raise UserError(f"vocabulary file {source} line {line_number} repeats the token of line "
-                      f"{first_line[token]}; token ids would differ between readers: remove the repeat")
+      raise UserError(
+        f"vocabulary file {source} line {line_number} repeats the token of line "
+        f"{first_line[token]}; token ids would differ between readers: remove the repeat"
+      )
     first_line[token] = line_number
     tokens.append(token)
   return tokens
@@ -134,6 +145,10 @@ def read_do_lower_case(directory: str | os.PathLike, vocab_file: str | os.PathLi
   if vocab_file is None:
     return None
   lower = not vocab_is_cased(read_vocab(vocab_file))
-  logging.info("%s: no do_lower_case in tokenizer_config.json; the vocabulary is %s, so do_lower_case=%s",
-               directory, "uncased" if lower else "cased", lower)
+  logging.info(
+    "%s: no do_lower_case in tokenizer_config.json; the vocabulary is %s, so do_lower_case=%s",
+    directory,
+    "uncased" if lower else "cased",
+    lower,
+  )
   return lower

@@ -55,8 +55,9 @@ def _normalise_pt_key(key: str) -> str:
   return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
 
 
-def params_from_named_arrays(arrays: Mapping[str, np.ndarray], reference: Mapping[str, Any], naming: str,
-                             source: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def params_from_named_arrays(
+  arrays: Mapping[str, np.ndarray], reference: Mapping[str, Any], naming: str, source: str
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
   """Builds our parameter tree from a checkpoint's named arrays.
 
   `reference` is a full parameter tree (fresh initialisation) that supplies shapes and the values of heads the
@@ -84,8 +85,10 @@ def params_from_named_arrays(arrays: Mapping[str, np.ndarray], reference: Mappin
     value = np.asarray(arrays[name])
     value = value.T if transpose else value
     if value.shape != tuple(ref.shape):
-      raise UserError(f"{source}: tensor {name} has shape {list(value.shape)} but the config needs "
-                      f"{list(ref.shape)}; check that the config matches the checkpoint")
+      raise UserError(
+        f"{source}: tensor {name} has shape {list(value.shape)} but the config needs "
+        f"{list(ref.shape)}; check that the config matches the checkpoint"
+      )
     params[path] = value.astype(np.float32)
     used.add(name)
   if missing:

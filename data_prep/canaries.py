@@ -36,13 +36,68 @@ DEFAULT_TEMPLATE = "{name} (MRN {secret}) was diagnosed with {condition} ."
 DEFAULT_REPETITIONS = (0, 1, 4, 16, 64)
 SLOTS = ("name", "secret", "condition")
 # Invented names (no real person intended) and common conditions; combined at random.
-FIRST_NAMES = ("Arlen", "Brisa", "Corwin", "Delphine", "Emrys", "Fenna", "Galen", "Hesper", "Ilsa", "Jorund",
-               "Kestrel", "Liora", "Maelis", "Nerys", "Orrin", "Perrin", "Quilla", "Rowan", "Sabine", "Tamsin")
-LAST_NAMES = ("Abernathy", "Brightwater", "Castellane", "Dunmore", "Everhart", "Fairbourne", "Grisham", "Hollowell",
-              "Ingleby", "Jessup", "Kincaid", "Lockridge", "Marchbank", "Northcote", "Oakhurst", "Pendergast",
-              "Quennell", "Ravensworth", "Stanhope", "Thistlewood")
-CONDITIONS = ("pneumonia", "sepsis", "diabetes", "hypertension", "asthma", "cirrhosis", "pancreatitis", "anemia",
-              "hepatitis", "epilepsy", "lymphoma", "melanoma", "tuberculosis", "gout", "psoriasis", "endocarditis")
+FIRST_NAMES = (
+  "Arlen",
+  "Brisa",
+  "Corwin",
+  "Delphine",
+  "Emrys",
+  "Fenna",
+  "Galen",
+  "Hesper",
+  "Ilsa",
+  "Jorund",
+  "Kestrel",
+  "Liora",
+  "Maelis",
+  "Nerys",
+  "Orrin",
+  "Perrin",
+  "Quilla",
+  "Rowan",
+  "Sabine",
+  "Tamsin",
+)
+LAST_NAMES = (
+  "Abernathy",
+  "Brightwater",
+  "Castellane",
+  "Dunmore",
+  "Everhart",
+  "Fairbourne",
+  "Grisham",
+  "Hollowell",
+  "Ingleby",
+  "Jessup",
+  "Kincaid",
+  "Lockridge",
+  "Marchbank",
+  "Northcote",
+  "Oakhurst",
+  "Pendergast",
+  "Quennell",
+  "Ravensworth",
+  "Stanhope",
+  "Thistlewood",
+)
+CONDITIONS = (
+  "pneumonia",
+  "sepsis",
+  "diabetes",
+  "hypertension",
+  "asthma",
+  "cirrhosis",
+  "pancreatitis",
+  "anemia",
+  "hepatitis",
+  "epilepsy",
+  "lymphoma",
+  "melanoma",
+  "tuberculosis",
+  "gout",
+  "psoriasis",
+  "endocarditis",
+)
 
 
 def parse_template(template: str) -> list[str]:
@@ -50,15 +105,20 @@ def parse_template(template: str) -> list[str]:
   try:
     fields = [field for _, field, spec, conversion in string.Formatter().parse(template) if field is not None]
   except ValueError as error:
-    raise UserError(f"--template is not a valid format string ({error}); use {{name}}, {{secret}}, {{condition}}") \
-        from None
+    raise UserError(
+      f"--template is not a valid format string ({error}); use {{name}}, {{secret}}, {{condition}}"
+    ) from None
   unknown = sorted(set(fields) - set(SLOTS))
   if unknown:
-    raise UserError(f"--template has unknown slot(s) {', '.join('{' + f + '}' for f in unknown)}; use only "
-                    f"{', '.join('{' + s + '}' for s in SLOTS)}")
+    raise UserError(
+      f"--template has unknown slot(s) {', '.join('{' + f + '}' for f in unknown)}; use only "
+      f"{', '.join('{' + s + '}' for s in SLOTS)}"
+    )
   if fields.count("secret") != 1:
-    raise UserError(f"--template must contain the secret slot {{secret}} exactly once (found {fields.count('secret')});"
-                    " the secret is what the exposure audit ranks")
+    raise UserError(
+      f"--template must contain the secret slot {{secret}} exactly once (found {fields.count('secret')});"
+      " the secret is what the exposure audit ranks"
+    )
   return fields
 
 
@@ -104,8 +164,9 @@ def _read_documents(files: list[Path]) -> list[list[list[str]]]:
   return result
 
 
-def make_canaries(repetitions: Sequence[int], per_count: int, template: str, secret_digits: int,
-                  rng: np.random.Generator) -> list[dict]:
+def make_canaries(
+  repetitions: Sequence[int], per_count: int, template: str, secret_digits: int, rng: np.random.Generator
+) -> list[dict]:
   """Distinct (name, secret) canaries, `per_count` per repetition count."""
   canaries, used_names, used_secrets = [], set(), set()
   for count in repetitions:
@@ -118,15 +179,31 @@ def make_canaries(repetitions: Sequence[int], per_count: int, template: str, sec
       used_names.add(name)
       used_secrets.add(secret)
       condition = CONDITIONS[rng.integers(len(CONDITIONS))]
-      canaries.append({"id": f"canary-{len(canaries):04d}", "repetitions": int(count), "name": name,
-                       "secret": secret, "condition": condition, "text": fill(template, name, secret, condition)})
+      canaries.append(
+        {
+          "id": f"canary-{len(canaries):04d}",
+          "repetitions": int(count),
+          "name": name,
+          "secret": secret,
+          "condition": condition,
+          "text": fill(template, name, secret, condition),
+        }
+      )
   return canaries
 
 
-def insert_canaries(input_dir: str | Path, output_dir: str | Path, canary_file: str | Path, *,
-                    repetitions: Sequence[int] = DEFAULT_REPETITIONS, canaries_per_count: int = 4,
-                    template: str = DEFAULT_TEMPLATE, secret_digits: int = 6, seed: int = 0,
-                    overwrite: bool = False) -> dict:
+def insert_canaries(
+  input_dir: str | Path,
+  output_dir: str | Path,
+  canary_file: str | Path,
+  *,
+  repetitions: Sequence[int] = DEFAULT_REPETITIONS,
+  canaries_per_count: int = 4,
+  template: str = DEFAULT_TEMPLATE,
+  secret_digits: int = 6,
+  seed: int = 0,
+  overwrite: bool = False,
+) -> dict:
   """Writes the text with canaries to `output_dir` and the canary list to `canary_file`; returns a summary."""
   parse_template(template)
   input_dir, output_dir, canary_file = Path(input_dir), Path(output_dir), Path(canary_file)
@@ -136,8 +213,10 @@ def insert_canaries(input_dir: str | Path, output_dir: str | Path, canary_file: 
     raise UserError(f"--output_dir={output_dir} overlaps --input_dir={input_dir}; write the canaried text elsewhere")
   for directory, flag in ((input_dir, "--input_dir"), (output_dir, "--output_dir")):
     if _inside(canary_file, directory):
-      raise UserError(f"--canary_file={canary_file} is inside {flag}={directory}: the list of secrets must never "
-                      "enter the training text directory; put it elsewhere")
+      raise UserError(
+        f"--canary_file={canary_file} is inside {flag}={directory}: the list of secrets must never "
+        "enter the training text directory; put it elsewhere"
+      )
   if canary_file.exists() and not overwrite:
     raise UserError(f"--canary_file={canary_file} exists; choose another path or pass --overwrite")
   if not 1 <= secret_digits <= 18:
@@ -151,8 +230,10 @@ def insert_canaries(input_dir: str | Path, output_dir: str | Path, canary_file: 
   slots = [(f, d) for f, docs in enumerate(documents) for d in range(len(docs))]
   most = max(repetitions)
   if most > len(slots):
-    raise UserError(f"--repetitions: a canary repeated {most} times needs {most} documents but --input_dir has "
-                    f"{len(slots)}; lower the count or add text")
+    raise UserError(
+      f"--repetitions: a canary repeated {most} times needs {most} documents but --input_dir has "
+      f"{len(slots)}; lower the count or add text"
+    )
   rng = np.random.default_rng(seed)
   canaries = make_canaries(repetitions, canaries_per_count, template, secret_digits, rng)
   # Where each copy goes: distinct documents per canary; position inside the document at random.
@@ -183,12 +264,23 @@ def insert_canaries(input_dir: str | Path, output_dir: str | Path, canary_file: 
     manifest = {}
     if (input_dir / MANIFEST_NAME).is_file():
       manifest = json.loads((input_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-    manifest["canaries"] = {"format": CANARY_FORMAT, "count": len(canaries), "inserted_lines": sum(
-        len(c["locations"]) for c in canaries), "seed": seed, "repetitions": list(repetitions),
-        "note": "the canary list is kept outside this directory"}
+    manifest["canaries"] = {
+      "format": CANARY_FORMAT,
+      "count": len(canaries),
+      "inserted_lines": sum(len(c["locations"]) for c in canaries),
+      "seed": seed,
+      "repetitions": list(repetitions),
+      "note": "the canary list is kept outside this directory",
+    }
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    header = {"format": CANARY_FORMAT, "template": template, "secret_digits": secret_digits, "seed": seed,
-              "source_dir": str(input_dir), "text_dir": str(output_dir)}
+    header = {
+      "format": CANARY_FORMAT,
+      "template": template,
+      "secret_digits": secret_digits,
+      "seed": seed,
+      "source_dir": str(input_dir),
+      "text_dir": str(output_dir),
+    }
     with atomic_write(canary_file) as handle:
       handle.write(json.dumps({"header": header}) + "\n")
       for canary in canaries:
@@ -203,11 +295,18 @@ def _define_flags() -> None:
   flags.DEFINE_string("input_dir", None, "format_mimic output: *.txt sentence files (one sentence per line).")
   flags.DEFINE_string("output_dir", None, "Where the copy with canaries is written (a new or empty directory).")
   flags.DEFINE_string("canary_file", None, "The canary list (JSON lines), outside both text directories.")
-  flags.DEFINE_string("repetitions", ",".join(map(str, DEFAULT_REPETITIONS)),
-                      "How many documents each canary group is inserted into (0: made, never inserted).")
+  flags.DEFINE_string(
+    "repetitions",
+    ",".join(map(str, DEFAULT_REPETITIONS)),
+    "How many documents each canary group is inserted into (0: made, never inserted).",
+  )
   flags.DEFINE_integer("canaries_per_count", 4, "Canaries per repetition count.")
-  flags.DEFINE_string("template", DEFAULT_TEMPLATE, "Canary sentence with {secret} (once), optional {name} and "
-                      "{condition}; keep spaces or punctuation around {secret} so it tokenises on its own.")
+  flags.DEFINE_string(
+    "template",
+    DEFAULT_TEMPLATE,
+    "Canary sentence with {secret} (once), optional {name} and "
+    "{condition}; keep spaces or punctuation around {secret} so it tokenises on its own.",
+  )
   flags.DEFINE_integer("secret_digits", 6, "Digits of the secret record number (candidate space 10^digits).")
   flags.DEFINE_integer("seed", 0, "Seed of names, secrets, documents and positions.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --output_dir and --canary_file.")
@@ -216,14 +315,24 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  summary = insert_canaries(FLAGS.input_dir, FLAGS.output_dir, FLAGS.canary_file,
-                            repetitions=parse_repetitions(FLAGS.repetitions),
-                            canaries_per_count=FLAGS.canaries_per_count, template=FLAGS.template,
-                            secret_digits=FLAGS.secret_digits, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
-  logging.info("inserted %d canaries (%d lines) into %d files", summary["canaries"], summary["inserted_lines"],
-               summary["files"])
-  print(f"wrote {FLAGS.output_dir} ({summary['files']} files, {summary['inserted_lines']} canary lines) and "
-        f"{FLAGS.canary_file} ({summary['canaries']} canaries)")
+  summary = insert_canaries(
+    FLAGS.input_dir,
+    FLAGS.output_dir,
+    FLAGS.canary_file,
+    repetitions=parse_repetitions(FLAGS.repetitions),
+    canaries_per_count=FLAGS.canaries_per_count,
+    template=FLAGS.template,
+    secret_digits=FLAGS.secret_digits,
+    seed=FLAGS.seed,
+    overwrite=FLAGS.overwrite,
+  )
+  logging.info(
+    "inserted %d canaries (%d lines) into %d files", summary["canaries"], summary["inserted_lines"], summary["files"]
+  )
+  print(
+    f"wrote {FLAGS.output_dir} ({summary['files']} files, {summary['inserted_lines']} canary lines) and "
+    f"{FLAGS.canary_file} ({summary['canaries']} canaries)"
+  )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ def _input_manifest(pattern: str) -> dict[str, Any] | None:
   return None
 
 
-def convert_shards(input_pattern: str, output_dir: str | Path, output_format: str, vocab_file: str | None = None,
-                   do_lower_case: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+def convert_shards(
+  input_pattern: str,
+  output_dir: str | Path,
+  output_format: str,
+  vocab_file: str | None = None,
+  do_lower_case: bool | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
   """Writes every instance of `input_pattern` (globs, or a directory) into `output_dir`; returns the manifest."""
   if output_format not in OUTPUT_FORMATS:
     raise UserError(f"--output_format={output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
@@ -49,8 +55,10 @@ def convert_shards(input_pattern: str, output_dir: str | Path, output_format: st
   elif source_manifest is not None:
     vocab_sha256, vocab_size = source_manifest["vocab_sha256"], int(source_manifest["vocab_size"])
   else:
-    raise UserError("--vocab_file is required: the input has no manifest.json telling the vocabulary; pass the "
-                    "vocab.txt the data was built with")
+    raise UserError(
+      "--vocab_file is required: the input has no manifest.json telling the vocabulary; pass the "
+      "vocab.txt the data was built with"
+    )
   if do_lower_case is None:
     if source_manifest is None:
       raise UserError("--do_lower_case=true|false is required: the input has no manifest.json telling the casing")
@@ -71,12 +79,18 @@ def convert_shards(input_pattern: str, output_dir: str | Path, output_format: st
           writer.write_batch(batch)
       shards.append(writer.info)
       start += shard.count
-    manifest = {"format": file_format, "vocab_sha256": vocab_sha256, "vocab_size": vocab_size,
-                "do_lower_case": do_lower_case, "max_seq_length": max_seq_length,
-                "max_predictions_per_seq": max_predictions,
-                "masking": source_manifest["masking"] if source_manifest else ("static" if masked else "none"),
-                "generator": "data_prep.convert_shards",
-                "converted_from": [str(shard.path.name) for shard in data.shards], "shards": shards}
+    manifest = {
+      "format": file_format,
+      "vocab_sha256": vocab_sha256,
+      "vocab_size": vocab_size,
+      "do_lower_case": do_lower_case,
+      "max_seq_length": max_seq_length,
+      "max_predictions_per_seq": max_predictions,
+      "masking": source_manifest["masking"] if source_manifest else ("static" if masked else "none"),
+      "generator": "data_prep.convert_shards",
+      "converted_from": [str(shard.path.name) for shard in data.shards],
+      "shards": shards,
+    }
     records.write_manifest(staging, manifest)
   return manifest
 
@@ -84,8 +98,9 @@ def convert_shards(input_pattern: str, output_dir: str | Path, output_format: st
 def main(argv: Sequence[str]) -> None:
   del argv
   do_lower_case = {"auto": None, "true": True, "false": False}[FLAGS.do_lower_case]
-  manifest = convert_shards(FLAGS.input, FLAGS.output_dir, FLAGS.output_format, FLAGS.vocab_file, do_lower_case,
-                            FLAGS.overwrite)
+  manifest = convert_shards(
+    FLAGS.input, FLAGS.output_dir, FLAGS.output_format, FLAGS.vocab_file, do_lower_case, FLAGS.overwrite
+  )
   total = sum(int(shard["count"] if isinstance(shard, dict) else shard.count) for shard in manifest["shards"])
   print(f"wrote {total} instances in {len(manifest['shards'])} {manifest['format']} shard(s) to {FLAGS.output_dir}")
 
@@ -95,8 +110,12 @@ def define_flags() -> None:
   flags.DEFINE_string("output_dir", None, "Directory for the converted shards and manifest.json (written atomically).")
   flags.DEFINE_enum("output_format", "native", list(OUTPUT_FORMATS), "native (.cbj) or tfrecord (Google's format).")
   flags.DEFINE_string("vocab_file", None, "vocab.txt the data was built with (default: the input manifest's).")
-  flags.DEFINE_enum("do_lower_case", "auto", ["auto", "true", "false"], "Casing of the data (auto: the input "
-                    "manifest's; required for inputs without one).")
+  flags.DEFINE_enum(
+    "do_lower_case",
+    "auto",
+    ["auto", "true", "false"],
+    "Casing of the data (auto: the input manifest's; required for inputs without one).",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
   flags.mark_flags_as_required(["input", "output_dir"])
 

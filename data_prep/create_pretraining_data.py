@@ -160,8 +160,14 @@ class VocabIds:
   @classmethod
   def from_tokenizer(cls, tokenizer: FullTokenizer) -> VocabIds:
     vocab = tokenizer.vocab
-    return cls(cls_id=vocab[CLS], sep_id=vocab[SEP], mask_id=vocab[MASK], unk_id=vocab[UNK], num_words=len(vocab),
-               is_continuation=bytes(token.startswith(CONTINUATION_PREFIX) for token in vocab))
+    return cls(
+      cls_id=vocab[CLS],
+      sep_id=vocab[SEP],
+      mask_id=vocab[MASK],
+      unk_id=vocab[UNK],
+      num_words=len(vocab),
+      is_continuation=bytes(token.startswith(CONTINUATION_PREFIX) for token in vocab),
+    )
 
   @property
   def id_typecode(self) -> str:
@@ -225,8 +231,9 @@ def _is_blank(raw_line: bytes) -> bool:
   return not line or line.isspace()
 
 
-def read_corpus(task: ShardTask, tokenizer: FullTokenizer, vocab: VocabIds,
-                on_bytes: Callable[[int], None] = lambda _: None) -> Corpus:
+def read_corpus(
+  task: ShardTask, tokenizer: FullTokenizer, vocab: VocabIds, on_bytes: Callable[[int], None] = lambda _: None
+) -> Corpus:
   """Google's document reading for one input shard, tokenised in batches.
 
   Like `tf.gfile.GFile.readline`, lines end at "\\n" only and every "\\r" is dropped; text must be UTF-8 (Google's
@@ -285,8 +292,10 @@ def _decode_error_message(task: ShardTask, data: bytes, error: UnicodeDecodeErro
       lines_before_shard += block.count(b"\n")
       remaining -= len(block)
   line_number = lines_before_shard + lines_before + data.count(b"\n", 0, error.start) + 1
-  return (f"--input file {task.path} line {line_number} is not valid UTF-8 ({error.reason}); convert the file to "
-          "UTF-8, e.g. with iconv")
+  return (
+    f"--input file {task.path} line {line_number} is not valid UTF-8 ({error.reason}); convert the file to "
+    "UTF-8, e.g. with iconv"
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,8 +317,10 @@ def check_python_random() -> None:
   _shuffle(actual, ours.getrandbits)
   actual += [_randbelow(width, ours.getrandbits) for width in (1, 2, 3, 7, 1000, 2**31)] + [ours.random()]
   if actual != expected:
-    raise UserError(f"Python {sys.version.split()[0]}'s random module draws differently from CPython 3.11's, which "
-                    "this generator reproduces; run it with CPython 3.11-3.13")
+    raise UserError(
+      f"Python {sys.version.split()[0]}'s random module draws differently from CPython 3.11's, which "
+      "this generator reproduces; run it with CPython 3.11-3.13"
+    )
 
 
 def _randbelow(n: int, getrandbits: Callable[[int], int]) -> int:
@@ -332,8 +343,9 @@ def _shuffle(items: list, getrandbits: Callable[[int], int]) -> None:
     items[i], items[j] = items[j], items[i]
 
 
-def generate_instances(corpus: Corpus, options: InstanceOptions, vocab: VocabIds, seed: int,
-                       on_pass: Callable[[], None] = lambda: None) -> tuple[InstanceStore, list[int]]:
+def generate_instances(
+  corpus: Corpus, options: InstanceOptions, vocab: VocabIds, seed: int, on_pass: Callable[[], None] = lambda: None
+) -> tuple[InstanceStore, list[int]]:
   """Google's `create_training_instances` after reading: (instances in generation order, final order).
 
   The final order is Google's closing `rng.shuffle(instances)` applied to indices: instance `order[k]` is written
@@ -364,8 +376,16 @@ class _DocumentGenerator:
   Google's code: `rng.randint(a, b)` is `a + _randbelow(b - a + 1)`, shuffles are inlined `rng.shuffle`s.
   """
 
-  def __init__(self, corpus: Corpus, options: InstanceOptions, vocab: VocabIds, rng: random.Random,
-               starts: list[int], stops: list[int], store: InstanceStore):
+  def __init__(
+    self,
+    corpus: Corpus,
+    options: InstanceOptions,
+    vocab: VocabIds,
+    rng: random.Random,
+    starts: list[int],
+    stops: list[int],
+    store: InstanceStore,
+  ):
     self.tokens = corpus.tokens
     self.bounds = corpus.segment_bounds
     self.options = options
@@ -375,8 +395,10 @@ class _DocumentGenerator:
     self.store = store
     self.max_num_tokens = options.max_seq_length - 3
     # Python 3 round() (half to even) of the float product, as in Google's script, for every sequence length.
-    self.num_to_predict = [min(options.max_predictions_per_seq, max(1, int(round(length * options.masked_lm_prob))))
-                           for length in range(options.max_seq_length + 1)]
+    self.num_to_predict = [
+      min(options.max_predictions_per_seq, max(1, int(round(length * options.masked_lm_prob))))
+      for length in range(options.max_seq_length + 1)
+    ]
     # Per list length, the (index, getrandbits width) steps of Random.shuffle; filled as lengths occur.
     self.shuffle_steps: dict[int, list[tuple[int, int]]] = {}
 
@@ -496,8 +518,14 @@ class _DocumentGenerator:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_instances(store: InstanceStore, order: Sequence[int], writer, max_seq_length: int,
-                    max_predictions: int, on_block: Callable[[int], None] = lambda _: None) -> None:
+def write_instances(
+  store: InstanceStore,
+  order: Sequence[int],
+  writer,
+  max_seq_length: int,
+  max_predictions: int,
+  on_block: Callable[[int], None] = lambda _: None,
+) -> None:
   """Streams the instances in `order` to a `records` writer as Google-schema arrays, padded and written in blocks of
   `_WRITE_BLOCK` instances (`write_batch`), so memory stays bounded by one block and no instance is copied alone."""
   tokens = np.frombuffer(store.tokens, store.tokens.typecode)
@@ -511,13 +539,16 @@ def write_instances(store: InstanceStore, order: Sequence[int], writer, max_seq_
   slots = np.arange(max_predictions)
   order = np.asarray(order, np.int64)
   for block_start in range(0, len(order), _WRITE_BLOCK):
-    block = order[block_start:block_start + _WRITE_BLOCK]
+    block = order[block_start : block_start + _WRITE_BLOCK]
     input_mask = positions < (bounds[block + 1] - bounds[block])[:, None]
     input_ids = np.where(input_mask, tokens[np.minimum(bounds[block][:, None] + positions, len(tokens) - 1)], 0)
     segment_ids = input_mask & (positions >= segment_b_starts[block][:, None])
-    batch = {"input_ids": input_ids.astype(np.int32), "input_mask": input_mask.astype(np.int32),
-             "segment_ids": segment_ids.astype(np.int32),
-             "next_sentence_labels": labels[block].astype(np.int32)}
+    batch = {
+      "input_ids": input_ids.astype(np.int32),
+      "input_mask": input_mask.astype(np.int32),
+      "segment_ids": segment_ids.astype(np.int32),
+      "next_sentence_labels": labels[block].astype(np.int32),
+    }
     if max_predictions:
       weights = slots < (prediction_bounds[block + 1] - prediction_bounds[block])[:, None]
       gather = np.minimum(prediction_bounds[block][:, None] + slots, max(len(prediction_positions) - 1, 0))
@@ -585,22 +616,40 @@ class _ShardProcessor:
     job, options = self.job, self.job.options
     reporter = _ProgressReporter(task, self.send_progress)
     shard_bytes = max(task.end - task.start, 1)
-    corpus = read_corpus(task, self.tokenizer, self.vocab,
-                         on_bytes=lambda size: reporter.credit("read", size / shard_bytes))
-    store, order = generate_instances(corpus, options, self.vocab, task.seed,
-                                      on_pass=lambda: reporter.credit("generate", 1 / options.dupe_factor))
-    with records.open_writer(job.file_format, Path(job.output_dir) / task.output_name, options.max_seq_length,
-                             options.stored_predictions, job.vocab_size) as writer:
-      write_instances(store, order, writer, options.max_seq_length, options.stored_predictions,
-                      on_block=lambda count: reporter.credit("write", count / max(len(order), 1), instances=count))
+    corpus = read_corpus(
+      task, self.tokenizer, self.vocab, on_bytes=lambda size: reporter.credit("read", size / shard_bytes)
+    )
+    store, order = generate_instances(
+      corpus, options, self.vocab, task.seed, on_pass=lambda: reporter.credit("generate", 1 / options.dupe_factor)
+    )
+    with records.open_writer(
+      job.file_format,
+      Path(job.output_dir) / task.output_name,
+      options.max_seq_length,
+      options.stored_predictions,
+      job.vocab_size,
+    ) as writer:
+      write_instances(
+        store,
+        order,
+        writer,
+        options.max_seq_length,
+        options.stored_predictions,
+        on_block=lambda count: reporter.credit("write", count / max(len(order), 1), instances=count),
+      )
       shard_info = writer.close()
     reporter.flush()
     return {
-        **shard_info.to_json(),
-        "input": task.path, "input_start": task.start, "input_end": task.end, "seed": task.seed,
-        "documents": len(corpus.document_bounds) - 1, "sentences": len(corpus.segment_bounds) - 1,
-        "tokens": len(corpus.tokens), "unknown_tokens": corpus.unknown_tokens,
-        "random_next": sum(store.next_sentence_labels),
+      **shard_info.to_json(),
+      "input": task.path,
+      "input_start": task.start,
+      "input_end": task.end,
+      "seed": task.seed,
+      "documents": len(corpus.document_bounds) - 1,
+      "sentences": len(corpus.segment_bounds) - 1,
+      "tokens": len(corpus.tokens),
+      "unknown_tokens": corpus.unknown_tokens,
+      "random_next": sum(store.next_sentence_labels),
     }
 
 
@@ -614,26 +663,38 @@ def _make_shard_processor(job: _Job, report: Callable[[Any], None]) -> _ShardPro
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def plan_tasks(input_patterns: str | Sequence[str], max_shard_bytes: int, random_seed: int,
-               file_format: str) -> tuple[list[ShardTask], int]:
+def plan_tasks(
+  input_patterns: str | Sequence[str], max_shard_bytes: int, random_seed: int, file_format: str
+) -> tuple[list[ShardTask], int]:
   """All input shards of all files in input order, with their seeds and output names; and the number of forced
   cuts (documents longer than a shard, split at a line)."""
   tasks, forced_cuts = [], 0
   for path in dict.fromkeys(expand_inputs(input_patterns)):  # a file matched by two globs is read once
     ranges, forced = plan_shards(path, max_shard_bytes)
     forced_cuts += forced
-    tasks.extend(ShardTask(str(path), start, end, random_seed + shard_index, "")
-                 for shard_index, (start, end) in enumerate(ranges))
-  return [dataclasses.replace(task, output_name=records.shard_file_name(OUTPUT_PREFIX, index, len(tasks), file_format))
-          for index, task in enumerate(tasks)], forced_cuts
+    tasks.extend(
+      ShardTask(str(path), start, end, random_seed + shard_index, "") for shard_index, (start, end) in enumerate(ranges)
+    )
+  return [
+    dataclasses.replace(task, output_name=records.shard_file_name(OUTPUT_PREFIX, index, len(tasks), file_format))
+    for index, task in enumerate(tasks)
+  ], forced_cuts
 
 
-def create_pretraining_data(input_patterns: str | Sequence[str], vocab_file: str | os.PathLike,
-                            output_dir: str | os.PathLike, *, do_lower_case: bool = False,
-                            options: InstanceOptions = InstanceOptions(), num_workers: int = 1,
-                            output_format: str = "native", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                            overwrite: bool = False, show_progress: bool = False,
-                            flags_for_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+def create_pretraining_data(
+  input_patterns: str | Sequence[str],
+  vocab_file: str | os.PathLike,
+  output_dir: str | os.PathLike,
+  *,
+  do_lower_case: bool = False,
+  options: InstanceOptions = InstanceOptions(),
+  num_workers: int = 1,
+  output_format: str = "native",
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  overwrite: bool = False,
+  show_progress: bool = False,
+  flags_for_manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
   """Writes instance shards and `manifest.json` into `output_dir` (atomically) and returns the manifest.
 
   UserError for bad options, a vocabulary without BERT's special tokens, inputs that match nothing or are not
@@ -658,16 +719,27 @@ def create_pretraining_data(input_patterns: str | Sequence[str], vocab_file: str
     job = _Job(str(vocab_file), do_lower_case, options, str(staging), file_format, vocab_size)
     shards = _run(tasks, job, num_workers, show_progress)
     manifest = {
-        "format": file_format, "vocab_sha256": vocab_sha256, "vocab_size": vocab_size,
-        "do_lower_case": do_lower_case, "max_seq_length": options.max_seq_length,
-        "max_predictions_per_seq": options.stored_predictions, "masking": options.masking,
-        "dupe_factor": options.dupe_factor, "random_seed": options.random_seed,
-        "masked_lm_prob": options.masked_lm_prob, "short_seq_prob": options.short_seq_prob,
-        "do_whole_word_mask": options.do_whole_word_mask, "max_shard_bytes": max_shard_bytes,
-        "forced_cuts": forced_cuts, "generator": "data_prep.create_pretraining_data (Google-identical per shard)",
-        "flags": flags_for_manifest or {}, "shards": shards,
-        "totals": {key: sum(shard[key] for shard in shards) for key in
-                   ("documents", "sentences", "tokens", "unknown_tokens", "random_next", "count")},
+      "format": file_format,
+      "vocab_sha256": vocab_sha256,
+      "vocab_size": vocab_size,
+      "do_lower_case": do_lower_case,
+      "max_seq_length": options.max_seq_length,
+      "max_predictions_per_seq": options.stored_predictions,
+      "masking": options.masking,
+      "dupe_factor": options.dupe_factor,
+      "random_seed": options.random_seed,
+      "masked_lm_prob": options.masked_lm_prob,
+      "short_seq_prob": options.short_seq_prob,
+      "do_whole_word_mask": options.do_whole_word_mask,
+      "max_shard_bytes": max_shard_bytes,
+      "forced_cuts": forced_cuts,
+      "generator": "data_prep.create_pretraining_data (Google-identical per shard)",
+      "flags": flags_for_manifest or {},
+      "shards": shards,
+      "totals": {
+        key: sum(shard[key] for shard in shards)
+        for key in ("documents", "sentences", "tokens", "unknown_tokens", "random_next", "count")
+      },
     }
     if manifest["totals"]["count"] == 0:
       raise UserError(f"--input={input_patterns} yields no instances (no line has any token); check the input")
@@ -681,8 +753,15 @@ def _run(tasks: list[ShardTask], job: _Job, num_workers: int, show_progress: boo
   from tqdm import tqdm
 
   total_bytes = sum(task.end - task.start for task in tasks)
-  bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="create_pretraining_data", file=sys.stderr,
-             disable=not (show_progress and sys.stderr.isatty()), dynamic_ncols=True)
+  bar = tqdm(
+    total=total_bytes,
+    unit="B",
+    unit_scale=True,
+    desc="create_pretraining_data",
+    file=sys.stderr,
+    disable=not (show_progress and sys.stderr.isatty()),
+    dynamic_ncols=True,
+  )
   started, instances = time.monotonic(), 0
 
   def show(byte_credit: float, new_instances: int) -> None:
@@ -697,10 +776,16 @@ def _run(tasks: list[ShardTask], job: _Job, num_workers: int, show_progress: boo
     order = list(range(len(tasks)))
     if num_workers > 1:
       order.sort(key=lambda index: tasks[index].start - tasks[index].end)  # largest first: workers finish together
-    results = list(workers.ordered_map(functools.partial(_make_shard_processor, job),
-                                       [tasks[index] for index in order], num_workers=num_workers,
-                                       max_in_flight=len(tasks), on_progress=lambda update: show(*update),
-                                       died_hint="lower --num_workers or --max_shard_bytes"))
+    results = list(
+      workers.ordered_map(
+        functools.partial(_make_shard_processor, job),
+        [tasks[index] for index in order],
+        num_workers=num_workers,
+        max_in_flight=len(tasks),
+        on_progress=lambda update: show(*update),
+        died_hint="lower --num_workers or --max_shard_bytes",
+      )
+    )
     entries = dict(zip(order, results))
     return [entries[index] for index in range(len(tasks))]
 
@@ -714,28 +799,46 @@ def _define_flags() -> None:
   """Defined only when run as a program: spawned workers re-import this module and must not define them twice."""
   from absl import flags
 
-  flags.DEFINE_string("input", None, "Comma-separated globs of text files: one sentence per line, blank line "
-                      "between documents. Each file is generated separately, as its own Google run.")
+  flags.DEFINE_string(
+    "input",
+    None,
+    "Comma-separated globs of text files: one sentence per line, blank line "
+    "between documents. Each file is generated separately, as its own Google run.",
+  )
   flags.DEFINE_string("vocab_file", None, "BERT vocab.txt.")
   flags.DEFINE_string("output_dir", None, "Directory for the instance shards and manifest.json (written atomically).")
-  flags.DEFINE_bool("do_lower_case", False, "Lower-case and strip accents (uncased vocabularies). Google's default "
-                    "is True; ClinicalBERT (cased) used False, which is the default here.")
+  flags.DEFINE_bool(
+    "do_lower_case",
+    False,
+    "Lower-case and strip accents (uncased vocabularies). Google's default "
+    "is True; ClinicalBERT (cased) used False, which is the default here.",
+  )
   flags.DEFINE_integer("max_seq_length", 128, "Maximum sequence length, [CLS] and [SEP]s included.")
   flags.DEFINE_integer("max_predictions_per_seq", 20, "Maximum masked-LM predictions per sequence.")
   flags.DEFINE_float("masked_lm_prob", 0.15, "Masked-LM probability.")
   flags.DEFINE_float("short_seq_prob", 0.1, "Probability of a shorter target length for a document.")
-  flags.DEFINE_integer("dupe_factor", 5, "Passes over the data, each with different masks and pairs (Google: 10, "
-                       "ClinicalBERT: 5).")
+  flags.DEFINE_integer(
+    "dupe_factor", 5, "Passes over the data, each with different masks and pairs (Google: 10, ClinicalBERT: 5)."
+  )
   flags.DEFINE_integer("random_seed", 12345, "Seed of Python's random.Random (shard k of a file: seed + k).")
   flags.DEFINE_bool("do_whole_word_mask", False, "Mask whole words (Google's later option; ClinicalBERT: off).")
-  flags.DEFINE_enum("masking", "static", list(DATA_MASKING_MODES), "static: Google's masks; none: unmasked pairs for "
-                    "dynamic masking at training time.")
-  flags.DEFINE_integer("num_workers", 1, "Worker processes; input shards are generated in parallel. Each holds one "
-                       "input shard in memory.")
-  flags.DEFINE_enum("output_format", "native", list(OUTPUT_FORMATS), "native (.cbj, memory-mapped) or tfrecord "
-                    "(Google's format).")
-  flags.DEFINE_integer("max_shard_bytes", DEFAULT_MAX_SHARD_BYTES, "Input files larger than this are cut at blank "
-                       "lines into shards of about this size; bounds memory per worker.")
+  flags.DEFINE_enum(
+    "masking",
+    "static",
+    list(DATA_MASKING_MODES),
+    "static: Google's masks; none: unmasked pairs for dynamic masking at training time.",
+  )
+  flags.DEFINE_integer(
+    "num_workers", 1, "Worker processes; input shards are generated in parallel. Each holds one input shard in memory."
+  )
+  flags.DEFINE_enum(
+    "output_format", "native", list(OUTPUT_FORMATS), "native (.cbj, memory-mapped) or tfrecord (Google's format)."
+  )
+  flags.DEFINE_integer(
+    "max_shard_bytes",
+    DEFAULT_MAX_SHARD_BYTES,
+    "Input files larger than this are cut at blank lines into shards of about this size; bounds memory per worker.",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
   flags.DEFINE_bool("progress", True, "Progress bar on stderr (only when stderr is a terminal).")
   flags.mark_flags_as_required(["input", "vocab_file", "output_dir"])
@@ -746,24 +849,50 @@ def main(argv: Sequence[str]) -> None:
 
   values = flags.FLAGS
   options = InstanceOptions(
-      max_seq_length=values.max_seq_length, max_predictions_per_seq=values.max_predictions_per_seq,
-      masked_lm_prob=values.masked_lm_prob, short_seq_prob=values.short_seq_prob, dupe_factor=values.dupe_factor,
-      random_seed=values.random_seed, do_whole_word_mask=values.do_whole_word_mask, masking=values.masking)
+    max_seq_length=values.max_seq_length,
+    max_predictions_per_seq=values.max_predictions_per_seq,
+    masked_lm_prob=values.masked_lm_prob,
+    short_seq_prob=values.short_seq_prob,
+    dupe_factor=values.dupe_factor,
+    random_seed=values.random_seed,
+    do_whole_word_mask=values.do_whole_word_mask,
+    masking=values.masking,
+  )
   manifest = create_pretraining_data(
-      values.input, values.vocab_file, values.output_dir, do_lower_case=values.do_lower_case, options=options,
-      num_workers=values.num_workers, output_format=values.output_format, max_shard_bytes=values.max_shard_bytes,
-      overwrite=values.overwrite, show_progress=values.progress,
-      flags_for_manifest={flag.name: flag.value for flag in values.get_flags_for_module(sys.argv[0])})
+    values.input,
+    values.vocab_file,
+    values.output_dir,
+    do_lower_case=values.do_lower_case,
+    options=options,
+    num_workers=values.num_workers,
+    output_format=values.output_format,
+    max_shard_bytes=values.max_shard_bytes,
+    overwrite=values.overwrite,
+    show_progress=values.progress,
+    flags_for_manifest={flag.name: flag.value for flag in values.get_flags_for_module(sys.argv[0])},
+  )
   totals = manifest["totals"]
-  logging.info("wrote %d instances in %d shards to %s in %.1f s (%d documents, %d sentences, %d tokens, %d random "
-               "next)", totals["count"], len(manifest["shards"]), values.output_dir, manifest["elapsed_s"],
-               totals["documents"], totals["sentences"], totals["tokens"], totals["random_next"])
+  logging.info(
+    "wrote %d instances in %d shards to %s in %.1f s (%d documents, %d sentences, %d tokens, %d random next)",
+    totals["count"],
+    len(manifest["shards"]),
+    values.output_dir,
+    manifest["elapsed_s"],
+    totals["documents"],
+    totals["sentences"],
+    totals["tokens"],
+    totals["random_next"],
+  )
   if manifest["forced_cuts"]:
-    logging.warning("%d documents were longer than --max_shard_bytes and were cut at a line; raise it to keep them "
-                    "whole", manifest["forced_cuts"])
+    logging.warning(
+      "%d documents were longer than --max_shard_bytes and were cut at a line; raise it to keep them whole",
+      manifest["forced_cuts"],
+    )
   if totals["tokens"] and totals["unknown_tokens"] / totals["tokens"] > _UNK_RATE_WARNING:
-    logging.warning("%.1f%% of the tokens are [UNK]: check --vocab_file and --do_lower_case",
-                    100 * totals["unknown_tokens"] / totals["tokens"])
+    logging.warning(
+      "%.1f%% of the tokens are [UNK]: check --vocab_file and --do_lower_case",
+      100 * totals["unknown_tokens"] / totals["tokens"],
+    )
 
 
 def _warn_if_case_mismatch(vocab_file: str | os.PathLike, tokens: Sequence[str], do_lower_case: bool) -> None:

@@ -47,10 +47,22 @@ SKIP_REASONS = ("category_filtered", "iserror", "empty_text", "section_splitter_
 
 # ClinicalBERT's 15 category files (clinicalbert-paper.md §3); keys are stripped, case-folded CATEGORY values.
 CATEGORY_STEMS = {
-    "discharge summary": "discharge_summary", "physician": "physician", "nursing": "nursing",
-    "nursing/other": "nursing_other", "radiology": "radiology", "general": "general", "respiratory": "respiratory",
-    "consult": "consult", "nutrition": "nutrition", "case management": "case_management", "pharmacy": "pharmacy",
-    "rehab services": "rehab_services", "social work": "social_work", "ecg": "ecg", "echo": "echo"}
+  "discharge summary": "discharge_summary",
+  "physician": "physician",
+  "nursing": "nursing",
+  "nursing/other": "nursing_other",
+  "radiology": "radiology",
+  "general": "general",
+  "respiratory": "respiratory",
+  "consult": "consult",
+  "nutrition": "nutrition",
+  "case management": "case_management",
+  "pharmacy": "pharmacy",
+  "rehab services": "rehab_services",
+  "social work": "social_work",
+  "ecg": "ecg",
+  "echo": "echo",
+}
 # Notes whose CATEGORY is none of those (nor a --categories name) go here: such a value may be note text that slid into
 # the column of a malformed row, so it never becomes a file name or a manifest key; the manifest only counts them.
 OTHER_STEM = "other"
@@ -75,6 +87,7 @@ _CHUNK_CHARS = 1_000_000
 @dataclasses.dataclass(frozen=True)
 class Note:
   """One note: `row_id` (ROW_ID or note_id), stripped `category`, `text`, `line_number` where its CSV row starts."""
+
   row_id: str
   category: str
   text: str
@@ -84,6 +97,7 @@ class Note:
 @dataclasses.dataclass
 class NoteStats:
   """What `iter_notes` saw: rows read, notes yielded, rows skipped by reason, invalid UTF-8 replaced."""
+
   source: str = ""
   rows: int = 0
   notes: int = 0
@@ -130,8 +144,11 @@ def _describe_columns(header: Sequence[str]) -> str:
 def _describe_categories(counts: collections.Counter) -> str:
   """MIMIC's category names with row counts, leaving out any other value: a malformed row can shift note text into
   the column, and text shaped like a name ("Chest pain improved") is still text."""
-  shown = [(name, count) for name, count in counts.most_common()
-           if _CATEGORY_NAME.fullmatch(name) and name.strip().casefold() in CATEGORY_STEMS]
+  shown = [
+    (name, count)
+    for name, count in counts.most_common()
+    if _CATEGORY_NAME.fullmatch(name) and name.strip().casefold() in CATEGORY_STEMS
+  ]
   described = ", ".join(f"{name!r} ({count})" for name, count in shown[:40])
   hidden = len(counts) - min(len(shown), 40)
   if not described:
@@ -144,17 +161,20 @@ def _detect_source(path: Path, header: Sequence[str], source: str) -> tuple[str,
   if len(header) == 1:
     for delimiter, name in (("\t", "tab"), (";", "semicolon"), ("|", "pipe")):
       if delimiter in header[0]:
-        raise UserError(f"{path}: the header is {name}-separated; MIMIC note files are comma-separated CSV "
-                        f"(convert it, e.g. re-export with ',' as the delimiter)")
+        raise UserError(
+          f"{path}: the header is {name}-separated; MIMIC note files are comma-separated CSV "
+          f"(convert it, e.g. re-export with ',' as the delimiter)"
+        )
   if source == "auto":
     source = "mimic4" if {"note_id", "note_type"} <= columns.keys() else "mimic3"
   required = _MIMIC4_COLUMNS if source == "mimic4" else _MIMIC3_COLUMNS
   missing = [name for name in required if name not in columns]
   if missing:
     raise UserError(
-        f"{path}: missing column(s) {', '.join(missing)} for --source={source} (MIMIC-III NOTEEVENTS needs "
-        f"{', '.join(_MIMIC3_COLUMNS)}; MIMIC-IV-Note needs {', '.join(_MIMIC4_COLUMNS)}); columns found: "
-        f"{_describe_columns(header)}")
+      f"{path}: missing column(s) {', '.join(missing)} for --source={source} (MIMIC-III NOTEEVENTS needs "
+      f"{', '.join(_MIMIC3_COLUMNS)}; MIMIC-IV-Note needs {', '.join(_MIMIC4_COLUMNS)}); columns found: "
+      f"{_describe_columns(header)}"
+    )
   return source, columns
 
 
@@ -180,11 +200,15 @@ def _read_rows(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
     except StopIteration:
       return
     except csv.Error as error:
-      raise UserError(f"{path}: malformed CSV in the row starting at line {previous_end + 1} ({error}); check for "
-                      f"an unclosed or stray double quote in that row") from None
+      raise UserError(
+        f"{path}: malformed CSV in the row starting at line {previous_end + 1} ({error}); check for "
+        f"an unclosed or stray double quote in that row"
+      ) from None
     except (OSError, EOFError, zlib.error) as error:
-      raise UserError(f"{path}: cannot read it near line {reader.line_num} ({type(error).__name__}: {error}); "
-                      f"the gzip file may be truncated or corrupt") from None
+      raise UserError(
+        f"{path}: cannot read it near line {reader.line_num} ({type(error).__name__}: {error}); "
+        f"the gzip file may be truncated or corrupt"
+      ) from None
     start, previous_end = previous_end + 1, reader.line_num
     if row:  # csv yields [] for blank lines between records
       yield start, row
@@ -209,8 +233,13 @@ def _category_matcher(categories: Collection[str]):
   return match
 
 
-def iter_notes(path: str | Path, source: str = "auto", categories: Collection[str] | str | None = None,
-               keep_iserror: bool = False, stats: NoteStats | None = None) -> Iterator[Note]:
+def iter_notes(
+  path: str | Path,
+  source: str = "auto",
+  categories: Collection[str] | str | None = None,
+  keep_iserror: bool = False,
+  stats: NoteStats | None = None,
+) -> Iterator[Note]:
   """Streams the notes of a MIMIC-III NOTEEVENTS or MIMIC-IV-Note CSV (plain or gzip), in file order.
 
   Categories match after stripping, case-insensitively, by name (`"Physician"` matches `"Physician "`) or by stem
@@ -245,8 +274,10 @@ def iter_notes(path: str | Path, source: str = "auto", categories: Collection[st
     for line_number, row in _read_rows(reader, path):
       stats.rows += 1
       if len(row) != len(header):
-        raise UserError(f"{path}: the row starting at line {line_number} has {len(row)} fields but the header has "
-                        f"{len(header)}; check that row's quoting")
+        raise UserError(
+          f"{path}: the row starting at line {line_number} has {len(row)} fields but the header has "
+          f"{len(header)}; check that row's quoting"
+        )
       category, replaced_in_category = _replace_invalid_utf8(row[category_column].strip())
       if mimic4:
         category = MIMIC4_NOTE_TYPES.get(category.upper(), category)
@@ -273,19 +304,24 @@ def iter_notes(path: str | Path, source: str = "auto", categories: Collection[st
       row_id, _ = _replace_invalid_utf8(row[id_column].strip())  # surrogates would break logging the id
       yield Note(row_id, category, text, line_number)
   if stats.rows == 0:
-    raise UserError(f"--input={path} has a header but no note rows, so there are no notes to format (the public "
-                    f"MIMIC-III demo's NOTEEVENTS.csv is such a file); use the credentialed NOTEEVENTS.csv.gz or "
-                    f"the demo corpus in data_prep/demo_corpus/")
+    raise UserError(
+      f"--input={path} has a header but no note rows, so there are no notes to format (the public "
+      f"MIMIC-III demo's NOTEEVENTS.csv is such a file); use the credentialed NOTEEVENTS.csv.gz or "
+      f"the demo corpus in data_prep/demo_corpus/"
+    )
   if categories is not None:
     unmatched = [name for name in categories if name not in matched]
     if unmatched:
-      raise UserError(f"categories {', '.join(map(repr, unmatched))} matched no note in {path}; categories found "
-                      f"(rows): {_describe_categories(stats.categories_seen)}")
+      raise UserError(
+        f"categories {', '.join(map(repr, unmatched))} matched no note in {path}; categories found "
+        f"(rows): {_describe_categories(stats.categories_seen)}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
 class FormatOptions:
   """How notes are cut: `section_bugs` in sections.SECTION_BUG_MODES, `sentence_splitter` in SENTENCE_SPLITTERS."""
+
   section_bugs: str = "original"
   sentence_splitter: str = "rules"
 
@@ -328,8 +364,9 @@ def _chunks(notes: Iterable[Note]) -> Iterator[list[Note]]:
     yield chunk
 
 
-def _format_in_order(notes: Iterable[Note], options: FormatOptions,
-                     num_workers: int) -> Iterator[tuple[Note, str | None, int]]:
+def _format_in_order(
+  notes: Iterable[Note], options: FormatOptions, num_workers: int
+) -> Iterator[tuple[Note, str | None, int]]:
   """(note, block, sentences) in input order, formatted in `num_workers` processes (`workers.ordered_map`).
 
   Notes go to the workers in chunks, at most two per worker in flight, so memory is bounded by the chunk size
@@ -342,8 +379,12 @@ def _format_in_order(notes: Iterable[Note], options: FormatOptions,
       chunks.append(chunk)
       yield [note.text for note in chunk]
 
-  for results in workers.ordered_map(functools.partial(_make_chunk_formatter, options), texts_of_chunks(),
-                                     num_workers=num_workers, died_hint="lower --num_workers"):
+  for results in workers.ordered_map(
+    functools.partial(_make_chunk_formatter, options),
+    texts_of_chunks(),
+    num_workers=num_workers,
+    died_hint="lower --num_workers",
+  ):
     for note, (block, count) in zip(chunks.popleft(), results):
       yield note, block, count
 
@@ -358,8 +399,7 @@ class _ShardWriter:
     self.summary: dict[str, dict] = {}
 
   def write(self, stem: str, category: str, block: str, sentence_count: int) -> None:
-    entry = self.summary.setdefault(
-        stem, {"categories": {}, "notes": 0, "sentences": 0, "bytes": 0, "shards": []})
+    entry = self.summary.setdefault(stem, {"categories": {}, "notes": 0, "sentences": 0, "bytes": 0, "shards": []})
     if entry["notes"] % self._shard_size_notes == 0:
       if stem in self._open:
         self._open.pop(stem).close()
@@ -378,16 +418,26 @@ class _ShardWriter:
     self._open.clear()
 
 
-def format_notes(input_path: str | Path, output_dir: str | Path, *, categories: Sequence[str] | str | None = None,
-                 source: str = "auto", num_workers: int = 1, keep_iserror: bool = False,
-                 section_bugs: str = "original", sentence_splitter: str = "rules",
-                 shard_size_notes: int = DEFAULT_SHARD_SIZE_NOTES, overwrite: bool = False) -> dict:
+def format_notes(
+  input_path: str | Path,
+  output_dir: str | Path,
+  *,
+  categories: Sequence[str] | str | None = None,
+  source: str = "auto",
+  num_workers: int = 1,
+  keep_iserror: bool = False,
+  section_bugs: str = "original",
+  sentence_splitter: str = "rules",
+  shard_size_notes: int = DEFAULT_SHARD_SIZE_NOTES,
+  overwrite: bool = False,
+) -> dict:
   """Formats a notes CSV into `output_dir` (created atomically) and returns the manifest it wrote."""
   if isinstance(categories, str):
     categories = parse_categories(categories)
   if section_bugs not in sections.SECTION_BUG_MODES:
-    raise UserError(f"--section_bugs={section_bugs} is not a mode; choose one of "
-                    f"{', '.join(sections.SECTION_BUG_MODES)}")
+    raise UserError(
+      f"--section_bugs={section_bugs} is not a mode; choose one of {', '.join(sections.SECTION_BUG_MODES)}"
+    )
   sentences.check_sentence_splitter(sentence_splitter)
   if num_workers < 1 or shard_size_notes < 1:
     raise UserError(f"--num_workers={num_workers} and --shard_size_notes={shard_size_notes} must be at least 1")
@@ -415,23 +465,29 @@ def format_notes(input_path: str | Path, output_dir: str | Path, *, categories: 
     if written == 0:
       raise UserError(f"no notes written from {input_path}: {stats.rows} rows read, skipped {skipped}")
     manifest = {
-        "format": MANIFEST_FORMAT,
-        "input": str(input_path),
-        "source": stats.source,
-        "flags": {"categories": list(categories) if categories is not None else "all",
-                  "keep_iserror": keep_iserror, "section_bugs": section_bugs, "sentence_splitter": sentence_splitter,
-                  "shard_size_notes": shard_size_notes, "num_workers": num_workers},
-        "rows_read": stats.rows,
-        "notes_written": written,
-        "sentences": sum(entry["sentences"] for entry in writer.summary.values()),
-        "bytes": sum(entry["bytes"] for entry in writer.summary.values()),
-        "skipped": skipped,
-        "invalid_utf8": {"bytes_replaced": stats.invalid_utf8_bytes_replaced,
-                         "notes_affected": stats.notes_with_invalid_utf8},
-        "categories": dict(sorted(writer.summary.items())),
+      "format": MANIFEST_FORMAT,
+      "input": str(input_path),
+      "source": stats.source,
+      "flags": {
+        "categories": list(categories) if categories is not None else "all",
+        "keep_iserror": keep_iserror,
+        "section_bugs": section_bugs,
+        "sentence_splitter": sentence_splitter,
+        "shard_size_notes": shard_size_notes,
+        "num_workers": num_workers,
+      },
+      "rows_read": stats.rows,
+      "notes_written": written,
+      "sentences": sum(entry["sentences"] for entry in writer.summary.values()),
+      "bytes": sum(entry["bytes"] for entry in writer.summary.values()),
+      "skipped": skipped,
+      "invalid_utf8": {
+        "bytes_replaced": stats.invalid_utf8_bytes_replaced,
+        "notes_affected": stats.notes_with_invalid_utf8,
+      },
+      "categories": dict(sorted(writer.summary.items())),
     }
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                         encoding="utf-8")
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
   return manifest
 
 
@@ -443,10 +499,18 @@ def _define_flags() -> None:
   flags.DEFINE_enum("source", "auto", SOURCES, "Input layout; auto detects it from the header.")
   flags.DEFINE_integer("num_workers", 1, "Processes that split notes into sections and sentences.", lower_bound=1)
   flags.DEFINE_bool("keep_iserror", False, "Keep rows with ISERROR=1 (ClinicalBERT kept them; default drops them).")
-  flags.DEFINE_enum("section_bugs", "original", sections.SECTION_BUG_MODES,
-                    "original reproduces the section splitter's two known bugs (paper parity); fixed repairs them.")
-  flags.DEFINE_enum("sentence_splitter", "rules", sentences.SENTENCE_SPLITTERS,
-                    "rules: built-in clinical splitter; scispacy: needs spaCy + scispaCy + en_core_sci_md.")
+  flags.DEFINE_enum(
+    "section_bugs",
+    "original",
+    sections.SECTION_BUG_MODES,
+    "original reproduces the section splitter's two known bugs (paper parity); fixed repairs them.",
+  )
+  flags.DEFINE_enum(
+    "sentence_splitter",
+    "rules",
+    sentences.SENTENCE_SPLITTERS,
+    "rules: built-in clinical splitter; scispacy: needs spaCy + scispaCy + en_core_sci_md.",
+  )
   flags.DEFINE_integer("shard_size_notes", DEFAULT_SHARD_SIZE_NOTES, "Notes per output file.", lower_bound=1)
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
   flags.mark_flags_as_required(["input", "output_dir"])
@@ -455,11 +519,24 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   FLAGS = flags.FLAGS
   manifest = format_notes(
-      FLAGS.input, FLAGS.output_dir, categories=parse_categories(FLAGS.categories), source=FLAGS.source,
-      num_workers=FLAGS.num_workers, keep_iserror=FLAGS.keep_iserror, section_bugs=FLAGS.section_bugs,
-      sentence_splitter=FLAGS.sentence_splitter, shard_size_notes=FLAGS.shard_size_notes, overwrite=FLAGS.overwrite)
-  logging.info("wrote %d notes (%d sentences) to %s; skipped %s", manifest["notes_written"],
-               manifest["sentences"], FLAGS.output_dir, manifest["skipped"])
+    FLAGS.input,
+    FLAGS.output_dir,
+    categories=parse_categories(FLAGS.categories),
+    source=FLAGS.source,
+    num_workers=FLAGS.num_workers,
+    keep_iserror=FLAGS.keep_iserror,
+    section_bugs=FLAGS.section_bugs,
+    sentence_splitter=FLAGS.sentence_splitter,
+    shard_size_notes=FLAGS.shard_size_notes,
+    overwrite=FLAGS.overwrite,
+  )
+  logging.info(
+    "wrote %d notes (%d sentences) to %s; skipped %s",
+    manifest["notes_written"],
+    manifest["sentences"],
+    FLAGS.output_dir,
+    manifest["skipped"],
+  )
 
 
 if __name__ == "__main__":

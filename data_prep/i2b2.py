@@ -40,16 +40,16 @@ ENTITY_TYPES = I2B2_ENTITY_TYPES  # one table, in clinical_bert_jax.bio_format (
 # Where the official releases keep their train and test data, relative to --input_dir. Each entry may be a file or a
 # directory (searched recursively); an entry not found directly under --input_dir is looked for recursively.
 DEFAULT_TRAIN = {
-    "2006": ("deid_surrogate_train_all_version2.xml",),
-    "2010": ("concept_assertion_relation_training_data",),
-    "2012": ("2012-07-15.original-annotation.release",),
-    "2014": ("training-PHI-Gold-Set1", "training-PHI-Gold-Set2"),
+  "2006": ("deid_surrogate_train_all_version2.xml",),
+  "2010": ("concept_assertion_relation_training_data",),
+  "2012": ("2012-07-15.original-annotation.release",),
+  "2014": ("training-PHI-Gold-Set1", "training-PHI-Gold-Set2"),
 }
 DEFAULT_TEST = {
-    "2006": ("deid_surrogate_test_all_groundtruth_version2.xml",),
-    "2010": ("test_data", "reference_standard_for_test_data"),
-    "2012": ("2012-08-08.test-data.event-timex-groundtruth/xml",),
-    "2014": ("testing-PHI-Gold-fixed",),
+  "2006": ("deid_surrogate_test_all_groundtruth_version2.xml",),
+  "2010": ("test_data", "reference_standard_for_test_data"),
+  "2012": ("2012-08-08.test-data.event-timex-groundtruth/xml",),
+  "2014": ("testing-PHI-Gold-fixed",),
 }
 # 2010: the notebook's np.random.seed(1). 2012/2014: the notebooks permuted patients without a seed; we use 1 as well.
 DEFAULT_SEED = 1
@@ -57,10 +57,10 @@ TRAIN_FRACTION_2006 = 0.7  # first 70% of the training sentences = train, the re
 DEV_FRACTION = 0.1  # 2010/2012/2014: 10% of the records / patients
 
 DEV_SPLIT_RULES = {
-    "2006": "last 30% of the training sentences in file order (no shuffle)",
-    "2010": "per source (partners, then beth), 10% of the records by np.random.RandomState(seed).permutation",
-    "2012": "10% of the patients (one record each) by np.random.RandomState(seed).permutation",
-    "2014": "10% of the patients (first 3 characters of the file name) by np.random.RandomState(seed).permutation",
+  "2006": "last 30% of the training sentences in file order (no shuffle)",
+  "2010": "per source (partners, then beth), 10% of the records by np.random.RandomState(seed).permutation",
+  "2012": "10% of the patients (one record each) by np.random.RandomState(seed).permutation",
+  "2014": "10% of the patients (first 3 characters of the file name) by np.random.RandomState(seed).permutation",
 }
 
 # A tag whose text does not match the TEXT at its offsets is looked for this many characters to either side (the 2014
@@ -85,6 +85,7 @@ def _describe_type(value: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Span:
   """A labelled character range `[start, end)` of a note text."""
+
   start: int
   end: int
   entity_type: str
@@ -93,6 +94,7 @@ class Span:
 @dataclasses.dataclass
 class Document:
   """One converted note. `group` is the unit the dev split draws (record or patient); `source` is 2010's hospital."""
+
   name: str
   group: str
   sentences: list[Sentence]
@@ -102,6 +104,7 @@ class Document:
 @dataclasses.dataclass
 class TagReport:
   """What happened to the annotations; written to conversion.json (identifiers only, never text)."""
+
   tags: int = 0
   skipped_empty_type: int = 0
   skipped_empty_span: int = 0
@@ -131,7 +134,7 @@ def label_text(text: str, spans: Sequence[Span], strip_separator_after_span: boo
   """
   owner_array = np.full(len(text), -1, dtype=np.int32)
   for index, span in enumerate(spans):
-    owner_array[span.start:span.end] = index
+    owner_array[span.start : span.end] = index
   owner = owner_array.tolist()  # per-character reads below are much faster on a list
   seen: set[int] = set()
   sentences = []
@@ -184,11 +187,13 @@ def _resolve_entries(input_dir: Path, entries: Sequence[str], flag: str) -> list
       resolved.append(direct)
       continue
     tail = Path(entry).parts
-    matches = sorted(path for path in input_dir.rglob(tail[-1]) if path.parts[-len(tail):] == tail)
+    matches = sorted(path for path in input_dir.rglob(tail[-1]) if path.parts[-len(tail) :] == tail)
     if len(matches) != 1:
       found = "not found" if not matches else f"ambiguous ({len(matches)} matches, e.g. {matches[0]}, {matches[1]})"
-      raise UserError(f"{flag}: '{entry}' {found} under --input_dir={input_dir} (searched recursively); pass "
-                      f"{flag}=PATH[,PATH] relative to --input_dir (files or directories)")
+      raise UserError(
+        f"{flag}: '{entry}' {found} under --input_dir={input_dir} (searched recursively); pass "
+        f"{flag}=PATH[,PATH] relative to --input_dir (files or directories)"
+      )
     resolved.append(matches[0])
   return resolved
 
@@ -199,8 +204,7 @@ def _collect(roots: Iterable[Path], suffixes: tuple[str, ...], flag: str) -> lis
   for root in roots:
     found = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file())
     if not found:
-      raise UserError(f"{flag}: no {'/'.join(suffixes)} files under {root}; point {flag} at the directory holding "
-                      "them")
+      raise UserError(f"{flag}: no {'/'.join(suffixes)} files under {root}; point {flag} at the directory holding them")
     files.extend(found)
   return files
 
@@ -240,7 +244,7 @@ def _repair_nested_phi(data: bytes, path: Path, report: TagReport) -> bytes:
   for match in _PHI_TAG.finditer(data):
     closing = match.group().startswith(b"</")
     if not closing and inside:
-      pieces += [data[last:match.start()], b"</PHI>"]
+      pieces += [data[last : match.start()], b"</PHI>"]
       last = match.end()
       line_number = data.count(b"\n", 0, match.start()) + 1
       report.repaired_phi_tags.append(f"{path.name}:{line_number}")
@@ -258,11 +262,14 @@ def _record_text_and_spans(record: ElementTree.Element, path: Path, record_id: s
   for child in text_element:
     phi_type = child.get("TYPE")
     if child.tag != "PHI" or phi_type is None or len(child):
-      raise UserError(f"{path}: RECORD {record_id} has a <{child.tag}> element in its TEXT that is not a flat "
-                      "<PHI TYPE=...> tag")
+      raise UserError(
+        f"{path}: RECORD {record_id} has a <{child.tag}> element in its TEXT that is not a flat <PHI TYPE=...> tag"
+      )
     if phi_type not in ENTITY_TYPES["2006"]:
-      raise UserError(f"{path}: RECORD {record_id} has PHI TYPE {_describe_type(phi_type)}, not one of the 2006 "
-                      f"types {', '.join(ENTITY_TYPES['2006'])}")
+      raise UserError(
+        f"{path}: RECORD {record_id} has PHI TYPE {_describe_type(phi_type)}, not one of the 2006 "
+        f"types {', '.join(ENTITY_TYPES['2006'])}"
+      )
     content = child.text or ""
     spans.append(Span(length, length + len(content), phi_type))
     parts += [content, child.tail or ""]
@@ -286,21 +293,29 @@ def _read_2006(path: Path, report: TagReport) -> list[Document]:
   return documents
 
 
-def _convert_2006(train_files: list[Path], test_files: list[Path], seed: int,
-                  report: TagReport) -> tuple[dict[str, list[Document]], dict]:
+def _convert_2006(
+  train_files: list[Path], test_files: list[Path], seed: int, report: TagReport
+) -> tuple[dict[str, list[Document]], dict]:
   del seed  # the 2006 split does not shuffle
   train_documents = [d for path in train_files for d in _read_2006(path, report)]
   test_documents = [d for path in test_files for d in _read_2006(path, report)]
   test_tags = sum(1 for d in test_documents for s in d.sentences for label in s.labels if label != "O")
   if not test_tags:
-    raise UserError(f"--test_subdir: {', '.join(map(str, test_files))} contain(s) no PHI tags; use the ground-truth "
-                    "test file (deid_surrogate_test_all_groundtruth_version2.xml), not the unannotated one")
+    raise UserError(
+      f"--test_subdir: {', '.join(map(str, test_files))} contain(s) no PHI tags; use the ground-truth "
+      "test file (deid_surrogate_test_all_groundtruth_version2.xml), not the unannotated one"
+    )
   sentences = [s for d in train_documents for s in d.sentences]
   cut = int(TRAIN_FRACTION_2006 * len(sentences))
-  splits = {"train": [Document("train", "", sentences[:cut])], "dev": [Document("dev", "", sentences[cut:])],
-            "test": test_documents}
-  return splits, {"records": {"train_release": len(train_documents), "test_release": len(test_documents)},
-                  "dev_groups": None}
+  splits = {
+    "train": [Document("train", "", sentences[:cut])],
+    "dev": [Document("dev", "", sentences[cut:])],
+    "test": test_documents,
+  }
+  return splits, {
+    "records": {"train_release": len(train_documents), "test_release": len(test_documents)},
+    "dev_groups": None,
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,17 +340,20 @@ def _pair_2010(files: list[Path], flag: str) -> list[tuple[Path, Path]]:
     else:
       concepts[path.stem] = path
   if not concepts:
-    raise UserError(f"{flag}: no .con concept files found; point {flag} at the directories holding the .txt and .con "
-                    "files")
+    raise UserError(
+      f"{flag}: no .con concept files found; point {flag} at the directories holding the .txt and .con files"
+    )
   for stem, path in concepts.items():
     if len(texts.get(stem, [])) != 1:
       problem = "no matching .txt" if stem not in texts else f"{len(texts[stem])} matching .txt files"
-      raise UserError(f"{flag}: {path} has {problem}; {flag} must include the directory holding each record's text "
-                      "exactly once")
+      raise UserError(
+        f"{flag}: {path} has {problem}; {flag} must include the directory holding each record's text exactly once"
+      )
   unannotated = sorted(set(texts) - set(concepts))
   if unannotated:
-    logging.warning("%s: %d .txt file(s) without a .con file are ignored (e.g. %s)", flag, len(unannotated),
-                    texts[unannotated[0]][0])
+    logging.warning(
+      "%s: %d .txt file(s) without a .con file are ignored (e.g. %s)", flag, len(unannotated), texts[unannotated[0]][0]
+    )
   return [(texts[stem][0], concepts[stem]) for stem in sorted(concepts)]
 
 
@@ -359,19 +377,22 @@ def _read_2010(text_path: Path, concept_path: Path, report: TagReport) -> Docume
     where = f"{concept_path}:{number}"
     concept_type = match["type"]
     if concept_type not in ENTITY_TYPES["2010"]:
-      raise UserError(f"{where}: concept type {_describe_type(concept_type)} is not one of "
-                      f"{', '.join(ENTITY_TYPES['2010'])}")
+      raise UserError(
+        f"{where}: concept type {_describe_type(concept_type)} is not one of {', '.join(ENTITY_TYPES['2010'])}"
+      )
     (l1, w1), (l2, w2) = (int(match["l1"]), int(match["w1"])), (int(match["l2"]), int(match["w2"]))
     if not 1 <= l1 <= l2 <= len(line_words) or (l1 == l2 and w1 > w2):
-      raise UserError(f"{where}: concept lines {l1}-{l2} are outside {text_path.name} ({len(line_words)} lines) or "
-                      "reversed")
+      raise UserError(
+        f"{where}: concept lines {l1}-{l2} are outside {text_path.name} ({len(line_words)} lines) or reversed"
+      )
     first, last = w1 + shifts[l1 - 1], w2 + shifts[l2 - 1]
     if not (0 <= first < len(line_words[l1 - 1]) and 0 <= last < len(line_words[l2 - 1])):
-      raise UserError(f"{where}: concept word offsets {l1}:{w1} {l2}:{w2} are outside the words of "
-                      f"{text_path.name}")
-    if l1 == l2 and " ".join(line_words[l1 - 1][first:last + 1]).lower() != " ".join(match["text"].split()):
-      raise UserError(f"{where}: the concept text does not match words {l1}:{w1}-{w2} of {text_path.name}; is the "
-                      ".con file paired with the right .txt?")
+      raise UserError(f"{where}: concept word offsets {l1}:{w1} {l2}:{w2} are outside the words of {text_path.name}")
+    if l1 == l2 and " ".join(line_words[l1 - 1][first : last + 1]).lower() != " ".join(match["text"].split()):
+      raise UserError(
+        f"{where}: the concept text does not match words {l1}:{w1}-{w2} of {text_path.name}; is the "
+        ".con file paired with the right .txt?"
+      )
     index = len(concept_types)
     concept_types.append(concept_type)
     for line_index in range(l1 - 1, l2):
@@ -396,8 +417,9 @@ def _permuted(items: list, rng: np.random.RandomState) -> list:
   return [items[i] for i in rng.permutation(len(items))]
 
 
-def _convert_2010(train_files: list[Path], test_files: list[Path], seed: int,
-                  report: TagReport) -> tuple[dict[str, list[Document]], dict]:
+def _convert_2010(
+  train_files: list[Path], test_files: list[Path], seed: int, report: TagReport
+) -> tuple[dict[str, list[Document]], dict]:
   train_documents = [_read_2010(t, c, report) for t, c in _pair_2010(train_files, "--train_subdir")]
   test_documents = [_read_2010(t, c, report) for t, c in _pair_2010(test_files, "--test_subdir")]
   rng = np.random.RandomState(seed)
@@ -408,10 +430,15 @@ def _convert_2010(train_files: list[Path], test_files: list[Path], seed: int,
     cut = int(0.9 * len(documents))
     train += documents[:cut]
     dev += documents[cut:]
-  splits = {"train": _permuted(train, rng), "dev": _permuted(dev, rng),
-            "test": _permuted(sorted(test_documents, key=lambda d: d.group), rng)}
-  return splits, {"records": {"train_release": len(train_documents), "test_release": len(test_documents)},
-                  "dev_groups": sorted(d.group for d in dev)}
+  splits = {
+    "train": _permuted(train, rng),
+    "dev": _permuted(dev, rng),
+    "test": _permuted(sorted(test_documents, key=lambda d: d.group), rng),
+  }
+  return splits, {
+    "records": {"train_release": len(train_documents), "test_release": len(test_documents)},
+    "dev_groups": sorted(d.group for d in dev),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -425,7 +452,7 @@ def _normalized(text: str) -> str:
 def _realign(text: str, start: int, end: int, expected: str) -> int | None:
   """The smallest shift (within the window) at which the TEXT matches the tag's own text, or None."""
   for delta in sorted(range(-_REALIGN_WINDOW, _REALIGN_WINDOW + 1), key=abs):
-    if 0 <= start + delta and end + delta <= len(text) and _normalized(text[start + delta:end + delta]) == expected:
+    if 0 <= start + delta and end + delta <= len(text) and _normalized(text[start + delta : end + delta]) == expected:
       return delta
   return None
 
@@ -457,12 +484,16 @@ def _read_offset_xml(path: Path, task: str, report: TagReport) -> Document:
       report.skipped_empty_type += 1
       continue
     if entity_type not in ENTITY_TYPES[task]:
-      raise UserError(f"{path}: tag {tag_id} has type {_describe_type(entity_type)}, not one of the i2b2 {task} types "
-                      f"{', '.join(ENTITY_TYPES[task])}")
+      raise UserError(
+        f"{path}: tag {tag_id} has type {_describe_type(entity_type)}, not one of the i2b2 {task} types "
+        f"{', '.join(ENTITY_TYPES[task])}"
+      )
     start, end = _int_attribute(tag, "start", path, tag_id), _int_attribute(tag, "end", path, tag_id)
     if not 0 <= start <= end <= len(text):
-      raise UserError(f"{path}: tag {tag_id} has offsets start={start} end={end} outside the TEXT (length "
-                      f"{len(text)}); fix or remove the tag")
+      raise UserError(
+        f"{path}: tag {tag_id} has offsets start={start} end={end} outside the TEXT (length "
+        f"{len(text)}); fix or remove the tag"
+      )
     if start == end:
       report.skipped_empty_span += 1
       continue
@@ -485,27 +516,39 @@ def _split_by_group(documents: list[Document], seed: int) -> tuple[list[Document
   cut = int(len(groups) * (1 - DEV_FRACTION))
 
   def documents_of(chosen: list[str]) -> list[Document]:
-    return [d for group in chosen
-            for d in sorted((d for d in documents if d.group == group), key=lambda d: _natural_key(d.name))]
+    return [
+      d
+      for group in chosen
+      for d in sorted((d for d in documents if d.group == group), key=lambda d: _natural_key(d.name))
+    ]
 
   return documents_of(permuted[:cut]), documents_of(permuted[cut:]), sorted(permuted[cut:], key=_natural_key)
 
 
 def _offset_converter(task: str) -> Callable:
-  def convert(train_files: list[Path], test_files: list[Path], seed: int,
-              report: TagReport) -> tuple[dict[str, list[Document]], dict]:
+  def convert(
+    train_files: list[Path], test_files: list[Path], seed: int, report: TagReport
+  ) -> tuple[dict[str, list[Document]], dict]:
     train_documents = [_read_offset_xml(path, task, report) for path in train_files]
-    test_documents = sorted((_read_offset_xml(path, task, report) for path in test_files),
-                            key=lambda d: (_natural_key(d.group), _natural_key(d.name)))
+    test_documents = sorted(
+      (_read_offset_xml(path, task, report) for path in test_files),
+      key=lambda d: (_natural_key(d.group), _natural_key(d.name)),
+    )
     train, dev, dev_groups = _split_by_group(train_documents, seed)
     return {"train": train, "dev": dev, "test": test_documents}, {
-        "records": {"train_release": len(train_documents), "test_release": len(test_documents)},
-        "dev_groups": dev_groups}
+      "records": {"train_release": len(train_documents), "test_release": len(test_documents)},
+      "dev_groups": dev_groups,
+    }
+
   return convert
 
 
-_CONVERTERS = {"2006": _convert_2006, "2010": _convert_2010, "2012": _offset_converter("2012"),
-               "2014": _offset_converter("2014")}
+_CONVERTERS = {
+  "2006": _convert_2006,
+  "2010": _convert_2010,
+  "2012": _offset_converter("2012"),
+  "2014": _offset_converter("2014"),
+}
 _SUFFIXES = {"2006": (".xml",), "2010": (".txt", ".con"), "2012": (".xml",), "2014": (".xml",)}
 
 
@@ -513,8 +556,13 @@ _SUFFIXES = {"2006": (".xml",), "2010": (".txt", ".con"), "2012": (".xml",), "20
 # Public entry points.
 
 
-def convert_release(task: str, input_dir: str | Path, train_subdirs: Sequence[str] | None = None,
-                    test_subdirs: Sequence[str] | None = None, seed: int | None = None) -> Conversion:
+def convert_release(
+  task: str,
+  input_dir: str | Path,
+  train_subdirs: Sequence[str] | None = None,
+  test_subdirs: Sequence[str] | None = None,
+  seed: int | None = None,
+) -> Conversion:
   """Converts an official release directory into BIO splits (in memory); raises UserError for bad input."""
   if task not in TASKS:
     raise UserError(f"--task={task} is not one of {', '.join(TASKS)}")
@@ -523,8 +571,10 @@ def convert_release(task: str, input_dir: str | Path, train_subdirs: Sequence[st
     raise UserError(f"--input_dir={input_dir} is not a directory; point it at the extracted i2b2 {task} release")
   seed = DEFAULT_SEED if seed is None else seed
   roots, files = {}, {}
-  for split, flag, entries in (("train", "--train_subdir", train_subdirs or DEFAULT_TRAIN[task]),
-                               ("test", "--test_subdir", test_subdirs or DEFAULT_TEST[task])):
+  for split, flag, entries in (
+    ("train", "--train_subdir", train_subdirs or DEFAULT_TRAIN[task]),
+    ("test", "--test_subdir", test_subdirs or DEFAULT_TEST[task]),
+  ):
     roots[split] = _resolve_entries(input_dir, entries, flag)
     files[split] = _collect(roots[split], _SUFFIXES[task], flag)
   report = TagReport()
@@ -532,25 +582,38 @@ def convert_release(task: str, input_dir: str | Path, train_subdirs: Sequence[st
   splits = {split: [s for d in documents[split] for s in d.sentences] for split in conll.SPLITS}
   empty = [split for split, sentences in splits.items() if not sentences]
   if empty:
-    raise UserError(f"--input_dir={input_dir}: the {', '.join(empty)} split(s) came out empty; the release holds too "
-                    "few records/patients for a 90/10 split or the wrong files were found (see --train_subdir)")
+    raise UserError(
+      f"--input_dir={input_dir}: the {', '.join(empty)} split(s) came out empty; the release holds too "
+      "few records/patients for a 90/10 split or the wrong files were found (see --train_subdir)"
+    )
   if report.realigned or report.text_mismatch:
-    logging.warning("%d tag(s) realigned to their text within %d characters and %d left where their text does not "
-                    "match; conversion.json lists them", len(report.realigned), _REALIGN_WINDOW,
-                    len(report.text_mismatch))
+    logging.warning(
+      "%d tag(s) realigned to their text within %d characters and %d left where their text does not "
+      "match; conversion.json lists them",
+      len(report.realigned),
+      _REALIGN_WINDOW,
+      len(report.text_mismatch),
+    )
   labels = label_list(task)
-  return Conversion(task, splits, labels, {
+  return Conversion(
+    task,
+    splits,
+    labels,
+    {
       "task": task,
       "seed": None if task == "2006" else seed,
       "dev_split": DEV_SPLIT_RULES[task],
-      "inputs": {split: [str(p.relative_to(input_dir)) if p.is_relative_to(input_dir) else str(p) for p in paths]
-                 for split, paths in roots.items()},
+      "inputs": {
+        split: [str(p.relative_to(input_dir)) if p.is_relative_to(input_dir) else str(p) for p in paths]
+        for split, paths in roots.items()
+      },
       "input_files": {split: len(paths) for split, paths in files.items()},
       **details,
       "splits": conll.split_counts(splits),
       "tags": dataclasses.asdict(report),
       "label_list": labels,
-  })
+    },
+  )
 
 
 def write_conversion(conversion: Conversion, output_dir: str | Path, overwrite: bool = False) -> None:
@@ -564,11 +627,16 @@ def write_conversion(conversion: Conversion, output_dir: str | Path, overwrite: 
 
 def _define_flags() -> None:
   from absl import flags
+
   flags.DEFINE_enum("task", None, TASKS, "Which i2b2 challenge release to convert.")
   flags.DEFINE_string("input_dir", None, "The extracted official release (directory).")
   flags.DEFINE_string("output_dir", None, "Where to write train/dev/test.tsv, labels.txt, conversion.json.")
-  flags.DEFINE_list("train_subdir", None, "Training data: files or directories relative to --input_dir (searched "
-                    "recursively). Default: the official layout of --task (see docs/downstream-data.md).")
+  flags.DEFINE_list(
+    "train_subdir",
+    None,
+    "Training data: files or directories relative to --input_dir (searched "
+    "recursively). Default: the official layout of --task (see docs/downstream-data.md).",
+  )
   flags.DEFINE_list("test_subdir", None, "Test data, like --train_subdir.")
   flags.DEFINE_integer("seed", None, f"Seed of the record/patient dev split (2010/2012/2014; default {DEFAULT_SEED}).")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
@@ -577,18 +645,25 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags
+
   flag_values = flags.FLAGS
   if flag_values.task == "2006" and flag_values.seed is not None:
     logging.warning("--seed has no effect for --task=2006: its dev split is the last 30%% of the sentences")
-  conversion = convert_release(flag_values.task, flag_values.input_dir, flag_values.train_subdir,
-                               flag_values.test_subdir, flag_values.seed)
+  conversion = convert_release(
+    flag_values.task, flag_values.input_dir, flag_values.train_subdir, flag_values.test_subdir, flag_values.seed
+  )
   write_conversion(conversion, flag_values.output_dir, flag_values.overwrite)
   counts = conversion.report["splits"]
-  logging.info("i2b2 %s → %s: %s", conversion.task, flag_values.output_dir,
-               ", ".join(f"{split} {c['sentences']} sentences" for split, c in counts.items()))
+  logging.info(
+    "i2b2 %s → %s: %s",
+    conversion.task,
+    flag_values.output_dir,
+    ", ".join(f"{split} {c['sentences']} sentences" for split, c in counts.items()),
+  )
 
 
 if __name__ == "__main__":
   from clinical_bert_jax.errors import run_absl
+
   _define_flags()
   run_absl(main)

@@ -92,8 +92,9 @@ def _split_first_line_headers(segments: list[str], bugs: SectionBugs) -> tuple[l
 def _split_headers(segment: str) -> list[str]:
   """Step 3: cut a segment before and after each line-initial title (`Past Medical History:`)."""
   pieces = []
-  headers = [candidate.strip() for candidate in _HEADER_CANDIDATE.findall("\n" + segment)
-             if is_title(candidate.strip())]
+  headers = [
+    candidate.strip() for candidate in _HEADER_CANDIDATE.findall("\n" + segment) if is_title(candidate.strip())
+  ]
   for header in headers:
     # The original cuts at the header's first occurrence, which may be earlier than the line it was found on.
     index = segment.index(header)
@@ -101,7 +102,7 @@ def _split_headers(segment: str) -> list[str]:
     if prefix:
       pieces.append(prefix)
     pieces.append(header)
-    segment = segment[index + len(header):].strip()
+    segment = segment[index + len(header) :].strip()
   if segment:
     pieces.append(segment.strip())
   return pieces
@@ -137,8 +138,8 @@ def _split_enumerated_list(segment: str, bugs: SectionBugs) -> list[str]:
     if match is None:
       # Only reachable through bug 1's over-count; the original failed here (`None.groups()`) and lost the note.
       raise SectionSplitError("enumerated list has fewer items than counted")
-    prefix = segment[:match.start()].strip()
-    segment = segment[match.start():].strip()
+    prefix = segment[: match.start()].strip()
+    segment = segment[match.start() :].strip()
     if prefix:
       pieces.append(prefix)
   if segment:

@@ -37,19 +37,57 @@ SplitFn = Callable[[str], list[str]]
 DEID_PLACEHOLDER = re.compile(r"\[\*\*.{0,15}.*?\*\*\]", re.IGNORECASE)
 
 _TOKEN = re.compile(
-    rf"(?P<placeholder>{DEID_PLACEHOLDER.pattern})"
-    r"|(?P<dotted>(?:[^\W\d_]\.){2,})"
-    r"|(?P<word>\w+(?:[.,:]\d+)*(?:[-/'’&+]\w+(?:[.,:]\d+)*)*)"
-    r"|(?P<dashes>-+)"
-    r"|(?P<stops>[.!?]+)"
-    r"|(?P<other>\S)",
-    re.IGNORECASE)
+  rf"(?P<placeholder>{DEID_PLACEHOLDER.pattern})"
+  r"|(?P<dotted>(?:[^\W\d_]\.){2,})"
+  r"|(?P<word>\w+(?:[.,:]\d+)*(?:[-/'’&+]\w+(?:[.,:]\d+)*)*)"
+  r"|(?P<dashes>-+)"
+  r"|(?P<stops>[.!?]+)"
+  r"|(?P<other>\S)",
+  re.IGNORECASE,
+)
 
 # Lower-cased words that keep their period: titles, Latin, units and dose forms, months.
-ABBREVIATIONS = frozenset((
-    "dr", "mr", "mrs", "ms", "prof", "sr", "jr", "st", "vs", "approx", "appt", "dept", "mg", "mcg", "ml", "kg", "cm",
-    "mm", "gm", "meq", "mmol", "tab", "tabs", "cap", "caps", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep",
-    "sept", "oct", "nov", "dec"))
+ABBREVIATIONS = frozenset(
+  (
+    "dr",
+    "mr",
+    "mrs",
+    "ms",
+    "prof",
+    "sr",
+    "jr",
+    "st",
+    "vs",
+    "approx",
+    "appt",
+    "dept",
+    "mg",
+    "mcg",
+    "ml",
+    "kg",
+    "cm",
+    "mm",
+    "gm",
+    "meq",
+    "mmol",
+    "tab",
+    "tabs",
+    "cap",
+    "caps",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+  )
+)
 # Abbreviations only when a number follows (`No. 2`), since `no.` also ends sentences ("denies pain. No.").
 ABBREVIATIONS_BEFORE_NUMBERS = frozenset(("no", "nos", "fig", "ext", "ref"))
 
@@ -70,8 +108,13 @@ class _Tokens:
     for match in _TOKEN.finditer(section):
       text, kind = match.group(), match.lastgroup
       start, end = match.span()
-      if text == "." and self.kinds and self.kinds[-1] == "word" and self.ends[-1] == start and \
-          self._keeps_period(section, end):
+      if (
+        text == "."
+        and self.kinds
+        and self.kinds[-1] == "word"
+        and self.ends[-1] == start
+        and self._keeps_period(section, end)
+      ):
         self.texts[-1] += "."
         self.ends[-1] = end
         self.kinds[-1] = "abbreviation"
@@ -88,17 +131,21 @@ class _Tokens:
     if lowered in ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
       return True
     if lowered in ABBREVIATIONS_BEFORE_NUMBERS:
-      return section[period_end:period_end + 16].lstrip()[:1].isdigit()
+      return section[period_end : period_end + 16].lstrip()[:1].isdigit()
     if word.isdigit():  # a list number only at the start of a line: `1. Aspirin`, not `... at 10. Then`
-      return len(self.texts) == 1 or "\n" in section[self.ends[-2]:self.starts[-1]]
+      return len(self.texts) == 1 or "\n" in section[self.ends[-2] : self.starts[-1]]
     return False
 
   def can_start_sentence(self, j: int) -> bool:
     first = self.texts[j][0]
     if self.kinds[j] == "placeholder" or first.isupper() or first.isdigit():
       return True
-    return (first in _OPENERS and j + 1 < len(self.texts) and self.starts[j + 1] == self.ends[j]
-            and (self.texts[j + 1][0].isupper() or self.texts[j + 1][0].isdigit()))
+    return (
+      first in _OPENERS
+      and j + 1 < len(self.texts)
+      and self.starts[j + 1] == self.ends[j]
+      and (self.texts[j + 1][0].isupper() or self.texts[j + 1][0].isdigit())
+    )
 
   def sentence_starts(self) -> list[int]:
     """Indices of the tokens that start a sentence (beyond the first)."""
@@ -127,8 +174,9 @@ def split_sentences(section: str) -> list[str]:
   if not tokens.texts:
     return []
   bounds = [0, *tokens.sentence_starts(), len(tokens.texts)]
-  return [section[tokens.starts[a]:tokens.ends[b - 1]].translate(_LINE_BREAKS_TO_SPACES)
-          for a, b in zip(bounds, bounds[1:])]
+  return [
+    section[tokens.starts[a] : tokens.ends[b - 1]].translate(_LINE_BREAKS_TO_SPACES) for a, b in zip(bounds, bounds[1:])
+  ]
 
 
 class ScispacySentenceSplitter:
@@ -156,8 +204,7 @@ class ScispacySentenceSplitter:
       return []
     doc = self._nlp(section)
     inside = [(m.start(), m.end()) for m in DEID_PLACEHOLDER.finditer(section)]
-    starts = [sent.start_char for sent in doc.sents
-              if not any(begin < sent.start_char < end for begin, end in inside)]
+    starts = [sent.start_char for sent in doc.sents if not any(begin < sent.start_char < end for begin, end in inside)]
     ends = starts[1:] + [len(section)]
     sentences = (section[a:b].strip().translate(_LINE_BREAKS_TO_SPACES) for a, b in zip(starts, ends))
     return [sentence for sentence in sentences if sentence]
@@ -178,13 +225,17 @@ def check_sentence_splitter(name: str, flag: str = "--sentence_splitter") -> Non
   if name not in SENTENCE_SPLITTERS:
     raise UserError(f"{flag}={name} is not a sentence splitter; choose one of {', '.join(SENTENCE_SPLITTERS)}")
   if name == "scispacy":
-    missing = [package for package in ("spacy", "scispacy", ScispacySentenceSplitter.MODEL)
-               if importlib.util.find_spec(package) is None]
+    missing = [
+      package
+      for package in ("spacy", "scispacy", ScispacySentenceSplitter.MODEL)
+      if importlib.util.find_spec(package) is None
+    ]
     if missing:
       raise UserError(
-          f"{flag}=scispacy needs {', '.join(missing)} (not installed): run `pip install scispacy` and "
-          f"install the {ScispacySentenceSplitter.MODEL} model package from the scispaCy release archives, "
-          f"or use {flag}=rules (the default)")
+        f"{flag}=scispacy needs {', '.join(missing)} (not installed): run `pip install scispacy` and "
+        f"install the {ScispacySentenceSplitter.MODEL} model package from the scispaCy release archives, "
+        f"or use {flag}=rules (the default)"
+      )
 
 
 def make_sentence_splitter(name: str) -> SplitFn:

@@ -37,9 +37,15 @@ Report = Callable[[Any], None]
 _POLL_S = 0.5  # how often the parent checks that its workers are alive while it waits
 
 
-def ordered_map(make_worker: Callable[[Report], Callable[[In], Out]], items: Iterable[In], *, num_workers: int,
-                max_in_flight: int | None = None, on_progress: Report | None = None,
-                died_hint: str = "lower --num_workers") -> Iterator[Out]:
+def ordered_map(
+  make_worker: Callable[[Report], Callable[[In], Out]],
+  items: Iterable[In],
+  *,
+  num_workers: int,
+  max_in_flight: int | None = None,
+  on_progress: Report | None = None,
+  died_hint: str = "lower --num_workers",
+) -> Iterator[Out]:
   """Yields `worker(item)` for each item in input order, computed in `num_workers` spawned processes.
 
   Args:
@@ -60,8 +66,9 @@ def ordered_map(make_worker: Callable[[Report], Callable[[In], Out]], items: Ite
   yield from _Pool(make_worker, num_workers, report, died_hint).map(items, max(1, max_in_flight or 2 * num_workers))
 
 
-def _worker_main(make_worker: Callable[[Report], Callable[[Any], Any]], tasks: multiprocessing.Queue,
-                 results: multiprocessing.Queue) -> None:
+def _worker_main(
+  make_worker: Callable[[Report], Callable[[Any], Any]], tasks: multiprocessing.Queue, results: multiprocessing.Queue
+) -> None:
   """A worker process: builds its state, then takes (index, item) until None; everything goes back on `results`."""
   try:
     worker = make_worker(lambda payload: results.put(("progress", payload)))
@@ -90,8 +97,10 @@ class _Pool:
     self._tasks, self._results = context.Queue(), context.Queue()
     self._report, self._died_hint = report, died_hint
     self._done: dict[int, Any] = {}  # results received ahead of their turn
-    self._processes = [context.Process(target=_worker_main, args=(make_worker, self._tasks, self._results),
-                                       daemon=True) for _ in range(num_workers)]
+    self._processes = [
+      context.Process(target=_worker_main, args=(make_worker, self._tasks, self._results), daemon=True)
+      for _ in range(num_workers)
+    ]
 
   def map(self, items: Iterable[Any], max_in_flight: int) -> Iterator[Any]:
     for process in self._processes:
@@ -146,8 +155,11 @@ class _Pool:
   def _check_alive(self, quiet: bool) -> None:
     """UserError when a worker has died. A worker also ends (status 0) after sending its error: when the queue was
     `quiet`, what it sent is read first, so its error wins over the report of its end."""
-    ended = [process.exitcode for process in self._processes
-             if process.exitcode is not None and (quiet or process.exitcode != 0)]
+    ended = [
+      process.exitcode
+      for process in self._processes
+      if process.exitcode is not None and (quiet or process.exitcode != 0)
+    ]
     if not ended:
       return
     while self._receive(timeout=_POLL_S):  # raises the error a worker sent before it ended

@@ -11,10 +11,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_module(module: str, *args: str, timeout: int = 300, env: dict | None = None,
-               cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                        cwd=cwd or REPO, env={**os.environ, **(env or {})})
+def run_module(
+  module: str, *args: str, timeout: int = 300, env: dict | None = None, cwd: str | os.PathLike | None = None
+) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=cwd or REPO,
+    env={**os.environ, **(env or {})},
+  )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

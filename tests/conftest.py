@@ -12,8 +12,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402  (after the environment is set)
 
-CASED_WORDS = ["Patient", "patient", "Admitted", "admitted", "with", "chest", "pain", "the", "The", "was", "is",
-               "Discharge", "discharged", "home", "on", "aspirin", "Aspirin", "mg", ".", ",", "##s", "##ed", "and"]
+CASED_WORDS = [
+  "Patient",
+  "patient",
+  "Admitted",
+  "admitted",
+  "with",
+  "chest",
+  "pain",
+  "the",
+  "The",
+  "was",
+  "is",
+  "Discharge",
+  "discharged",
+  "home",
+  "on",
+  "aspirin",
+  "Aspirin",
+  "mg",
+  ".",
+  ",",
+  "##s",
+  "##ed",
+  "and",
+]
 
 
 def write_cased_vocab(path, size: int) -> list[str]:
@@ -32,8 +55,14 @@ def tiny_hf_dir(tmp_path_factory):
 
   directory = tmp_path_factory.mktemp("tiny_hf")
   torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=64)
+  config = transformers.BertConfig(
+    vocab_size=40,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+  )
   torch_model = transformers.BertForPreTraining(config)
   with torch.no_grad():
     torch_model.cls.predictions.bias.add_(torch.randn(40))

@@ -126,7 +126,6 @@ def running_emulator(buckets: tuple[str, ...] = ("bucket",)) -> Iterator[Emulato
         super().do_DELETE()
 
   class Server(http_server.HTTPServer):  # one request at a time: the emulator's storage is not thread-safe
-
     def handle_error(self, request, client_address):  # clients that hang up early are not errors here
       pass
 
@@ -139,8 +138,10 @@ def running_emulator(buckets: tuple[str, ...] = ("bucket",)) -> Iterator[Emulato
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
   emulator.endpoint = f"http://127.0.0.1:{port}"
-  saved = {name: os.environ.get(name) for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                                   "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+  saved = {
+    name: os.environ.get(name)
+    for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+  }
   os.environ["STORAGE_EMULATOR_HOST"] = emulator.endpoint
   os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
   from clinical_bert_jax import fileio

@@ -18,9 +18,34 @@ from clinical_bert_jax import audit, model_io, pretrain, train
 from data_prep import canaries
 from data_prep.create_pretraining_data import InstanceOptions, create_pretraining_data
 
-FILLER = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
-          "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
-          "xray", "yankee", "zulu")
+FILLER = (
+  "alpha",
+  "bravo",
+  "charlie",
+  "delta",
+  "echo",
+  "foxtrot",
+  "golf",
+  "hotel",
+  "india",
+  "juliet",
+  "kilo",
+  "lima",
+  "mike",
+  "november",
+  "oscar",
+  "papa",
+  "quebec",
+  "romeo",
+  "sierra",
+  "tango",
+  "uniform",
+  "victor",
+  "whiskey",
+  "xray",
+  "yankee",
+  "zulu",
+)
 SEQ = 32
 
 
@@ -56,11 +81,13 @@ def test_likelihood_ratio_removes_sentence_difficulty(monkeypatch):
   non_members = [audit.Sentence(f"n:{i}", f"other {i}") for i in range(300)]
   difficulty = {s.text: rng.normal(0, 3) for s in members + non_members}  # shared by target and reference
   target = {text: value + (0.5 if text.startswith("member") else 0.0) for text, value in difficulty.items()}
-  monkeypatch.setattr(audit, "pll_scores", lambda scorer, sentences, name: np.array(
-      [scorer.table[s.text] for s in sentences]))
+  monkeypatch.setattr(
+    audit, "pll_scores", lambda scorer, sentences, name: np.array([scorer.table[s.text] for s in sentences])
+  )
   result, _ = audit.run_membership(_FakeScorer(target), _FakeScorer(difficulty), members, non_members, min_tokens=1)
-  hand = np.mean([(target[m.text] > target[n.text]) + 0.5 * (target[m.text] == target[n.text])
-                  for m in members for n in non_members])
+  hand = np.mean(
+    [(target[m.text] > target[n.text]) + 0.5 * (target[m.text] == target[n.text]) for m in members for n in non_members]
+  )
   assert result["attacks"]["score_only"]["auc"] == pytest.approx(hand, abs=1e-12)
   assert 0.5 < hand < 0.7
   lr = result["attacks"]["likelihood_ratio"]
@@ -80,8 +107,10 @@ def _vocab(path: Path) -> Path:
 def _text(directory: Path, documents: int, seed: int) -> Path:
   rng = np.random.default_rng(seed)
   directory.mkdir(parents=True)
-  blocks = ["\n".join(" ".join(rng.choice(FILLER, rng.integers(5, 9))) + " ." for _ in range(3)) + "\n"
-            for _ in range(documents)]
+  blocks = [
+    "\n".join(" ".join(rng.choice(FILLER, rng.integers(5, 9))) + " ." for _ in range(3)) + "\n"
+    for _ in range(documents)
+  ]
   (directory / "notes-00000.txt").write_text("\n".join(blocks), encoding="utf-8")
   return directory
 
@@ -91,28 +120,74 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("audit")
   vocab = _vocab(root / "vocab.txt")
   _text(root / "text", documents=100, seed=0)
-  canaries.insert_canaries(root / "text", root / "train_text", root / "canaries.jsonl", repetitions=[0, 24],
-                           canaries_per_count=4, secret_digits=4, seed=3)
+  canaries.insert_canaries(
+    root / "text",
+    root / "train_text",
+    root / "canaries.jsonl",
+    repetitions=[0, 24],
+    canaries_per_count=4,
+    secret_digits=4,
+    seed=3,
+  )
   _text(root / "heldout", documents=40, seed=1)
-  create_pretraining_data(str(root / "train_text" / "*.txt"), vocab, root / "data", options=InstanceOptions(
-      max_seq_length=SEQ, max_predictions_per_seq=5, dupe_factor=2, masking="none", random_seed=1))
-  (root / "bert_config.json").write_text(json.dumps({
-      "vocab_size": len(vocab.read_text().splitlines()), "hidden_size": 64, "num_hidden_layers": 2,
-      "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": SEQ, "hidden_act": "gelu",
-      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}), encoding="utf-8")
-  cfg = train.TrainConfig(num_train_steps=300, num_warmup_steps=20, learning_rate=3e-3, train_batch_size=32,
-                          max_predictions_per_seq=5, optimizer="adamw", save_checkpoints_steps=300,
-                          log_every_steps=100, seed=1, async_checkpointing=False)
-  options = pretrain.PretrainOptions(input_file=str(root / "data"), output_dir=str(root / "run"), train=cfg,
-                                     bert_config_file=str(root / "bert_config.json"), vocab_file=str(vocab),
-                                     max_seq_length=SEQ, masking="dynamic")
+  create_pretraining_data(
+    str(root / "train_text" / "*.txt"),
+    vocab,
+    root / "data",
+    options=InstanceOptions(
+      max_seq_length=SEQ, max_predictions_per_seq=5, dupe_factor=2, masking="none", random_seed=1
+    ),
+  )
+  (root / "bert_config.json").write_text(
+    json.dumps(
+      {
+        "vocab_size": len(vocab.read_text().splitlines()),
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": SEQ,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+      }
+    ),
+    encoding="utf-8",
+  )
+  cfg = train.TrainConfig(
+    num_train_steps=300,
+    num_warmup_steps=20,
+    learning_rate=3e-3,
+    train_batch_size=32,
+    max_predictions_per_seq=5,
+    optimizer="adamw",
+    save_checkpoints_steps=300,
+    log_every_steps=100,
+    seed=1,
+    async_checkpointing=False,
+  )
+  options = pretrain.PretrainOptions(
+    input_file=str(root / "data"),
+    output_dir=str(root / "run"),
+    train=cfg,
+    bert_config_file=str(root / "bert_config.json"),
+    vocab_file=str(vocab),
+    max_seq_length=SEQ,
+    masking="dynamic",
+  )
   pretrain.run(options, print_fn=lambda line: None)
   return root
 
 
 def test_exposure_rises_with_repetitions(trained, tmp_path):
-  report = audit.audit("exposure", str(trained / "run"), str(tmp_path / "out"),
-                       canary_file=str(trained / "canaries.jsonl"), num_candidates=100, seed=0)
+  report = audit.audit(
+    "exposure",
+    str(trained / "run"),
+    str(tmp_path / "out"),
+    canary_file=str(trained / "canaries.jsonl"),
+    num_candidates=100,
+    seed=0,
+  )
   table = {row["repetitions"]: row for row in report["result"]["by_repetitions"]}
   assert report["result"]["max_exposure"] == pytest.approx(math.log2(101))
   assert table[24]["mean_exposure"] > table[0]["mean_exposure"] + 2.0, table
@@ -127,18 +202,26 @@ def test_exposure_rises_with_repetitions(trained, tmp_path):
 
 
 def test_membership_and_associations_reports(trained, tmp_path):
-  report = audit.audit("membership", str(trained / "run"), str(tmp_path / "mia"),
-                       member_files=str(trained / "train_text" / "*.txt"), non_member_files=str(trained / "heldout" /
-                                                                                                "*.txt"),
-                       max_sentences=150)
+  report = audit.audit(
+    "membership",
+    str(trained / "run"),
+    str(tmp_path / "mia"),
+    member_files=str(trained / "train_text" / "*.txt"),
+    non_member_files=str(trained / "heldout" / "*.txt"),
+    max_sentences=150,
+  )
   attack = report["result"]["attacks"]["score_only"]
   assert 0.0 <= attack["auc"] <= 1.0 and report["result"]["members"] == 150
   assert (tmp_path / "mia" / "roc.png").stat().st_size > 1000
   for name in ("audit.json", "audit.md"):
     assert "alpha" not in (tmp_path / "mia" / name).read_text()  # the filler words never appear
-  report = audit.audit("associations", str(trained / "run"), str(tmp_path / "assoc"),
-                       pairs_file=str(trained / "canaries.jsonl"),
-                       probe_template="{name} (MRN 1234) was diagnosed with {condition} .")
+  report = audit.audit(
+    "associations",
+    str(trained / "run"),
+    str(tmp_path / "assoc"),
+    pairs_file=str(trained / "canaries.jsonl"),
+    probe_template="{name} (MRN 1234) was diagnosed with {condition} .",
+  )
   assert 0.0 <= report["result"]["auc_name_minus_base_rate"] <= 1.0 and report["result"]["pairs"] == 8
 
 
@@ -148,17 +231,31 @@ def test_bad_input_is_one_line(trained, tmp_path):
   (tmp_path / "vocab.txt").write_text("\n".join(vocab[:-1] + ["measles"]) + "\n")
   (tmp_path / "other").mkdir()
   model_io.save_our_dir(dataclasses.replace(other, vocab_file=tmp_path / "vocab.txt"), tmp_path / "other")
-  result = run_module("clinical_bert_jax.audit", "membership", f"--model={trained / 'run'}",
-                      f"--member_files={trained / 'train_text' / '*.txt'}",
-                      f"--non_member_files={trained / 'heldout' / '*.txt'}", f"--reference_model={tmp_path / 'other'}",
-                      f"--output_dir={tmp_path / 'out'}")
+  result = run_module(
+    "clinical_bert_jax.audit",
+    "membership",
+    f"--model={trained / 'run'}",
+    f"--member_files={trained / 'train_text' / '*.txt'}",
+    f"--non_member_files={trained / 'heldout' / '*.txt'}",
+    f"--reference_model={tmp_path / 'other'}",
+    f"--output_dir={tmp_path / 'out'}",
+  )
   assert result.returncode == 2
   assert_one_line_error(result, "--reference_model", "another vocabulary")
-  (tmp_path / "mixed.txt").write_text((trained / "heldout" / "notes-00000.txt").read_text().splitlines()[0] + "\n" +
-                                      (trained / "text" / "notes-00000.txt").read_text().splitlines()[0] + "\n")
-  result = run_module("clinical_bert_jax.audit", "membership", f"--model={trained / 'run'}",
-                      f"--member_files={trained / 'train_text' / '*.txt'}", f"--non_member_files={tmp_path}/mixed.txt",
-                      f"--output_dir={tmp_path / 'out'}")
+  (tmp_path / "mixed.txt").write_text(
+    (trained / "heldout" / "notes-00000.txt").read_text().splitlines()[0]
+    + "\n"
+    + (trained / "text" / "notes-00000.txt").read_text().splitlines()[0]
+    + "\n"
+  )
+  result = run_module(
+    "clinical_bert_jax.audit",
+    "membership",
+    f"--model={trained / 'run'}",
+    f"--member_files={trained / 'train_text' / '*.txt'}",
+    f"--non_member_files={tmp_path}/mixed.txt",
+    f"--output_dir={tmp_path / 'out'}",
+  )
   line = assert_one_line_error(result, "1 non-member sentence(s) also occur among the members", "mixed.txt:2")
   assert "alpha" not in line and "bravo" not in line and result.returncode == 2
   assert not (tmp_path / "out").exists()

@@ -16,8 +16,10 @@ HEAVY = ("torch", "tensorflow", "transformers")
 
 
 def test_importing_the_package_loads_neither_torch_nor_tensorflow():
-  probe = ("import json, sys, clinical_bert_jax, clinical_bert_jax.api; "
-           f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))")
+  probe = (
+    "import json, sys, clinical_bert_jax, clinical_bert_jax.api; "
+    f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))"
+  )
   result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads(result.stdout.strip().splitlines()[-1]) == []
@@ -35,8 +37,11 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def _package_files_importing(prefix: str) -> list[str]:
-  return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "clinical_bert_jax").rglob("*.py")
-                if any(name == prefix or name.startswith(prefix + ".") for name in _imported_modules(path)))
+  return sorted(
+    str(path.relative_to(ROOT))
+    for path in (ROOT / "clinical_bert_jax").rglob("*.py")
+    if any(name == prefix or name.startswith(prefix + ".") for name in _imported_modules(path))
+  )
 
 
 def test_the_static_check_sees_imports():

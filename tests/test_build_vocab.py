@@ -27,8 +27,8 @@ def corpus(tmp_path_factory):
   with open(NOTES_CSV, newline="", encoding="utf-8") as handle:
     texts = [row["TEXT"] for row in csv.DictReader(handle)]
   directory = tmp_path_factory.mktemp("corpus")
-  (directory / "train-a.txt").write_text("\n\n".join(texts[:TRAIN_NOTES // 2]), encoding="utf-8")
-  (directory / "train-b.txt").write_text("\n\n".join(texts[TRAIN_NOTES // 2:TRAIN_NOTES]), encoding="utf-8")
+  (directory / "train-a.txt").write_text("\n\n".join(texts[: TRAIN_NOTES // 2]), encoding="utf-8")
+  (directory / "train-b.txt").write_text("\n\n".join(texts[TRAIN_NOTES // 2 : TRAIN_NOTES]), encoding="utf-8")
   held_out = [line for text in texts[TRAIN_NOTES:] for line in text.splitlines() if line.strip()]
   return directory, held_out
 
@@ -45,12 +45,12 @@ def test_uncased_vocab_has_bert_layout_and_covers_held_out_notes(corpus, tmp_pat
   vocab = build_vocab(str(directory / "train-*.txt"), output, VOCAB_SIZE, method=method, num_unused=NUM_UNUSED)
   tokens = check_vocab(output)
   assert tokens == vocab and len(tokens) == VOCAB_SIZE == len(set(tokens))
-  assert tokens[:NUM_UNUSED + 5] == special_tokens(NUM_UNUSED)
-  assert tokens[0] == "[PAD]" and tokens[NUM_UNUSED + 1:NUM_UNUSED + 5] == ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-  assert not any(token != token.lower() for token in tokens[NUM_UNUSED + 5:])
+  assert tokens[: NUM_UNUSED + 5] == special_tokens(NUM_UNUSED)
+  assert tokens[0] == "[PAD]" and tokens[NUM_UNUSED + 1 : NUM_UNUSED + 5] == ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  assert not any(token != token.lower() for token in tokens[NUM_UNUSED + 5 :])
   assert any(token.startswith("##") and len(token) > 3 for token in tokens)
   if method == "sentencepiece":  # every character in both forms, so no word of known characters becomes [UNK]
-    characters = [token for token in tokens[NUM_UNUSED + 5:] if len(token) == 1]
+    characters = [token for token in tokens[NUM_UNUSED + 5 :] if len(token) == 1]
     assert len(characters) > 26 and all("##" + char in tokens for char in characters)
   assert _unk_rate(FullTokenizer(output, do_lower_case=True), held_out) < 0.002
 
@@ -60,8 +60,7 @@ def test_cased_vocab_keeps_capitals_and_loads_in_hugging_face(corpus, tmp_path):
 
   directory, held_out = corpus
   output = tmp_path / "vocab.txt"
-  build_vocab(f"{directory}/train-a.txt,{directory}/train-b.txt", output, VOCAB_SIZE, cased=True,
-              num_unused=NUM_UNUSED)
+  build_vocab(f"{directory}/train-a.txt,{directory}/train-b.txt", output, VOCAB_SIZE, cased=True, num_unused=NUM_UNUSED)
   tokens = check_vocab(output)
   assert len(tokens) == VOCAB_SIZE and any(token[0].isupper() for token in tokens if token[0].isalpha())
   # transformers 5 takes the vocabulary as `vocab=`; `vocab_file=` is silently ignored (5-token default vocab).
@@ -109,8 +108,13 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 
 def test_command_line_writes_the_vocab_and_refuses_to_overwrite(corpus, tmp_path):
   directory, _ = corpus
-  arguments = [f"--input={directory}/train-a.txt", f"--output={tmp_path}/vocab.txt", "--vocab_size=500",
-               "--num_unused=2", "--cased"]
+  arguments = [
+    f"--input={directory}/train-a.txt",
+    f"--output={tmp_path}/vocab.txt",
+    "--vocab_size=500",
+    "--num_unused=2",
+    "--cased",
+  ]
   result = run_module("data_prep.build_vocab", *arguments)
   assert result.returncode == 0, result.stderr[-2000:]
   assert len(check_vocab(tmp_path / "vocab.txt")) == 500

@@ -37,8 +37,14 @@ def _documents(directory: Path) -> list[tuple[str, list[str]]]:
 
 def test_canaries_go_where_the_list_says_as_often_as_asked(tmp_path):
   source = _text_dir(tmp_path / "text")
-  summary = canaries.insert_canaries(source, tmp_path / "with", tmp_path / "secret" / "canaries.jsonl",
-                                     repetitions=[0, 1, 4, 16], canaries_per_count=3, seed=5)
+  summary = canaries.insert_canaries(
+    source,
+    tmp_path / "with",
+    tmp_path / "secret" / "canaries.jsonl",
+    repetitions=[0, 1, 4, 16],
+    canaries_per_count=3,
+    seed=5,
+  )
   header, rows = canaries.read_canary_file(tmp_path / "secret" / "canaries.jsonl")
   assert header["template"] == canaries.DEFAULT_TEMPLATE and len(rows) == 12 == summary["canaries"]
   assert len({row["secret"] for row in rows}) == 12 and all(len(row["secret"]) == 6 for row in rows)
@@ -66,18 +72,25 @@ def test_same_seed_same_bytes_other_seed_other_canaries(tmp_path):
   outputs = []
   for run, seed in enumerate((1, 1, 2)):
     canaries.insert_canaries(source, tmp_path / f"out{run}", tmp_path / f"c{run}.jsonl", repetitions=[1, 4], seed=seed)
-    outputs.append(([p.read_bytes() for p in sorted((tmp_path / f"out{run}").iterdir())],
-                    (tmp_path / f"c{run}.jsonl").read_bytes().split(b"\n", 1)[1]))  # the header names the dirs
+    outputs.append(
+      (
+        [p.read_bytes() for p in sorted((tmp_path / f"out{run}").iterdir())],
+        (tmp_path / f"c{run}.jsonl").read_bytes().split(b"\n", 1)[1],
+      )
+    )  # the header names the dirs
   assert outputs[0] == outputs[1]
   assert outputs[0][1] != outputs[2][1] and outputs[0][0] != outputs[2][0]
 
 
-@pytest.mark.parametrize("template, fragment", [
+@pytest.mark.parametrize(
+  "template, fragment",
+  [
     ("{name} was diagnosed with {condition} .", "secret slot {secret} exactly once"),
     ("{name} {secret} and {secret}", "exactly once (found 2)"),
     ("{name} {secret} {doctor}", "unknown slot(s) {doctor}"),
     ("{name {secret}", "not a valid format string"),
-])
+  ],
+)
 def test_bad_templates_are_refused(template, fragment):
   with pytest.raises(UserError) as error:
     canaries.parse_template(template)
@@ -87,19 +100,39 @@ def test_bad_templates_are_refused(template, fragment):
 def test_cli_refuses_a_canary_file_inside_a_text_directory_and_writes_nothing(tmp_path):
   source = _text_dir(tmp_path / "text", files=1, docs_per_file=5)
   for inside in (tmp_path / "out" / "canaries.jsonl", source / "canaries.jsonl"):
-    result = run_module("data_prep.canaries", f"--input_dir={source}", f"--output_dir={tmp_path / 'out'}",
-                        f"--canary_file={inside}", "--repetitions=1")
+    result = run_module(
+      "data_prep.canaries",
+      f"--input_dir={source}",
+      f"--output_dir={tmp_path / 'out'}",
+      f"--canary_file={inside}",
+      "--repetitions=1",
+    )
     assert result.returncode == 2
     assert_one_line_error(result, "--canary_file", "must never enter the training text directory")
   assert not (tmp_path / "out").exists() and not (source / "canaries.jsonl").exists()
-  result = run_module("data_prep.canaries", f"--input_dir={source}", f"--output_dir={tmp_path / 'out'}",
-                      f"--canary_file={tmp_path / 'c.jsonl'}", "--repetitions=1,64")
+  result = run_module(
+    "data_prep.canaries",
+    f"--input_dir={source}",
+    f"--output_dir={tmp_path / 'out'}",
+    f"--canary_file={tmp_path / 'c.jsonl'}",
+    "--repetitions=1,64",
+  )
   assert_one_line_error(result, "needs 64 documents", "has 5")
   assert not (tmp_path / "out").exists() and not (tmp_path / "c.jsonl").exists()
-  result = run_module("data_prep.canaries", f"--input_dir={source}", f"--output_dir={tmp_path / 'out'}",
-                      f"--canary_file={tmp_path / 'c.jsonl'}", "--template=no secret here")
+  result = run_module(
+    "data_prep.canaries",
+    f"--input_dir={source}",
+    f"--output_dir={tmp_path / 'out'}",
+    f"--canary_file={tmp_path / 'c.jsonl'}",
+    "--template=no secret here",
+  )
   assert_one_line_error(result, "--template must contain the secret slot")
-  result = run_module("data_prep.canaries", f"--input_dir={source}", f"--output_dir={tmp_path / 'out'}",
-                      f"--canary_file={tmp_path / 'c.jsonl'}", "--repetitions=0,2")
+  result = run_module(
+    "data_prep.canaries",
+    f"--input_dir={source}",
+    f"--output_dir={tmp_path / 'out'}",
+    f"--canary_file={tmp_path / 'c.jsonl'}",
+    "--repetitions=0,2",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Sentence" not in result.stdout + result.stderr  # no text in the output

@@ -17,8 +17,15 @@ import pytest
 
 from clinical_bert_jax import checkpointing, metrics_io, model_io
 from clinical_bert_jax.errors import UserError
-from test_pretrain import (LEARNING_RUN, cli_args, compile_cache,  # noqa: F401 (compile_cache is a fixture)
-                           deterministic_records, make_corpus, pretrain_command, subprocess_env)
+from test_pretrain import (
+  LEARNING_RUN,
+  cli_args,
+  compile_cache,  # noqa: F401 (compile_cache is a fixture)
+  deterministic_records,
+  make_corpus,
+  pretrain_command,
+  subprocess_env,
+)
 
 pytestmark = pytest.mark.slow  # trains and spawns pretrain
 
@@ -53,8 +60,9 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   overrides = LEARNING_RUN  # the learning test's run, so its compiled programs come from the cache
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
 
-  done = subprocess.run(pretrain_command(*cli_args(corpus, straight, **overrides)), env=env, capture_output=True,
-                        text=True, timeout=600)
+  done = subprocess.run(
+    pretrain_command(*cli_args(corpus, straight, **overrides)), env=env, capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0, done.stderr[-3000:]
 
   command = pretrain_command(*cli_args(corpus, interrupted, **overrides))
@@ -89,7 +97,8 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
 
   assert deterministic_records(interrupted) == deterministic_records(straight)
   assert [record["step"] for record in deterministic_records(straight) if "train/loss" in record] == list(
-      range(10, STEPS + 1, 10))
+    range(10, STEPS + 1, 10)
+  )
   expected, actual = model_io.load_model(straight), model_io.load_model(interrupted)
   assert expected.step == actual.step == STEPS
   for name, (left, right) in _flat_pairs(expected.params, actual.params):
@@ -136,7 +145,10 @@ def test_incomplete_latest_checkpoints_are_skipped_and_set_aside(tmp_path, caplo
   assert float(restored.params["dense"]["kernel"][0, 0]) == 10.0 and int(restored.train_state["step"]) == 10
   assert store.all_steps() == [10]
   assert sorted(path.name.split("-")[0] for path in (tmp_path / checkpointing.INCOMPLETE_DIR).iterdir()) == [
-      "20", "30", "40"]
+    "20",
+    "30",
+    "40",
+  ]
   messages = [record.getMessage() for record in caplog.records]
   assert sum("is incomplete" in message for message in messages) == 2
   assert sum("/20 cannot be restored" in message for message in messages) == 1
@@ -165,8 +177,10 @@ def test_empty_workdir_starts_fresh(tmp_path):
 
 def test_resumed_metrics_drop_what_the_interrupted_attempt_logged_after_its_checkpoint(tmp_path):
   path = tmp_path / metrics_io.METRICS_FILE
-  path.write_text("".join(json.dumps({"step": step, "train/loss": 1.0 / (step + 1)}) + "\n" for step in (0, 10, 20))
-                  + '{"step": 30, "train/lo')  # torn by SIGKILL mid-write
+  path.write_text(
+    "".join(json.dumps({"step": step, "train/loss": 1.0 / (step + 1)}) + "\n" for step in (0, 10, 20))
+    + '{"step": 30, "train/lo'
+  )  # torn by SIGKILL mid-write
   metrics_io.MetricsWriter(tmp_path, resume_step=10).close()
   assert [record["step"] for record in metrics_io.read_metrics(path)] == [0, 10]
   writer = metrics_io.MetricsWriter(tmp_path, resume_step=None)  # killed before its first checkpoint: start over
@@ -178,17 +192,24 @@ def test_resumed_metrics_drop_what_the_interrupted_attempt_logged_after_its_chec
 # ------------------------------------------------------------------------------------------------------ checksums
 def _random_state(seed: int):
   rng = np.random.default_rng(seed)
-  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32),
-                      "bias": jnp.asarray(rng.normal(size=(256,)), jnp.bfloat16)}}
-  train_state = {"opt_state": {"mu": params}, "rng": jnp.asarray([seed, 1], jnp.uint32),
-                 "step": jnp.asarray(seed, jnp.int32)}
+  params = {
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(256,)), jnp.bfloat16),
+    }
+  }
+  train_state = {
+    "opt_state": {"mu": params},
+    "rng": jnp.asarray([seed, 1], jnp.uint32),
+    "step": jnp.asarray(seed, jnp.int32),
+  }
   return params, train_state
 
 
 def _flip(path, offset: int | None = None, count: int = 4) -> None:
   data = bytearray(path.read_bytes())
   offset = len(data) // 2 if offset is None else offset
-  data[offset:offset + count] = bytes(byte ^ 0xFF for byte in data[offset:offset + count])
+  data[offset : offset + count] = bytes(byte ^ 0xFF for byte in data[offset : offset + count])
   path.write_bytes(bytes(data))
 
 
@@ -219,8 +240,11 @@ def test_array_checksums_ignore_sharding_and_catch_any_single_change():
     variants.append(checkpointing.array_checksums({"a": other})["['a']"])
   assert len(set(variants + [reference["['a']"]])) == 4
   for dtype in (np.int32, np.uint8, np.float16, np.bool_):  # every dtype a train state holds
-    assert checkpointing.array_checksums({"a": values.astype(dtype)}) != checkpointing.array_checksums(
-        {"a": (values + 1).astype(dtype)}) or dtype == np.bool_
+    assert (
+      checkpointing.array_checksums({"a": values.astype(dtype)})
+      != checkpointing.array_checksums({"a": (values + 1).astype(dtype)})
+      or dtype == np.bool_
+    )
 
 
 def test_a_damaged_checkpoint_that_still_decodes_is_named_and_skipped(tmp_path, caplog):

@@ -14,10 +14,13 @@ SECRET_WORD = "Zorblatquenty"
 
 
 def _sentences():
-  return [Sentence(["Patient", SECRET_WORD, "denies", "chest", "pain", "."],
-                   ["O", "B-PATIENT", "O", "B-problem", "I-problem", "O"]),
-          Sentence(["Seen", "today"], ["O", "O"]),
-          Sentence(["One"], ["O"])]
+  return [
+    Sentence(
+      ["Patient", SECRET_WORD, "denies", "chest", "pain", "."], ["O", "B-PATIENT", "O", "B-problem", "I-problem", "O"]
+    ),
+    Sentence(["Seen", "today"], ["O", "O"]),
+    Sentence(["One"], ["O"]),
+  ]
 
 
 def test_write_then_read_round_trips_and_records_line_numbers(tmp_path):
@@ -36,8 +39,9 @@ def test_read_accepts_space_separator_crlf_bom_and_runs_of_blank_lines(tmp_path)
   assert conll.read_bio(path) == [Sentence(["He", "was"], ["O", "O"]), Sentence(["fine"], ["B-X"])]
 
 
-@pytest.mark.parametrize("bad_line", [f"{SECRET_WORD}\tB-PATIENT\tO", f"{SECRET_WORD} of B-PATIENT",
-                                      f"{SECRET_WORD}", f"\t{SECRET_WORD}"])
+@pytest.mark.parametrize(
+  "bad_line", [f"{SECRET_WORD}\tB-PATIENT\tO", f"{SECRET_WORD} of B-PATIENT", f"{SECRET_WORD}", f"\t{SECRET_WORD}"]
+)
 def test_malformed_line_is_reported_by_file_and_line_only(tmp_path, bad_line):
   path = tmp_path / "dev.tsv"
   path.write_text(f"Seen\tO\n\n{bad_line}\nok\tO\n", encoding="utf-8")
@@ -65,8 +69,10 @@ def test_validate_labels_lists_unknown_labels_with_counts_and_first_line(tmp_pat
   with pytest.raises(UserError) as error:
     conll.validate_labels(conll.read_bio(path), ["O", "B-problem", "I-problem"], source=path)
   message = str(error.value)
-  assert "'B-FOO' x2 (first in the sentence at line 1)" in message and "'I-BAR' x1 (first in the sentence at line 4)" \
-      in message
+  assert (
+    "'B-FOO' x2 (first in the sentence at line 1)" in message
+    and "'I-BAR' x1 (first in the sentence at line 4)" in message
+  )
   assert "3 word(s)" in message and message.startswith(str(path))
   conll.validate_labels(conll.read_bio(path), ["O", "B-FOO", "I-BAR"])  # all known: no error
 

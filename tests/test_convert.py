@@ -58,15 +58,20 @@ def test_minilm_hidden_states_match_transformers(minilm_roundtrip):
   ours_dir, _ = minilm_roundtrip
   loaded = model_io.load_model(ours_dir)
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(MINILM_DIR))
-  sentences = ["The patient was admitted with chest pain and shortness of breath.",
-               "Discharged home on aspirin 81 mg daily."]
+  sentences = [
+    "The patient was admitted with chest pain and shortness of breath.",
+    "Discharged home on aspirin 81 mg daily.",
+  ]
   batch = tokenizer(sentences, padding=True, return_tensors="np")
   reference = transformers.BertModel.from_pretrained(str(MINILM_DIR)).eval()
   with torch.no_grad():
     theirs = reference(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
-  ours = model.BertModule(loaded.config).apply({"params": loaded.params["bert"]}, jnp.asarray(batch["input_ids"]),
-                                               jnp.asarray(batch["attention_mask"]),
-                                               jnp.asarray(batch["token_type_ids"]))["sequence_output"]
+  ours = model.BertModule(loaded.config).apply(
+    {"params": loaded.params["bert"]},
+    jnp.asarray(batch["input_ids"]),
+    jnp.asarray(batch["attention_mask"]),
+    jnp.asarray(batch["token_type_ids"]),
+  )["sequence_output"]
   real = batch["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4)
 
@@ -76,8 +81,14 @@ def test_export_loads_cleanly_and_runs_fill_mask(tiny_hf_dir, tmp_path):
   assert convert("from_hf", f"--model_dir={tiny_hf_dir}", f"--output_dir={ours}").returncode == 0
   result = convert("to_hf", f"--checkpoint_dir={ours}", f"--output_dir={export}")
   assert result.returncode == 0, result.stderr[-3000:]
-  for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-               "README.md"):
+  for name in (
+    "config.json",
+    "model.safetensors",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "README.md",
+  ):
     assert (export / name).is_file(), name
   config = json.loads((export / "config.json").read_text())
   assert config["architectures"] == ["BertForPreTraining"] and config["model_type"] == "bert"
@@ -136,12 +147,21 @@ TF_WRITER = textwrap.dedent("""
 def test_from_tf_equals_from_hf(tiny_hf_dir, tmp_path):
   prefix, bert_config = tmp_path / "tf" / "bert_model.ckpt", tmp_path / "bert_config.json"
   prefix.parent.mkdir()
-  written = subprocess.run([sys.executable, "-c", TF_WRITER, str(tiny_hf_dir), str(prefix), str(bert_config)],
-                           capture_output=True, text=True, timeout=300)
+  written = subprocess.run(
+    [sys.executable, "-c", TF_WRITER, str(tiny_hf_dir), str(prefix), str(bert_config)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert written.returncode == 0, written.stderr[-3000:]
   from_tf, from_hf = tmp_path / "from_tf", tmp_path / "from_hf"
-  result = convert("from_tf", f"--tf_checkpoint={prefix}", f"--bert_config={bert_config}",
-                   f"--vocab_file={tiny_hf_dir / 'vocab.txt'}", f"--output_dir={from_tf}")
+  result = convert(
+    "from_tf",
+    f"--tf_checkpoint={prefix}",
+    f"--bert_config={bert_config}",
+    f"--vocab_file={tiny_hf_dir / 'vocab.txt'}",
+    f"--output_dir={from_tf}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert convert("from_hf", f"--model_dir={tiny_hf_dir}", f"--output_dir={from_hf}").returncode == 0
   a = load_file(str(from_tf / model_io.OUR_PARAMS_FILE))
@@ -180,8 +200,12 @@ def test_error_shape_mismatch_names_tensor_and_shapes(tiny_hf_dir, tmp_path):
   tensors["bert.pooler.dense.weight"] = np.zeros((32, 31), np.float32)
   save_file(tensors, str(broken / "model.safetensors"))
   out = tmp_path / "out"
-  assert_one_line_error(convert("from_hf", f"--model_dir={broken}", f"--output_dir={out}"),
-                        "bert.pooler.dense.weight", "[31, 32]", "[32, 32]")
+  assert_one_line_error(
+    convert("from_hf", f"--model_dir={broken}", f"--output_dir={out}"),
+    "bert.pooler.dense.weight",
+    "[31, 32]",
+    "[32, 32]",
+  )
   assert not out.exists()
 
 
@@ -222,8 +246,11 @@ def test_error_vocab_size_differs_from_embedding(tiny_hf_dir, tmp_path):
   short_vocab = tmp_path / "vocab.txt"
   short_vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) + "\n")
   out = tmp_path / "out"
-  assert_one_line_error(convert("to_hf", f"--checkpoint_dir={ours}", f"--vocab_file={short_vocab}",
-                                f"--output_dir={out}"), "5 entries", "40 rows")
+  assert_one_line_error(
+    convert("to_hf", f"--checkpoint_dir={ours}", f"--vocab_file={short_vocab}", f"--output_dir={out}"),
+    "5 entries",
+    "40 rows",
+  )
   assert not out.exists()
 
 
@@ -237,8 +264,18 @@ def test_error_output_dir_not_empty(tiny_hf_dir, tmp_path):
 
 def test_error_tf_checkpoint_missing(tmp_path):
   config = tmp_path / "bert_config.json"
-  config.write_text(json.dumps({"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "intermediate_size": 64}))
-  assert_one_line_error(convert("from_tf", f"--tf_checkpoint={tmp_path / 'nope.ckpt'}", f"--bert_config={config}",
-                                f"--output_dir={tmp_path / 'out'}"), "nope.ckpt.index")
+  config.write_text(
+    json.dumps(
+      {"vocab_size": 40, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    )
+  )
+  assert_one_line_error(
+    convert(
+      "from_tf",
+      f"--tf_checkpoint={tmp_path / 'nope.ckpt'}",
+      f"--bert_config={config}",
+      f"--output_dir={tmp_path / 'out'}",
+    ),
+    "nope.ckpt.index",
+  )
   assert not (tmp_path / "out").exists()

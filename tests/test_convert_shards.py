@@ -22,8 +22,14 @@ def test_tfrecords_to_native_and_back_keep_every_instance_in_order(tmp_path):
   vocab = tmp_path / "vocab.txt"
   vocab.write_text("".join(f"t{i}\n" for i in range(VOCAB_SIZE)))
 
-  result = run_module("data_prep.convert_shards", f"--input={source}/*.tfrecord", f"--output_dir={tmp_path}/native",
-                      "--output_format=native", f"--vocab_file={vocab}", "--do_lower_case=false")
+  result = run_module(
+    "data_prep.convert_shards",
+    f"--input={source}/*.tfrecord",
+    f"--output_dir={tmp_path}/native",
+    "--output_format=native",
+    f"--vocab_file={vocab}",
+    "--do_lower_case=false",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   manifest = json.loads((tmp_path / "native" / "manifest.json").read_text())
   assert manifest["format"] == "cbj" and manifest["vocab_size"] == VOCAB_SIZE and manifest["masking"] == "static"
@@ -42,16 +48,31 @@ def test_tfrecords_to_native_and_back_keep_every_instance_in_order(tmp_path):
 def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
   with NativeShardWriter(tmp_path / "a.cbj", 32, 5, VOCAB_SIZE) as writer:
     writer.write_many(make_instances(3, seed=22))
-  result = run_module("data_prep.convert_shards", f"--input={tmp_path}/a.cbj", f"--output_dir={tmp_path}/out",
-                      "--output_format=tfrecord", "--do_lower_case=true")
+  result = run_module(
+    "data_prep.convert_shards",
+    f"--input={tmp_path}/a.cbj",
+    f"--output_dir={tmp_path}/out",
+    "--output_format=tfrecord",
+    "--do_lower_case=true",
+  )
   assert_one_line_error(result, "--vocab_file")
-  result = run_module("data_prep.convert_shards", f"--input={tmp_path}/missing-*.tfrecord",
-                      f"--output_dir={tmp_path}/out", "--vocab_file=/nonexistent/vocab.txt", "--do_lower_case=true")
+  result = run_module(
+    "data_prep.convert_shards",
+    f"--input={tmp_path}/missing-*.tfrecord",
+    f"--output_dir={tmp_path}/out",
+    "--vocab_file=/nonexistent/vocab.txt",
+    "--do_lower_case=true",
+  )
   assert_one_line_error(result)
   (tmp_path / "bad.tfrecord").write_bytes(b"\x05\x00\x00")
   vocab = tmp_path / "vocab.txt"
   vocab.write_text("a\nb\n")
-  result = run_module("data_prep.convert_shards", f"--input={tmp_path}/bad.tfrecord", f"--output_dir={tmp_path}/out",
-                      f"--vocab_file={vocab}", "--do_lower_case=true")
+  result = run_module(
+    "data_prep.convert_shards",
+    f"--input={tmp_path}/bad.tfrecord",
+    f"--output_dir={tmp_path}/out",
+    f"--vocab_file={vocab}",
+    "--do_lower_case=true",
+  )
   assert_one_line_error(result, "bad.tfrecord")
   assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))

@@ -38,18 +38,20 @@ pytestmark = pytest.mark.slow  # Google's TF generator as oracle, CLI runs
 DEMO_NOTES = 40  # ACI-BENCH notes in the demo slice: enough documents for negatives, small for the oracle
 
 EDGE_TEXT = (
-    "\ufeffThe first line of document one starts with a byte order mark.\n"
-    "Its second line\rhas a carriage return inside, which tf.gfile drops.\r\n"
-    "   \t \n"  # whitespace only: a document break
-    "\x07\x00\n"  # not blank, but no tokens: neither a sentence nor a break
-    + "A very long sentence that must be truncated from both ends. " * 12 + "\n"
-    "\n\n\n"
-    "中文 text with [**2101-10-20**] placeholders and a literal [MASK] token.\n"
-    "Short.\nAnother short one.\nAnd a third, so chunks have several segments.\n"
-    "\u2028\n"  # a line separator alone is blank for str.strip()
-    "A single-segment document.\n"
-    "\n"
-    "Pt c/o SOB x3d, BP 120/80, HR 72; denies CP.\nFollow-up in 2 wks.\n"
+  "\ufeffThe first line of document one starts with a byte order mark.\n"
+  "Its second line\rhas a carriage return inside, which tf.gfile drops.\r\n"
+  "   \t \n"  # whitespace only: a document break
+  "\x07\x00\n"  # not blank, but no tokens: neither a sentence nor a break
+  + "A very long sentence that must be truncated from both ends. "
+  * 12
+  + "\n"
+  "\n\n\n"
+  "中文 text with [**2101-10-20**] placeholders and a literal [MASK] token.\n"
+  "Short.\nAnother short one.\nAnd a third, so chunks have several segments.\n"
+  "\u2028\n"  # a line separator alone is blank for str.strip()
+  "A single-segment document.\n"
+  "\n"
+  "Pt c/o SOB x3d, BP 120/80, HR 72; denies CP.\nFollow-up in 2 wks.\n"
 )
 
 
@@ -64,15 +66,29 @@ def write_demo_text(path: Path, num_notes: int | None = None) -> Path:
 
 # name: (input, vocabulary, Google's flags beyond input/output/vocab, our output format)
 CONFIGS = {
-    "sample_uncased_128": ("sample", "uncased", {"max_seq_length": 128, "dupe_factor": 2}, "tfrecord"),
-    "sample_cased_64": ("sample", "cased", {"max_seq_length": 64, "dupe_factor": 2}, "native"),
-    "demo_cased_128": ("demo", "cased", {"max_seq_length": 128, "dupe_factor": 2}, "native"),
-    "demo_uncased_64": ("demo", "uncased", {"max_seq_length": 64, "dupe_factor": 2, "masked_lm_prob": 0.2,
-                                            "max_predictions_per_seq": 6, "short_seq_prob": 0.5,
-                                            "random_seed": 7}, "tfrecord"),
-    "edge_cased_16": ("edge", "cased", {"max_seq_length": 16, "max_predictions_per_seq": 5, "dupe_factor": 3,
-                                      "short_seq_prob": 0.3}, "native"),
-    "one_document_24": ("one_document", "uncased", {"max_seq_length": 24, "dupe_factor": 2}, "native"),
+  "sample_uncased_128": ("sample", "uncased", {"max_seq_length": 128, "dupe_factor": 2}, "tfrecord"),
+  "sample_cased_64": ("sample", "cased", {"max_seq_length": 64, "dupe_factor": 2}, "native"),
+  "demo_cased_128": ("demo", "cased", {"max_seq_length": 128, "dupe_factor": 2}, "native"),
+  "demo_uncased_64": (
+    "demo",
+    "uncased",
+    {
+      "max_seq_length": 64,
+      "dupe_factor": 2,
+      "masked_lm_prob": 0.2,
+      "max_predictions_per_seq": 6,
+      "short_seq_prob": 0.5,
+      "random_seed": 7,
+    },
+    "tfrecord",
+  ),
+  "edge_cased_16": (
+    "edge",
+    "cased",
+    {"max_seq_length": 16, "max_predictions_per_seq": 5, "dupe_factor": 3, "short_seq_prob": 0.3},
+    "native",
+  ),
+  "one_document_24": ("one_document", "uncased", {"max_seq_length": 24, "dupe_factor": 2}, "native"),
 }
 
 GOOGLE_SCRIPT = textwrap.dedent("""
@@ -96,16 +112,21 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
   edge = directory / "edge.txt"
   edge.write_bytes(EDGE_TEXT.encode("utf-8"))
   one_document = directory / "one_document.txt"
-  one_document.write_text("\n".join(SAMPLE_TEXT.read_text(encoding="utf-8").split("\n")[3:15]) + "\n",
-                          encoding="utf-8")
-  return {"sample": SAMPLE_TEXT, "demo": write_demo_text(directory / "demo.txt", DEMO_NOTES), "edge": edge,
-          "one_document": one_document}
+  one_document.write_text("\n".join(SAMPLE_TEXT.read_text(encoding="utf-8").split("\n")[3:15]) + "\n", encoding="utf-8")
+  return {
+    "sample": SAMPLE_TEXT,
+    "demo": write_demo_text(directory / "demo.txt", DEMO_NOTES),
+    "edge": edge,
+    "one_document": one_document,
+  }
 
 
 @pytest.fixture(scope="module")
 def vocabs(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
-  return {"uncased": (uncased_vocab_file(), True),
-          "cased": (write_cased_vocab(tmp_path_factory.mktemp("vocab")), False)}
+  return {
+    "uncased": (uncased_vocab_file(), True),
+    "cased": (write_cased_vocab(tmp_path_factory.mktemp("vocab")), False),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +137,23 @@ def google(inputs, vocabs, tmp_path_factory) -> dict[str, Path]:
   for name, (input_name, vocab_name, flags, _) in CONFIGS.items():
     vocab_file, do_lower_case = vocabs[vocab_name]
     outputs[name] = directory / f"{name}.tfrecord"
-    runs.append({"input_file": str(inputs[input_name]), "output_file": str(outputs[name]),
-                 "vocab_file": str(vocab_file), "do_lower_case": do_lower_case, **flags})
+    runs.append(
+      {
+        "input_file": str(inputs[input_name]),
+        "output_file": str(outputs[name]),
+        "vocab_file": str(vocab_file),
+        "do_lower_case": do_lower_case,
+        **flags,
+      }
+    )
   (directory / "runs.json").write_text(json.dumps(runs))
-  result = subprocess.run([sys.executable, "-c", GOOGLE_SCRIPT, str(directory / "runs.json")], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  result = subprocess.run(
+    [sys.executable, "-c", GOOGLE_SCRIPT, str(directory / "runs.json")],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return outputs
 
@@ -141,19 +174,29 @@ def assert_same_instances(ours: dict[str, np.ndarray], expected: dict[str, np.nd
 def test_matches_google_instance_for_instance(name, inputs, vocabs, google, tmp_path):
   input_name, vocab_name, flags, output_format = CONFIGS[name]
   vocab_file, do_lower_case = vocabs[vocab_name]
-  manifest = create_pretraining_data(str(inputs[input_name]), vocab_file, tmp_path / "out",
-                                     do_lower_case=do_lower_case, options=InstanceOptions(**flags),
-                                     output_format=output_format)
+  manifest = create_pretraining_data(
+    str(inputs[input_name]),
+    vocab_file,
+    tmp_path / "out",
+    do_lower_case=do_lower_case,
+    options=InstanceOptions(**flags),
+    output_format=output_format,
+  )
   ours = read_all(tmp_path / "out")
   assert_same_instances(ours, read_all(google[name]))
   assert manifest["format"] == {"native": "cbj", "tfrecord": "tfrecord"}[output_format]
   assert (manifest["max_seq_length"], manifest["masking"], manifest["do_lower_case"]) == (
-      flags["max_seq_length"], "static", do_lower_case)
+    flags["max_seq_length"],
+    "static",
+    do_lower_case,
+  )
   assert read_manifest(tmp_path / "out")["totals"]["count"] == len(ours["input_ids"])
   # Python 3 round() (half to even) on the float product sets the number of predictions of every instance.
   lengths = ours["input_mask"].sum(axis=1)
-  expected_predictions = [min(flags.get("max_predictions_per_seq", 20),
-                              max(1, round(int(length) * flags.get("masked_lm_prob", 0.15)))) for length in lengths]
+  expected_predictions = [
+    min(flags.get("max_predictions_per_seq", 20), max(1, round(int(length) * flags.get("masked_lm_prob", 0.15))))
+    for length in lengths
+  ]
   assert ours["masked_lm_weights"].sum(axis=1).astype(int).tolist() == expected_predictions
 
 
@@ -162,9 +205,18 @@ def test_matches_google_instance_for_instance(name, inputs, vocabs, google, tmp_
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def google_transcription(path: Path, tokenizer: FullTokenizer, max_seq_length: int, dupe_factor: int,
-                         short_seq_prob: float, masked_lm_prob: float, max_predictions_per_seq: int, seed: int,
-                         do_whole_word_mask: bool, mask: bool) -> list[tuple]:
+def google_transcription(
+  path: Path,
+  tokenizer: FullTokenizer,
+  max_seq_length: int,
+  dupe_factor: int,
+  short_seq_prob: float,
+  masked_lm_prob: float,
+  max_predictions_per_seq: int,
+  seed: int,
+  do_whole_word_mask: bool,
+  mask: bool,
+) -> list[tuple]:
   """google-research/bert create_pretraining_data.py (with do_whole_word_mask), transcribed line by line on token
   strings; `mask=False` skips create_masked_lm_predictions. Returns (tokens, segment_ids, is_random_next,
   positions, labels) per instance in output order."""
@@ -230,7 +282,7 @@ def google_transcription(path: Path, tokenizer: FullTokenizer, max_seq_length: i
             positions, labels = [], []
             if mask:
               cand_indexes = []
-              for (index, token) in enumerate(tokens):
+              for index, token in enumerate(tokens):
                 if token == "[CLS]" or token == "[SEP]":
                   continue
                 if do_whole_word_mask and len(cand_indexes) >= 1 and token.startswith("##"):
@@ -269,8 +321,9 @@ def google_transcription(path: Path, tokenizer: FullTokenizer, max_seq_length: i
   return instances
 
 
-def transcription_features(instances: list[tuple], tokenizer: FullTokenizer, max_seq_length: int,
-                           max_predictions: int) -> dict[str, np.ndarray]:
+def transcription_features(
+  instances: list[tuple], tokenizer: FullTokenizer, max_seq_length: int, max_predictions: int
+) -> dict[str, np.ndarray]:
   features = collections.defaultdict(list)
   for tokens, segment_ids, is_random_next, positions, labels in instances:
     padding = [0] * (max_seq_length - len(tokens))
@@ -285,18 +338,36 @@ def transcription_features(instances: list[tuple], tokenizer: FullTokenizer, max
   return {name: np.asarray(values) for name, values in features.items()}
 
 
-@pytest.mark.parametrize("vocab_name, max_seq_length, masking", [
-    ("cased", 64, "static"), ("uncased", 128, "static"), ("cased", 128, "none")])
-def test_whole_word_masking_and_no_masking_match_published_algorithm(vocab_name, max_seq_length, masking, inputs,
-                                                                     vocabs, tmp_path):
+@pytest.mark.parametrize(
+  "vocab_name, max_seq_length, masking", [("cased", 64, "static"), ("uncased", 128, "static"), ("cased", 128, "none")]
+)
+def test_whole_word_masking_and_no_masking_match_published_algorithm(
+  vocab_name, max_seq_length, masking, inputs, vocabs, tmp_path
+):
   vocab_file, do_lower_case = vocabs[vocab_name]
-  options = InstanceOptions(max_seq_length=max_seq_length, dupe_factor=2, do_whole_word_mask=masking == "static",
-                            masking=masking, random_seed=11)
-  manifest = create_pretraining_data(str(inputs["demo"]), vocab_file, tmp_path / "out", do_lower_case=do_lower_case,
-                                     options=options)
+  options = InstanceOptions(
+    max_seq_length=max_seq_length,
+    dupe_factor=2,
+    do_whole_word_mask=masking == "static",
+    masking=masking,
+    random_seed=11,
+  )
+  manifest = create_pretraining_data(
+    str(inputs["demo"]), vocab_file, tmp_path / "out", do_lower_case=do_lower_case, options=options
+  )
   tokenizer = FullTokenizer(vocab_file, do_lower_case)
-  expected = google_transcription(inputs["demo"], tokenizer, max_seq_length, 2, 0.1, 0.15, 20, 11,
-                                  do_whole_word_mask=masking == "static", mask=masking == "static")
+  expected = google_transcription(
+    inputs["demo"],
+    tokenizer,
+    max_seq_length,
+    2,
+    0.1,
+    0.15,
+    20,
+    11,
+    do_whole_word_mask=masking == "static",
+    mask=masking == "static",
+  )
   stored_predictions = 20 if masking == "static" else 0
   assert manifest["max_predictions_per_seq"] == stored_predictions
   ours = read_all(tmp_path / "out")
@@ -326,18 +397,36 @@ def test_shards_are_separate_google_runs_and_workers_do_not_change_output(large_
   assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
   for (_, end), (start, _) in zip(ranges, ranges[1:]):
     assert end == start and data[:end].endswith(b"\n\n")  # cut right after a blank line
-  one = create_pretraining_data(str(large_input), vocab_file, tmp_path / "one", do_lower_case=do_lower_case,
-                                options=options, max_shard_bytes=200_000)
-  two = create_pretraining_data(str(large_input), vocab_file, tmp_path / "two", do_lower_case=do_lower_case,
-                                options=options, max_shard_bytes=200_000, num_workers=2)
+  one = create_pretraining_data(
+    str(large_input),
+    vocab_file,
+    tmp_path / "one",
+    do_lower_case=do_lower_case,
+    options=options,
+    max_shard_bytes=200_000,
+  )
+  two = create_pretraining_data(
+    str(large_input),
+    vocab_file,
+    tmp_path / "two",
+    do_lower_case=do_lower_case,
+    options=options,
+    max_shard_bytes=200_000,
+    num_workers=2,
+  )
   assert [shard["checksum"] for shard in one["shards"]] == [shard["checksum"] for shard in two["shards"]]
   assert sum(shard["documents"] for shard in one["shards"]) == 207  # documents are never split
   # Shard k is a Google run on its own bytes with seed + k.
   for index, (start, end) in enumerate(ranges):
     alone = tmp_path / f"shard{index}.txt"
     alone.write_bytes(data[start:end])
-    create_pretraining_data(str(alone), vocab_file, tmp_path / f"alone{index}", do_lower_case=do_lower_case,
-                            options=InstanceOptions(dupe_factor=1, max_seq_length=64, random_seed=12345 + index))
+    create_pretraining_data(
+      str(alone),
+      vocab_file,
+      tmp_path / f"alone{index}",
+      do_lower_case=do_lower_case,
+      options=InstanceOptions(dupe_factor=1, max_seq_length=64, random_seed=12345 + index),
+    )
     shard_file = tmp_path / "one" / one["shards"][index]["name"]
     assert_same_instances(read_all(shard_file), read_all(tmp_path / f"alone{index}"))
 
@@ -355,8 +444,9 @@ class _RowByRowWriter:
 
 @pytest.mark.parametrize("file_format", [records.FORMAT_NATIVE, records.FORMAT_TFRECORD])
 @pytest.mark.parametrize("masking", ["static", "none"])
-def test_block_writes_are_byte_identical_to_instance_writes(file_format, masking, inputs, vocabs, tmp_path,
-                                                           monkeypatch):
+def test_block_writes_are_byte_identical_to_instance_writes(
+  file_format, masking, inputs, vocabs, tmp_path, monkeypatch
+):
   monkeypatch.setattr(cpd, "_WRITE_BLOCK", 150)  # several blocks, the last one partial
   vocab_file, do_lower_case = vocabs["uncased"]
   options = InstanceOptions(dupe_factor=2, max_seq_length=64, masking=masking)
@@ -368,8 +458,9 @@ def test_block_writes_are_byte_identical_to_instance_writes(file_format, masking
   assert len(order) > 3 * 150 and len(order) % 150
   infos = {}
   for path, wrap in [(tmp_path / "blocks.bin", lambda writer: writer), (tmp_path / "rows.bin", _RowByRowWriter)]:
-    with records.open_writer(file_format, path, options.max_seq_length, options.stored_predictions,
-                             records.vocab_fingerprint(vocab_file)[1]) as writer:
+    with records.open_writer(
+      file_format, path, options.max_seq_length, options.stored_predictions, records.vocab_fingerprint(vocab_file)[1]
+    ) as writer:
       cpd.write_instances(store, order, wrap(writer), options.max_seq_length, options.stored_predictions)
     infos[path.name] = writer.info
   assert (tmp_path / "blocks.bin").read_bytes() == (tmp_path / "rows.bin").read_bytes()
@@ -382,9 +473,15 @@ def test_document_longer_than_a_shard_is_cut_at_a_line(tmp_path, vocabs):
   ranges, forced_cuts = plan_shards(path, 4000)
   assert forced_cuts >= 1 and all(end - start <= 8100 for start, end in ranges)
   data = path.read_bytes()
-  assert all(data[end - 1:end] == b"\n" for _, end in ranges)  # every cut at a line start
-  manifest = create_pretraining_data(str(path), vocabs["uncased"][0], tmp_path / "out", do_lower_case=True,
-                                     options=InstanceOptions(dupe_factor=1), max_shard_bytes=4000)
+  assert all(data[end - 1 : end] == b"\n" for _, end in ranges)  # every cut at a line start
+  manifest = create_pretraining_data(
+    str(path),
+    vocabs["uncased"][0],
+    tmp_path / "out",
+    do_lower_case=True,
+    options=InstanceOptions(dupe_factor=1),
+    max_shard_bytes=4000,
+  )
   assert manifest["forced_cuts"] == forced_cuts and len(manifest["shards"]) == len(ranges)
 
 
@@ -393,13 +490,16 @@ def test_document_longer_than_a_shard_is_cut_at_a_line(tmp_path, vocabs):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options, fragment", [
+@pytest.mark.parametrize(
+  "options, fragment",
+  [
     (InstanceOptions(max_seq_length=4), "--max_seq_length=4"),
     (InstanceOptions(max_predictions_per_seq=200), "--max_predictions_per_seq=200"),
     (InstanceOptions(masked_lm_prob=1.5), "--masked_lm_prob=1.5"),
     (InstanceOptions(dupe_factor=0), "--dupe_factor=0"),
     (InstanceOptions(masking="dynamic"), "--masking=dynamic"),
-])
+  ],
+)
 def test_bad_options_are_user_errors(options, fragment, inputs, vocabs, tmp_path):
   with pytest.raises(UserError, match=fragment):
     create_pretraining_data(str(inputs["edge"]), vocabs["cased"][0], tmp_path / "out", options=options)
@@ -423,15 +523,23 @@ def test_bad_inputs_are_user_errors_and_leave_no_output(inputs, vocabs, tmp_path
   create_pretraining_data(str(inputs["edge"]), vocab_file, tmp_path / "out", options=InstanceOptions(dupe_factor=1))
   with pytest.raises(UserError, match="not empty"):
     create_pretraining_data(str(inputs["edge"]), vocab_file, tmp_path / "out")
-  manifest = create_pretraining_data(str(inputs["edge"]), vocab_file, tmp_path / "out", overwrite=True,
-                                     options=InstanceOptions(dupe_factor=2))
+  manifest = create_pretraining_data(
+    str(inputs["edge"]), vocab_file, tmp_path / "out", overwrite=True, options=InstanceOptions(dupe_factor=2)
+  )
   assert read_manifest(tmp_path / "out")["dupe_factor"] == manifest["dupe_factor"] == 2
 
 
 def test_killed_run_leaves_nothing_complete_and_rerun_finishes(large_input, vocabs, tmp_path):
   output = tmp_path / "out"
-  command = [sys.executable, "-m", "data_prep.create_pretraining_data", f"--input={large_input}",
-             f"--vocab_file={vocabs['cased'][0]}", f"--output_dir={output}", "--dupe_factor=10"]
+  command = [
+    sys.executable,
+    "-m",
+    "data_prep.create_pretraining_data",
+    f"--input={large_input}",
+    f"--vocab_file={vocabs['cased'][0]}",
+    f"--output_dir={output}",
+    "--dupe_factor=10",
+  ]
   process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
   try:
     deadline = time.monotonic() + 60
@@ -447,17 +555,27 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(large_input, voca
 
 
 def test_cli_logs_counts_never_text(inputs, vocabs, tmp_path):
-  result = run_module("data_prep.create_pretraining_data", f"--input={inputs['edge']}",
-                      f"--vocab_file={vocabs['cased'][0]}", f"--output_dir={tmp_path / 'out'}", "--dupe_factor=1",
-                      "--output_format=tfrecord", "--max_seq_length=32")
+  result = run_module(
+    "data_prep.create_pretraining_data",
+    f"--input={inputs['edge']}",
+    f"--vocab_file={vocabs['cased'][0]}",
+    f"--output_dir={tmp_path / 'out'}",
+    "--dupe_factor=1",
+    "--output_format=tfrecord",
+    "--max_seq_length=32",
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "instances" in result.stderr
   for word in ("carriage", "placeholders", "truncated", "SOB", "Follow"):
     assert word not in result.stderr + result.stdout
   manifest = read_manifest(tmp_path / "out")
   assert manifest["flags"]["max_seq_length"] == 32 and manifest["format"] == "tfrecord"
-  failed = run_module("data_prep.create_pretraining_data", f"--input={tmp_path / 'nothing*.txt'}",
-                      f"--vocab_file={vocabs['cased'][0]}", f"--output_dir={tmp_path / 'out2'}")
+  failed = run_module(
+    "data_prep.create_pretraining_data",
+    f"--input={tmp_path / 'nothing*.txt'}",
+    f"--vocab_file={vocabs['cased'][0]}",
+    f"--output_dir={tmp_path / 'out2'}",
+  )
   assert_one_line_error(failed, "matches no files")
 
 

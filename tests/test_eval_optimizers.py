@@ -9,19 +9,26 @@ import torch
 
 from clinical_bert_jax.eval_tasks import torch_optimizers
 
-TF_NAMES = {"encoder.dense.weight": "encoder/dense/kernel", "encoder.dense.bias": "encoder/dense/bias",
-            "encoder.LayerNorm.weight": "encoder/LayerNorm/gamma", "encoder.LayerNorm.bias": "encoder/LayerNorm/beta",
-            "classifier.weight": "output_weights"}
+TF_NAMES = {
+  "encoder.dense.weight": "encoder/dense/kernel",
+  "encoder.dense.bias": "encoder/dense/bias",
+  "encoder.LayerNorm.weight": "encoder/LayerNorm/gamma",
+  "encoder.LayerNorm.bias": "encoder/LayerNorm/beta",
+  "classifier.weight": "output_weights",
+}
 
 
 def toy_problem(seed: int = 3):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(16, 4)).astype(np.float32)
   y = (3.0 * (x @ rng.normal(size=(4, 3)))).astype(np.float32)
-  values = {"encoder.dense.weight": rng.normal(size=(4, 3)), "encoder.dense.bias": rng.normal(size=3),
-            "encoder.LayerNorm.weight": 1 + 0.1 * rng.normal(size=3),
-            "encoder.LayerNorm.bias": 0.1 * rng.normal(size=3),
-            "classifier.weight": rng.normal(size=(3, 3))}
+  values = {
+    "encoder.dense.weight": rng.normal(size=(4, 3)),
+    "encoder.dense.bias": rng.normal(size=3),
+    "encoder.LayerNorm.weight": 1 + 0.1 * rng.normal(size=3),
+    "encoder.LayerNorm.bias": 0.1 * rng.normal(size=3),
+    "classifier.weight": rng.normal(size=(3, 3)),
+  }
   return x, y, {name: value.astype(np.float32) for name, value in values.items()}
 
 
@@ -65,8 +72,9 @@ def run_google_tf(values, x, y, lr, total, warmup_steps):
   from bert import optimization
 
   with tf.Graph().as_default():
-    variables = {name: tf.get_variable(TF_NAMES[name], initializer=tf.constant(value))
-                 for name, value in values.items()}
+    variables = {
+      name: tf.get_variable(TF_NAMES[name], initializer=tf.constant(value)) for name, value in values.items()
+    }
     loss = tf.reduce_mean(tf.square(forward(variables, tf.constant(x)) - tf.constant(y)))
     train_op = optimization.create_optimizer(loss, lr, total, warmup_steps, use_tpu=False)
     with tf.Session() as session:
@@ -98,8 +106,11 @@ def test_google_schedule_and_decay_split():
   assert torch_optimizers.google_learning_rate(1.0, 100, 100, 10) == 0.0
   import transformers
 
-  model = transformers.BertForTokenClassification(transformers.BertConfig(
-      vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, num_labels=3))
+  model = transformers.BertForTokenClassification(
+    transformers.BertConfig(
+      vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, num_labels=3
+    )
+  )
   google = [{id(p) for p in group["params"]} for group in torch_optimizers.google_parameter_groups(model, 0.01)]
   original = [{id(p) for p in group["params"]} for group in torch_optimizers.parameter_groups(model, 0.01)]
   assert google == original and google[0] and google[1]

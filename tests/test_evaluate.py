@@ -39,8 +39,14 @@ def word_vocab(texts: list[str], min_count: int = 2) -> list[str]:
 
 def save_tiny_bert(directory: Path, vocab: list[str], tokenizer_config: dict | None = None, seed: int = 0) -> Path:
   torch.manual_seed(seed)
-  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=160)
+  config = transformers.BertConfig(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=160,
+  )
   transformers.BertForPreTraining(config).save_pretrained(directory)
   (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
   if tokenizer_config is not None:
@@ -54,8 +60,7 @@ def tiny_bert(tmp_path_factory) -> Path:
   for line in (SNLI / "snli_mednli_schema_train.jsonl").read_text(encoding="utf-8").splitlines():
     record = json.loads(line)
     texts += [record["sentence1"], record["sentence2"]]
-  return save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny_bert", word_vocab(texts),
-                        {"do_lower_case": False})
+  return save_tiny_bert(tmp_path_factory.mktemp("models") / "tiny_bert", word_vocab(texts), {"do_lower_case": False})
 
 
 def evaluate(*args: str):
@@ -64,9 +69,19 @@ def evaluate(*args: str):
 
 # ----------------------------------------------------------------------------------------------- end to end
 def test_ner_learns_ncbi_disease_spans(tiny_bert, tmp_path):
-  result = evaluate("ner", "--task=bio", f"--model_dir={tiny_bert}", f"--data_dir={NCBI}", f"--output_dir={tmp_path}",
-                    "--learning_rate=1e-3", "--train_batch_size=16", "--num_train_epochs=4", "--seeds=1",
-                    "--max_train_examples=2000", "--max_eval_examples=300")
+  result = evaluate(
+    "ner",
+    "--task=bio",
+    f"--model_dir={tiny_bert}",
+    f"--data_dir={NCBI}",
+    f"--output_dir={tmp_path}",
+    "--learning_rate=1e-3",
+    "--train_batch_size=16",
+    "--num_train_epochs=4",
+    "--seeds=1",
+    "--max_train_examples=2000",
+    "--max_eval_examples=300",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   run_dir = tmp_path / "tiny_bert" / "bio-ncbi-disease"
   results = json.loads((run_dir / "results.json").read_text())
@@ -95,9 +110,18 @@ def test_ner_learns_ncbi_disease_spans(tiny_bert, tmp_path):
 
 def test_mednli_grid_selection_and_one_table_for_several_models(tiny_bert, tmp_path):
   root = tmp_path / "table"
-  result = evaluate("mednli", f"--model_dir={tiny_bert}", f"--data_dir={SNLI}", f"--output_dir={root}",
-                    "--learning_rate=1e-3,5e-4", "--train_batch_size=16", "--num_train_epochs=1", "--seeds=1,2",
-                    "--max_train_examples=64", "--max_eval_examples=32")
+  result = evaluate(
+    "mednli",
+    f"--model_dir={tiny_bert}",
+    f"--data_dir={SNLI}",
+    f"--output_dir={root}",
+    "--learning_rate=1e-3,5e-4",
+    "--train_batch_size=16",
+    "--num_train_epochs=1",
+    "--seeds=1,2",
+    "--max_train_examples=64",
+    "--max_eval_examples=32",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
 
   results = json.loads((root / "tiny_bert" / "mednli" / "results.json").read_text())
@@ -114,8 +138,9 @@ def test_mednli_grid_selection_and_one_table_for_several_models(tiny_bert, tmp_p
   assert selected["grid_index"] == dev_means.index(max(dev_means))
   assert selected["test_mean"] == results["grid"][selected["grid_index"]]["test_mean"]
   lines = (root / "tiny_bert" / "mednli" / "test_predictions.txt").read_text().splitlines()
-  pair_ids = [json.loads(line)["pairID"] for line in
-              (SNLI / "snli_mednli_schema_test.jsonl").read_text().splitlines()[:32]]
+  pair_ids = [
+    json.loads(line)["pairID"] for line in (SNLI / "snli_mednli_schema_test.jsonl").read_text().splitlines()[:32]
+  ]
   assert [line.split("\t")[0] for line in lines] == pair_ids
   assert all(field in mednli.LABELS for line in lines for field in line.split("\t")[1:])
 
@@ -167,12 +192,17 @@ def test_bert_adam_matches_pytorch_pretrained_bert():
   ours = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
   theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
   total = 10
-  optimizer = bert_adam.BertAdam([{"params": [ours[0]], "weight_decay": 0.01}, {"params": [ours[1]],
-                                                                                 "weight_decay": 0.0}],
-                                 lr=0.1, total_steps=total, warmup=0.2)
-  oracle = OriginalBertAdam([{"params": [theirs[0]], "weight_decay": 0.01}, {"params": [theirs[1]],
-                                                                              "weight_decay": 0.0}],
-                            lr=0.1, schedule=_OriginalWarmupLinear(0.2, total))
+  optimizer = bert_adam.BertAdam(
+    [{"params": [ours[0]], "weight_decay": 0.01}, {"params": [ours[1]], "weight_decay": 0.0}],
+    lr=0.1,
+    total_steps=total,
+    warmup=0.2,
+  )
+  oracle = OriginalBertAdam(
+    [{"params": [theirs[0]], "weight_decay": 0.01}, {"params": [theirs[1]], "weight_decay": 0.0}],
+    lr=0.1,
+    schedule=_OriginalWarmupLinear(0.2, total),
+  )
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the oracle uses torch's deprecated add_(scalar, tensor) overload
     for _ in range(total):
@@ -195,13 +225,17 @@ def test_warmup_linear_jumps_at_the_end_of_warmup():
 
 
 def test_bias_and_layer_norm_are_not_decayed():
-  model = transformers.BertForSequenceClassification(transformers.BertConfig(
-      vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, num_labels=3))
+  model = transformers.BertForSequenceClassification(
+    transformers.BertConfig(
+      vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, num_labels=3
+    )
+  )
   decayed, not_decayed = bert_adam.parameter_groups(model, 0.01)
   names = {id(parameter): name for name, parameter in model.named_parameters()}
   assert decayed["weight_decay"] == 0.01 and not_decayed["weight_decay"] == 0.0
   assert {names[id(p)] for p in not_decayed["params"]} == {
-      name for name in names.values() if name.endswith("bias") or "LayerNorm" in name}
+    name for name in names.values() if name.endswith("bias") or "LayerNorm" in name
+  }
   assert "bert.embeddings.word_embeddings.weight" in {names[id(p)] for p in decayed["params"]}
   assert len(decayed["params"]) + len(not_decayed["params"]) == len(names)
 
@@ -219,7 +253,7 @@ def test_mednli_pair_layout_and_longest_first_truncation(small_encoder):
   assert mednli.truncate_pair([1, 2, 3, 4], [5, 6], 4) == ([1, 2], [5, 6])
   assert mednli.truncate_pair([1, 2, 3], [4, 5, 6], 4) == ([1, 2], [4, 5])  # ties cut the hypothesis first
   pair = mednli.NliPair("p1", "a b c a", "feverish", 2)
-  example, = mednli.featurize([pair], small_encoder, max_seq_length=7)
+  (example,) = mednli.featurize([pair], small_encoder, max_seq_length=7)
   a, b, c, fever, ish = 5, 6, 7, 8, 9
   assert example["input_ids"] == [2, a, b, 3, fever, ish, 3]
   assert example["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
@@ -229,7 +263,7 @@ def test_mednli_pair_layout_and_longest_first_truncation(small_encoder):
 def test_ner_labels_go_on_first_pieces_and_truncated_words_decode_as_outside(small_encoder):
   labels = ["B-x", "I-x", "O"]
   sentence = Sentence(("the", "feverish", "a", "b"), ("O", "B-x", "I-x", "O"))
-  example, = ner.featurize([sentence], small_encoder, {label: i for i, label in enumerate(labels)}, 150)[0]
+  (example,) = ner.featurize([sentence], small_encoder, {label: i for i, label in enumerate(labels)}, 150)[0]
   assert example["input_ids"] == [2, 10, 8, 9, 5, 6, 3]
   assert example["label"] == [-100, 2, 0, -100, 1, 2, -100]
   assert example["word_ids"] == [None, 0, 1, 1, 2, 3, None]
@@ -259,7 +293,7 @@ def test_grid_selects_the_best_mean_dev_point_and_reports_its_test_spread():
   summary, predictions = grid.run_grid(points, [1, 2], "m", run_one)
   assert summary["selected"]["learning_rate"] == 2.0 and summary["selected"]["grid_index"] == 1
   assert summary["selected"]["test_mean"] == pytest.approx(0.275)
-  assert summary["selected"]["test_std"] == pytest.approx(0.05 / 2 ** 0.5)  # sample std of 0.3 and 0.25
+  assert summary["selected"]["test_std"] == pytest.approx(0.05 / 2**0.5)  # sample std of 0.3 and 0.25
   assert predictions == "predictions lr=2.0 seed=1"
 
 
@@ -278,9 +312,18 @@ def test_model_dir_that_is_not_a_bert_checkpoint(tmp_path):
     hf_checkpoint.open_checkpoint(tmp_path / "empty")
   gpt = tmp_path / "gpt"
   gpt.mkdir()
-  (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 5, "hidden_size": 4,
-                                               "num_hidden_layers": 1, "num_attention_heads": 1,
-                                               "intermediate_size": 4}))
+  (gpt / "config.json").write_text(
+    json.dumps(
+      {
+        "model_type": "gpt2",
+        "vocab_size": 5,
+        "hidden_size": 4,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "intermediate_size": 4,
+      }
+    )
+  )
   with pytest.raises(UserError, match="only BERT"):
     hf_checkpoint.open_checkpoint(gpt)
   no_weights = save_tiny_bert(tmp_path / "no_weights", ["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
@@ -298,8 +341,9 @@ def _copy_split_files(source: Path, target: Path) -> Path:
   target.mkdir()
   for path in source.glob("*.*"):
     if path.suffix in (".tsv", ".jsonl"):
-      (target / path.name).write_text("\n".join(path.read_text(encoding="utf-8").split("\n")[:60]) + "\n",
-                                 encoding="utf-8")
+      (target / path.name).write_text(
+        "\n".join(path.read_text(encoding="utf-8").split("\n")[:60]) + "\n", encoding="utf-8"
+      )
   return target
 
 
@@ -347,8 +391,13 @@ def test_ner_bad_data_reaches_the_user_as_one_line(tmp_path, tiny_bert):
 
 
 def test_cli_rejects_a_model_dir_without_a_checkpoint(tmp_path):
-  result = run_module("clinical_bert_jax.evaluate", "mednli", f"--model_dir={tmp_path}", f"--data_dir={SNLI}",
-                      f"--output_dir={tmp_path / 'out'}")
+  result = run_module(
+    "clinical_bert_jax.evaluate",
+    "mednli",
+    f"--model_dir={tmp_path}",
+    f"--data_dir={SNLI}",
+    f"--output_dir={tmp_path / 'out'}",
+  )
   assert_one_line_error(result, "not a BERT checkpoint")
   result = run_module("clinical_bert_jax.evaluate", "report", f"--output_dir={tmp_path}")
   assert_one_line_error(result, "holds no results.json")

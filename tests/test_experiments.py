@@ -16,13 +16,21 @@ import pytest
 pytestmark = pytest.mark.slow  # a subprocess per flagfile
 
 REPO = Path(__file__).resolve().parents[1]
-PAPER = {"train_batch_size": 32, "max_seq_length": 128, "max_predictions_per_seq": 20, "num_warmup_steps": 10_000,
-         "learning_rate": 5e-5, "optimizer": "bert_adam", "masking": "static", "seed": 12345}
+PAPER = {
+  "train_batch_size": 32,
+  "max_seq_length": 128,
+  "max_predictions_per_seq": 20,
+  "num_warmup_steps": 10_000,
+  "learning_rate": 5e-5,
+  "optimizer": "bert_adam",
+  "masking": "static",
+  "seed": 12345,
+}
 MODELS = {  # flagfile: (steps, init checkpoint, data)
-    "clinical": (150_000, "tf:/models/cased_L-12_H-768_A-12/bert_model.ckpt", "all_notes"),
-    "discharge": (100_000, "tf:/models/cased_L-12_H-768_A-12/bert_model.ckpt", "discharge_summary"),
-    "bio_clinical": (150_000, "tf:/models/biobert_v1.0_pubmed_pmc/biobert_model.ckpt", "all_notes"),
-    "bio_discharge": (100_000, "tf:/models/biobert_v1.0_pubmed_pmc/biobert_model.ckpt", "discharge_summary"),
+  "clinical": (150_000, "tf:/models/cased_L-12_H-768_A-12/bert_model.ckpt", "all_notes"),
+  "discharge": (100_000, "tf:/models/cased_L-12_H-768_A-12/bert_model.ckpt", "discharge_summary"),
+  "bio_clinical": (150_000, "tf:/models/biobert_v1.0_pubmed_pmc/biobert_model.ckpt", "all_notes"),
+  "bio_discharge": (100_000, "tf:/models/biobert_v1.0_pubmed_pmc/biobert_model.ckpt", "discharge_summary"),
 }
 _RESOLVE = """
 import json, sys
@@ -35,8 +43,9 @@ print(json.dumps({flag.name: flag.value for flag in flags.FLAGS.get_flags_for_mo
 
 
 def _resolve(flagfile: str) -> dict:
-  finished = subprocess.run([sys.executable, "-c", _RESOLVE, flagfile], cwd=REPO, capture_output=True, text=True,
-                            check=True)
+  finished = subprocess.run(
+    [sys.executable, "-c", _RESOLVE, flagfile], cwd=REPO, capture_output=True, text=True, check=True
+  )
   return json.loads(finished.stdout.splitlines()[-1])
 
 
@@ -52,8 +61,9 @@ def test_paper_flagfile_resolves_to_the_papers_settings(name):
 
 
 def test_paper_flagfiles_say_only_what_differs():
-  shared = {line for line in (REPO / "experiments" / "paper_base.cfg").read_text().splitlines()
-            if line.startswith("--")}
+  shared = {
+    line for line in (REPO / "experiments" / "paper_base.cfg").read_text().splitlines() if line.startswith("--")
+  }
   for name in MODELS:
     own = [line for line in (REPO / "experiments" / f"{name}.cfg").read_text().splitlines() if line.startswith("--")]
     assert "--flagfile=experiments/paper_base.cfg" in own

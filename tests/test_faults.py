@@ -26,12 +26,23 @@ from cli_util import REPO, assert_one_line_error
 from clinical_bert_jax import checkpointing, model_io, records
 from clinical_bert_jax.errors import UserError
 from test_create_pretraining_data import write_demo_text
-from test_pretrain import (cli_args, compile_cache, deterministic_records,  # noqa: F401 (compile_cache: a fixture)
-                           make_corpus, pretrain_command, subprocess_env)
+from test_pretrain import (
+  cli_args,
+  compile_cache,  # noqa: F401 (a fixture)
+  deterministic_records,
+  make_corpus,
+  pretrain_command,
+  subprocess_env,
+)
 from test_tokenization import write_cased_vocab
 
-RUN = {"num_train_steps": 40, "save_checkpoints_steps": 10, "eval_every_steps": 20, "log_every_steps": 10,
-       "keep_checkpoints": 5}
+RUN = {
+  "num_train_steps": 40,
+  "save_checkpoints_steps": 10,
+  "eval_every_steps": 20,
+  "log_every_steps": 10,
+  "keep_checkpoints": 5,
+}
 SYNTHETIC_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"
 TMP_MARKERS = (".tmp-", ".orbax-checkpoint-tmp", ".old-")
 
@@ -46,16 +57,22 @@ def _namespace_prefix() -> tuple[str, ...] | None:
 
   with tempfile.TemporaryDirectory() as where:
     for prefix in (("unshare", "--user", "--map-root-user", "--mount"), ("unshare", "--mount")):
-      probe = subprocess.run([*prefix, "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', where],
-                             capture_output=True)
+      probe = subprocess.run([*prefix, "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', where], capture_output=True)
       if probe.returncode == 0:
         return prefix
   return None
 
 
-def run_on_small_fs(command: list[str], mountpoint: Path, size: str, *, read_only: bool = False,
-                    copy_out: Path | None = None, env: dict | None = None,
-                    timeout: int = 600) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_on_small_fs(
+  command: list[str],
+  mountpoint: Path,
+  size: str,
+  *,
+  read_only: bool = False,
+  copy_out: Path | None = None,
+  env: dict | None = None,
+  timeout: int = 600,
+) -> tuple[subprocess.CompletedProcess, list[str]]:
   """Runs `command` with a `size` tmpfs at `mountpoint` (read-only if asked); returns the result and the files left
   on it (relative paths), copying them to `copy_out` first. The filesystem vanishes with the child."""
   prefix = _namespace_prefix()
@@ -63,16 +80,30 @@ def run_on_small_fs(command: list[str], mountpoint: Path, size: str, *, read_onl
     pytest.skip("cannot mount a small filesystem here (no unshare, no user namespaces, not root)")
   mountpoint.mkdir(parents=True, exist_ok=True)
   listing = mountpoint.parent / f"{mountpoint.name}.listing"
-  script = ('mount -t tmpfs -o size="$SIZE" tmpfs "$MP" || exit 97; '
-            + ('mount -o remount,ro "$MP" || exit 98; ' if read_only else '')
-            + '"$@"; rc=$?; (cd "$MP" && find . -mindepth 1) > "$LISTING"; '
-            + ('cp -a "$MP/." "$COPY_OUT/"; ' if copy_out else '') + 'exit $rc')
+  script = (
+    'mount -t tmpfs -o size="$SIZE" tmpfs "$MP" || exit 97; '
+    + ('mount -o remount,ro "$MP" || exit 98; ' if read_only else '')
+    + '"$@"; rc=$?; (cd "$MP" && find . -mindepth 1) > "$LISTING"; '
+    + ('cp -a "$MP/." "$COPY_OUT/"; ' if copy_out else '')
+    + 'exit $rc'
+  )
   if copy_out:
     copy_out.mkdir(parents=True, exist_ok=True)
-  child_env = {**(env or os.environ), "SIZE": size, "MP": str(mountpoint), "LISTING": str(listing),
-               "COPY_OUT": str(copy_out or "")}
-  result = subprocess.run([*prefix, "sh", "-c", script, "sh", *command], capture_output=True, text=True,
-                          timeout=timeout, env=child_env, cwd=REPO)
+  child_env = {
+    **(env or os.environ),
+    "SIZE": size,
+    "MP": str(mountpoint),
+    "LISTING": str(listing),
+    "COPY_OUT": str(copy_out or ""),
+  }
+  result = subprocess.run(
+    [*prefix, "sh", "-c", script, "sh", *command],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=child_env,
+    cwd=REPO,
+  )
   assert result.returncode not in (97, 98), result.stderr[-2000:]
   left = sorted(line[2:] for line in listing.read_text().splitlines())
   return result, left
@@ -88,8 +119,11 @@ def _walk(root: Path) -> list[Path]:
 
 
 def _tree_bytes(root: Path, skip=("manifest.json",)) -> dict[str, bytes]:
-  return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*"))
-          if path.is_file() and path.name not in skip}
+  return {
+    str(path.relative_to(root)): path.read_bytes()
+    for path in sorted(root.rglob("*"))
+    if path.is_file() and path.name not in skip
+  }
 
 
 def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300.0, poll: float = 0.002):
@@ -131,8 +165,13 @@ def straight(corpus, tmp_path_factory, compile_cache):
   """The uninterrupted run every interrupted one is compared with (and the workdir the corruption tests damage
   copies of)."""
   root = tmp_path_factory.mktemp("straight")
-  done = subprocess.run(pretrain_command(*cli_args(corpus, root / "run", **RUN), f"--export_hf_dir={root / 'hf'}"),
-                        env=subprocess_env(compile_cache), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    pretrain_command(*cli_args(corpus, root / "run", **RUN), f"--export_hf_dir={root / 'hf'}"),
+    env=subprocess_env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return root
 
@@ -148,26 +187,43 @@ def demo_text(tmp_path_factory) -> Path:
 
 
 def _cpd_command(text: Path, vocab: Path, output: Path, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "data_prep.create_pretraining_data", f"--input={text}", f"--vocab_file={vocab}",
-          f"--output_dir={output}", "--max_seq_length=64", "--dupe_factor=2", "--max_shard_bytes=60000", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "data_prep.create_pretraining_data",
+    f"--input={text}",
+    f"--vocab_file={vocab}",
+    f"--output_dir={output}",
+    "--max_seq_length=64",
+    "--dupe_factor=2",
+    "--max_shard_bytes=60000",
+    *extra,
+  ]
 
 
 def _mimic_command(output: Path, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "data_prep.format_mimic", f"--input={SYNTHETIC_NOTES}", f"--output_dir={output}",
-          "--shard_size_notes=5", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "data_prep.format_mimic",
+    f"--input={SYNTHETIC_NOTES}",
+    f"--output_dir={output}",
+    "--shard_size_notes=5",
+    *extra,
+  ]
 
 
 # ------------------------------------------------------------------------------------------- training: signals
-def test_killed_and_terminated_training_reruns_to_the_same_model_and_export(corpus, straight, tmp_path,
-                                                                            compile_cache):
+def test_killed_and_terminated_training_reruns_to_the_same_model_and_export(corpus, straight, tmp_path, compile_cache):
   """One workdir through four interruptions, each rerun with the same command: SIGTERM during the first compile of
   the train step, SIGKILL during an asynchronous checkpoint write, SIGKILL of the whole process group during the
   export. The metrics, final parameters and exported files equal the uninterrupted run's."""
   workdir, export = tmp_path / "run", tmp_path / "hf"
   command = pretrain_command(*cli_args(corpus, workdir, **RUN), f"--export_hf_dir={export}")
   env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
-  start = lambda: subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
+  start = lambda: subprocess.Popen(
+    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+  )
   lines: list[str] = []
 
   def saw(fragment: str, process: subprocess.Popen) -> bool:
@@ -240,11 +296,17 @@ def test_sigterm_during_evaluation_saves_and_exits_0(tmp_path, compile_cache):
 
 
 # --------------------------------------------------------------------------------------- training: storage
-def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(corpus, tmp_path,
-                                                                                            compile_cache):
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(
+  corpus, tmp_path, compile_cache
+):
   mountpoint, saved = tmp_path / "small", tmp_path / "saved"
-  result, left = run_on_small_fs(pretrain_command(*cli_args(corpus, mountpoint / "run", **RUN)), mountpoint,
-                                 "700k", copy_out=saved, env=subprocess_env(compile_cache))
+  result, left = run_on_small_fs(
+    pretrain_command(*cli_args(corpus, mountpoint / "run", **RUN)),
+    mountpoint,
+    "700k",
+    copy_out=saved,
+    env=subprocess_env(compile_cache),
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   line = assert_one_line_error(result, "cannot write checkpoint", "No space left on device (ENOSPC)")
   assert "Future exception" not in result.stderr
@@ -259,8 +321,11 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_
 def test_full_disk_in_the_data_tools_is_one_line_and_leaves_nothing(tool, demo_text, vocab, tmp_path):
   mountpoint = tmp_path / "small"
   output = mountpoint / "out"
-  command = (_cpd_command(demo_text, vocab, output, "--num_workers=2") if tool == "create_pretraining_data"
-             else _mimic_command(output, "--num_workers=2"))
+  command = (
+    _cpd_command(demo_text, vocab, output, "--num_workers=2")
+    if tool == "create_pretraining_data"
+    else _mimic_command(output, "--num_workers=2")
+  )
   result, left = run_on_small_fs(command, mountpoint, "48k", env=_data_env())
   assert result.returncode == 2
   assert_one_line_error(result, str(mountpoint), "No space left on device")
@@ -271,13 +336,22 @@ def test_full_disk_in_the_data_tools_is_one_line_and_leaves_nothing(tool, demo_t
 def test_read_only_output_directory_is_one_line(tool, demo_text, vocab, corpus, straight, tmp_path, compile_cache):
   mountpoint = tmp_path / "ro"
   output = mountpoint / "out"
-  command = {"create_pretraining_data": _cpd_command(demo_text, vocab, output),
-             "format_mimic": _mimic_command(output),
-             "pretrain": pretrain_command(*cli_args(corpus, output, **RUN)),
-             "convert": [sys.executable, "-m", "clinical_bert_jax.convert", "to_hf",
-                         f"--checkpoint_dir={straight / 'run'}", f"--output_dir={output}"]}[tool]
-  result, left = run_on_small_fs(command, mountpoint, "1m", read_only=True, env=subprocess_env(compile_cache,
-                                                                                             PYTHONPATH=str(REPO)))
+  command = {
+    "create_pretraining_data": _cpd_command(demo_text, vocab, output),
+    "format_mimic": _mimic_command(output),
+    "pretrain": pretrain_command(*cli_args(corpus, output, **RUN)),
+    "convert": [
+      sys.executable,
+      "-m",
+      "clinical_bert_jax.convert",
+      "to_hf",
+      f"--checkpoint_dir={straight / 'run'}",
+      f"--output_dir={output}",
+    ],
+  }[tool]
+  result, left = run_on_small_fs(
+    command, mountpoint, "1m", read_only=True, env=subprocess_env(compile_cache, PYTHONPATH=str(REPO))
+  )
   assert result.returncode == 2
   assert_one_line_error(result, str(output), "Read-only file system")
   assert left == []
@@ -286,17 +360,27 @@ def test_read_only_output_directory_is_one_line(tool, demo_text, vocab, corpus, 
 # ---------------------------------------------------------------------------------------------- data: signals
 def test_killed_format_mimic_reruns_identically(tmp_path):
   straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
-  assert subprocess.run(_mimic_command(straight_out, "--num_workers=2"), env=_data_env(), capture_output=True,
-                        timeout=300).returncode == 0
-  process = subprocess.Popen(_mimic_command(killed_out, "--num_workers=2"), env=_data_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  assert (
+    subprocess.run(
+      _mimic_command(straight_out, "--num_workers=2"), env=_data_env(), capture_output=True, timeout=300
+    ).returncode
+    == 0
+  )
+  process = subprocess.Popen(
+    _mimic_command(killed_out, "--num_workers=2"),
+    env=_data_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   staging = lambda: [path for path in tmp_path.glob(".killed.tmp-*") if any(path.iterdir())]
   _wait_for(staging, process, "the first shard in the staging directory")
   os.killpg(process.pid, signal.SIGKILL)  # the parent and its workers, mid-run
   process.wait()
   assert not killed_out.exists()
-  rerun = subprocess.run(_mimic_command(killed_out, "--num_workers=2"), env=_data_env(), capture_output=True,
-                         text=True, timeout=300)
+  rerun = subprocess.run(
+    _mimic_command(killed_out, "--num_workers=2"), env=_data_env(), capture_output=True, text=True, timeout=300
+  )
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert _tree_bytes(killed_out) == _tree_bytes(straight_out)
   _no_temporaries(_walk(tmp_path))
@@ -306,10 +390,19 @@ def test_create_pretraining_data_killed_at_the_final_rename_reruns_identically(d
   """Two workers; SIGKILL as soon as the manifest (written last, just before the rename) is in the staging
   directory. Either nothing or the complete result is under the final name; the rerun gives the same bytes."""
   straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
-  assert subprocess.run(_cpd_command(demo_text, vocab, straight_out, "--num_workers=2"), env=_data_env(),
-                        capture_output=True, timeout=300).returncode == 0
-  process = subprocess.Popen(_cpd_command(demo_text, vocab, killed_out, "--num_workers=2"), env=_data_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+  assert (
+    subprocess.run(
+      _cpd_command(demo_text, vocab, straight_out, "--num_workers=2"), env=_data_env(), capture_output=True, timeout=300
+    ).returncode
+    == 0
+  )
+  process = subprocess.Popen(
+    _cpd_command(demo_text, vocab, killed_out, "--num_workers=2"),
+    env=_data_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   done = lambda: any(tmp_path.glob(".killed.tmp-*/manifest.json")) or killed_out.exists()
   _wait_for(done, process, "the manifest", poll=0.0002)
   os.killpg(process.pid, signal.SIGKILL)
@@ -317,8 +410,13 @@ def test_create_pretraining_data_killed_at_the_final_rename_reruns_identically(d
   if killed_out.exists():  # the rename won the race: the result is complete
     assert records.read_manifest(killed_out)["total_instances"] > 0
     shutil.rmtree(killed_out)
-  rerun = subprocess.run(_cpd_command(demo_text, vocab, killed_out, "--num_workers=2"), env=_data_env(),
-                         capture_output=True, text=True, timeout=300)
+  rerun = subprocess.run(
+    _cpd_command(demo_text, vocab, killed_out, "--num_workers=2"),
+    env=_data_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert _tree_bytes(killed_out) == _tree_bytes(straight_out)
   _no_temporaries(_walk(tmp_path))
@@ -343,8 +441,11 @@ def test_a_killed_worker_is_reported_in_one_line_and_leaves_nothing(tool, demo_t
   if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
     pytest.skip("needs /proc/PID/task/PID/children to find the workers")
   output = tmp_path / "out"
-  command = (_cpd_command(demo_text, vocab, output, "--num_workers=2", "--dupe_factor=20")
-             if tool == "create_pretraining_data" else _mimic_command(output, "--num_workers=2"))
+  command = (
+    _cpd_command(demo_text, vocab, output, "--num_workers=2", "--dupe_factor=20")
+    if tool == "create_pretraining_data"
+    else _mimic_command(output, "--num_workers=2")
+  )
   process = subprocess.Popen(command, env=_data_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   # spawn starts a resource tracker too; the workers are the children started by multiprocessing.spawn
   workers = lambda: [pid for pid in _children(process.pid) if "spawn_main" in _cmdline(pid)]
@@ -374,8 +475,11 @@ def _copy_data(corpus, tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", ["shard", "tfrecord", "manifest"])
 def test_damaged_training_data_is_refused_in_one_line(kind, damage, corpus, tmp_path):
   directory = _copy_data(corpus, tmp_path, kind)
-  target = directory / records.MANIFEST_NAME if kind == "manifest" else sorted(
-      path for path in directory.iterdir() if path.suffix in (".cbj", ".tfrecord"))[0]
+  target = (
+    directory / records.MANIFEST_NAME
+    if kind == "manifest"
+    else sorted(path for path in directory.iterdir() if path.suffix in (".cbj", ".tfrecord"))[0]
+  )
   if damage is _truncate and kind == "tfrecord":
     # Mid-record. Google's TFRecords carry no record count: one cut exactly between records (here every record has
     # the same size, so half the file is such a cut) reads as a shorter file; see docs/reliability.md.

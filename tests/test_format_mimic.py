@@ -20,8 +20,19 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "data_prep" / "demo_corpus"
 SYNTHETIC = DEMO_CORPUS / "NOTEEVENTS_synthetic.csv"
 HEADER_ONLY_DEMO = REPO / "tests" / "data" / "notes" / "mimic-iii-demo-schema" / "NOTEEVENTS.csv"
-MIMIC3_HEADER = ["row_id", "subject_id", "hadm_id", "chartdate", "charttime", "storetime", "category",
-                 "description", "cgid", "iserror", "text"]
+MIMIC3_HEADER = [
+  "row_id",
+  "subject_id",
+  "hadm_id",
+  "chartdate",
+  "charttime",
+  "storetime",
+  "category",
+  "description",
+  "cgid",
+  "iserror",
+  "text",
+]
 # Stands in for protected note text: it must never appear in an error message or in logs.
 SECRET = "ZEBRAPHI"
 
@@ -31,11 +42,11 @@ def _mimic3_row(row_id, category, text, iserror=""):
 
 
 ROWS = [
-    _mimic3_row(1, "Discharge summary", f"Admitted for {SECRET} pain.\nDischarged home."),
-    _mimic3_row(2, "Physician ", "Exam normal. Plan discussed."),
-    _mimic3_row(3, "Nursing", "Error note.", iserror="1"),
-    _mimic3_row(4, "Nursing", "   \n  "),
-    _mimic3_row(5, "Radiology", ""),
+  _mimic3_row(1, "Discharge summary", f"Admitted for {SECRET} pain.\nDischarged home."),
+  _mimic3_row(2, "Physician ", "Exam normal. Plan discussed."),
+  _mimic3_row(3, "Nursing", "Error note.", iserror="1"),
+  _mimic3_row(4, "Nursing", "   \n  "),
+  _mimic3_row(5, "Radiology", ""),
 ]
 
 
@@ -51,8 +62,11 @@ def _write_csv(path, header, rows, *, upper=False, terminator="\n", compress=Fal
 
 def _read_shards(directory, stem):
   """Notes of a category's shards in order, each a list of sentence lines."""
-  text = "".join((directory / name).read_text(encoding="utf-8") for name in sorted(os.listdir(directory))
-                 if name.startswith(stem + "-"))
+  text = "".join(
+    (directory / name).read_text(encoding="utf-8")
+    for name in sorted(os.listdir(directory))
+    if name.startswith(stem + "-")
+  )
   assert text.endswith("\n\n")
   return [block.split("\n") for block in text[:-2].split("\n\n")]
 
@@ -61,8 +75,10 @@ def test_iter_notes_streams_multiline_rows_with_start_lines_and_counts_skips(tmp
   path = _write_csv(tmp_path / "notes.csv", MIMIC3_HEADER, ROWS)
   stats = NoteStats()
   notes = list(iter_notes(path, stats=stats))
-  assert [(n.row_id, n.category, n.line_number) for n in notes] == [("1", "Discharge summary", 2),
-                                                                    ("2", "Physician", 4)]
+  assert [(n.row_id, n.category, n.line_number) for n in notes] == [
+    ("1", "Discharge summary", 2),
+    ("2", "Physician", 4),
+  ]
   assert notes[0].text == ROWS[0][-1]
   assert (stats.source, stats.rows, stats.notes) == ("mimic3", 5, 2)
   assert stats.skipped == {"iserror": 1, "empty_text": 2}
@@ -72,8 +88,15 @@ def test_iter_notes_streams_multiline_rows_with_start_lines_and_counts_skips(tmp
 
 def test_gzip_upper_case_headers_crlf_and_bom_read_the_same(tmp_path):
   rows = [row[:-1] + [row[-1].replace("\n", "\r\n")] for row in ROWS]
-  path = _write_csv(tmp_path / "NOTEEVENTS.csv.gz", MIMIC3_HEADER, rows, upper=True, terminator="\r\n",
-                    compress=True, prefix=b"\xef\xbb\xbf")
+  path = _write_csv(
+    tmp_path / "NOTEEVENTS.csv.gz",
+    MIMIC3_HEADER,
+    rows,
+    upper=True,
+    terminator="\r\n",
+    compress=True,
+    prefix=b"\xef\xbb\xbf",
+  )
   plain = _write_csv(tmp_path / "plain.csv", MIMIC3_HEADER, ROWS)
   assert list(iter_notes(path)) == list(iter_notes(plain))
 
@@ -87,7 +110,11 @@ def test_categories_match_by_name_or_stem_ignoring_case_and_spaces(tmp_path):
   assert parse_categories("all") is None
   assert parse_categories(" Nursing/other , ECG,") == ["Nursing/other", "ECG"]
   assert [category_stem(c) for c in ("Nursing/other", "Case Management ", "Discharge summary", "Weird  Kind!")] == [
-      "nursing_other", "case_management", "discharge_summary", "weird_kind"]
+    "nursing_other",
+    "case_management",
+    "discharge_summary",
+    "weird_kind",
+  ]
 
 
 def test_unknown_category_says_none_matched_and_lists_categories_found(tmp_path):
@@ -101,12 +128,17 @@ def test_unknown_category_says_none_matched_and_lists_categories_found(tmp_path)
 
 def test_mimic4_note_types_map_to_categories(tmp_path):
   header = ["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text"]
-  rows = [["10000032-DS-21", 10000032, 22595853, "DS", 21, "2180-05-07 00:00:00", "", "Discharged. Doing well."],
-          ["10000032-RR-14", 10000032, 22595853, "RR", 14, "2180-05-06 21:19:00", "", "EXAMINATION: CHEST."],
-          ["10000032-AR-15", 10000032, 22595853, "AR", 15, "2180-05-06 22:00:00", "", "ADDENDUM: Noted."]]
+  rows = [
+    ["10000032-DS-21", 10000032, 22595853, "DS", 21, "2180-05-07 00:00:00", "", "Discharged. Doing well."],
+    ["10000032-RR-14", 10000032, 22595853, "RR", 14, "2180-05-06 21:19:00", "", "EXAMINATION: CHEST."],
+    ["10000032-AR-15", 10000032, 22595853, "AR", 15, "2180-05-06 22:00:00", "", "ADDENDUM: Noted."],
+  ]
   path = _write_csv(tmp_path / "discharge.csv.gz", header, rows, compress=True)
   assert [(n.row_id, n.category) for n in iter_notes(path)] == [
-      ("10000032-DS-21", "Discharge summary"), ("10000032-RR-14", "Radiology"), ("10000032-AR-15", "Radiology")]
+    ("10000032-DS-21", "Discharge summary"),
+    ("10000032-RR-14", "Radiology"),
+    ("10000032-AR-15", "Radiology"),
+  ]
   manifest = format_notes(path, tmp_path / "out")
   assert manifest["source"] == "mimic4"
   assert sorted(manifest["categories"]) == ["discharge_summary", "radiology"]
@@ -123,24 +155,39 @@ def test_invalid_utf8_bytes_are_replaced_and_counted(tmp_path):
 
 
 BAD_INPUTS = {
-    "missing_columns": (b"row_id,text\n1,\"" + SECRET.encode() + b"\"\n", r"missing column\(s\) category .*"
-                        r"columns found: row_id, text"),
-    "tab_separated": (b"ROW_ID\tCATEGORY\tTEXT\n1\tNursing\t" + SECRET.encode() + b"\n", "tab-separated"),
-    "semicolon_separated": (b"ROW_ID;CATEGORY;TEXT\n1;Nursing;" + SECRET.encode() + b"\n", "semicolon-separated"),
-    "stray_quote": (b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"fine\nnote\"\n2,Nursing,\"bad\"" + SECRET.encode() + b"\n",
-                    "malformed CSV in the row starting at line 4"),
-    "unclosed_quote": (b"ROW_ID,CATEGORY,TEXT\n1,Nursing,ok\n2,Nursing,\"" + SECRET.encode() + b"\nmore\n",
-                       "malformed CSV in the row starting at line 3 .*unexpected end of data"),
-    "extra_field": (b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"a\",\"" + SECRET.encode() + b"\"\n",
-                    "line 2 has 4 fields but the header has 3"),
-    "empty_file": (b"", "is empty"),
-    "header_only": (HEADER_ONLY_DEMO.read_bytes(), "has a header but no note rows"),
-    "only_error_rows": (b"ROW_ID,CATEGORY,ISERROR,TEXT\n1,Nursing,1,\"" + SECRET.encode() + b"\"\n",
-                        r"no notes written .*'iserror': 1"),
-    "truncated_gzip": (gzip.compress(b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"" + SECRET.encode() * 9 + b"\"\n")[:-12],
-                       "may be truncated or corrupt"),
-    "not_a_csv": ((SECRET + " sat on the chair, then: left. Dr said no.\nmore text\n").encode(),
-                  "fields that do not look like column names"),
+  "missing_columns": (
+    b"row_id,text\n1,\"" + SECRET.encode() + b"\"\n",
+    r"missing column\(s\) category .*"
+    r"columns found: row_id, text",
+  ),
+  "tab_separated": (b"ROW_ID\tCATEGORY\tTEXT\n1\tNursing\t" + SECRET.encode() + b"\n", "tab-separated"),
+  "semicolon_separated": (b"ROW_ID;CATEGORY;TEXT\n1;Nursing;" + SECRET.encode() + b"\n", "semicolon-separated"),
+  "stray_quote": (
+    b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"fine\nnote\"\n2,Nursing,\"bad\"" + SECRET.encode() + b"\n",
+    "malformed CSV in the row starting at line 4",
+  ),
+  "unclosed_quote": (
+    b"ROW_ID,CATEGORY,TEXT\n1,Nursing,ok\n2,Nursing,\"" + SECRET.encode() + b"\nmore\n",
+    "malformed CSV in the row starting at line 3 .*unexpected end of data",
+  ),
+  "extra_field": (
+    b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"a\",\"" + SECRET.encode() + b"\"\n",
+    "line 2 has 4 fields but the header has 3",
+  ),
+  "empty_file": (b"", "is empty"),
+  "header_only": (HEADER_ONLY_DEMO.read_bytes(), "has a header but no note rows"),
+  "only_error_rows": (
+    b"ROW_ID,CATEGORY,ISERROR,TEXT\n1,Nursing,1,\"" + SECRET.encode() + b"\"\n",
+    r"no notes written .*'iserror': 1",
+  ),
+  "truncated_gzip": (
+    gzip.compress(b"ROW_ID,CATEGORY,TEXT\n1,Nursing,\"" + SECRET.encode() * 9 + b"\"\n")[:-12],
+    "may be truncated or corrupt",
+  ),
+  "not_a_csv": (
+    (SECRET + " sat on the chair, then: left. Dr said no.\nmore text\n").encode(),
+    "fields that do not look like column names",
+  ),
 }
 
 
@@ -162,8 +209,7 @@ def test_non_empty_output_dir_is_refused_unless_overwrite(tmp_path):
   with pytest.raises(UserError, match="is not empty; choose an empty directory or pass --overwrite"):
     format_notes(path, tmp_path / "out")
   format_notes(path, tmp_path / "out", overwrite=True)
-  assert sorted(os.listdir(tmp_path / "out")) == ["discharge_summary-00000.txt", "manifest.json",
-                                                  "physician-00000.txt"]
+  assert sorted(os.listdir(tmp_path / "out")) == ["discharge_summary-00000.txt", "manifest.json", "physician-00000.txt"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("spacy") is not None, reason="spaCy is installed here")
@@ -176,8 +222,14 @@ def test_scispacy_splitter_missing_fails_before_writing(tmp_path):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, "-m", "data_prep.format_mimic", *args], capture_output=True, text=True,
-                        env=env, cwd=REPO, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "data_prep.format_mimic", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=REPO,
+    timeout=120,
+  )
 
 
 def test_cli_writes_shards_and_never_logs_note_text(tmp_path):
@@ -216,8 +268,15 @@ def test_demo_corpus_formats_identically_with_two_workers_and_accounts_for_every
   assert skipped["section_splitter_error"] > 0  # the synthetic "3 days of ..." lines trip bug 1
   assert one["invalid_utf8"] == {"bytes_replaced": 1, "notes_affected": 1}
   assert one["rows_read"] == 100 == one["notes_written"] + sum(skipped.values())
-  assert set(one["categories"]) == {"discharge_summary", "radiology", "nursing", "nursing_other", "ecg",
-                                    "physician", "respiratory"}
+  assert set(one["categories"]) == {
+    "discharge_summary",
+    "radiology",
+    "nursing",
+    "nursing_other",
+    "ecg",
+    "physician",
+    "respiratory",
+  }
   assert one["categories"]["physician"]["categories"] == {"Physician": one["categories"]["physician"]["notes"]}
   for stem, entry in one["categories"].items():
     notes = _read_shards(tmp_path / "one", stem)

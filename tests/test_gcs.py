@@ -27,13 +27,34 @@ from test_pretrain import compile_cache, subprocess_env  # noqa: F401 (compile_c
 BUCKET = "gs://data"
 READONLY = "gs://readonly-bucket"
 NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "max_position_embeddings": 64, "type_vocab_size": 2, "hidden_act": "gelu", "initializer_range": 0.02,
-        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "layer_norm_eps": 1e-12,
-        "model_type": "bert"}
-RUN = ["--max_seq_length=64", "--max_predictions_per_seq=10", "--train_batch_size=8", "--num_train_steps=40",
-       "--num_warmup_steps=5", "--learning_rate=1e-3", "--optimizer=adamw", "--save_checkpoints_steps=10",
-       "--keep_checkpoints=2", "--log_every_steps=10", "--async_checkpointing=false", "--seed=7"]
+TINY = {
+  "hidden_size": 32,
+  "num_hidden_layers": 1,
+  "num_attention_heads": 2,
+  "intermediate_size": 64,
+  "max_position_embeddings": 64,
+  "type_vocab_size": 2,
+  "hidden_act": "gelu",
+  "initializer_range": 0.02,
+  "hidden_dropout_prob": 0.1,
+  "attention_probs_dropout_prob": 0.1,
+  "layer_norm_eps": 1e-12,
+  "model_type": "bert",
+}
+RUN = [
+  "--max_seq_length=64",
+  "--max_predictions_per_seq=10",
+  "--train_batch_size=8",
+  "--num_train_steps=40",
+  "--num_warmup_steps=5",
+  "--learning_rate=1e-3",
+  "--optimizer=adamw",
+  "--save_checkpoints_steps=10",
+  "--keep_checkpoints=2",
+  "--log_every_steps=10",
+  "--async_checkpointing=false",
+  "--seed=7",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +64,9 @@ def emulator():
 
 
 def _tool(module: str, *args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                        cwd=REPO, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+  )
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -68,36 +90,73 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
   env = subprocess_env(compile_cache, STORAGE_EMULATOR_HOST=emulator.endpoint)
   _upload(NOTES, f"{BUCKET}/notes/NOTEEVENTS.csv")
 
-  _ok(_tool("data_prep.format_mimic", f"--input={BUCKET}/notes/NOTEEVENTS.csv", f"--output_dir={BUCKET}/text",
-            "--shard_size_notes=40", env=env))
+  _ok(
+    _tool(
+      "data_prep.format_mimic",
+      f"--input={BUCKET}/notes/NOTEEVENTS.csv",
+      f"--output_dir={BUCKET}/text",
+      "--shard_size_notes=40",
+      env=env,
+    )
+  )
   texts = [uri for uri in _objects(f"{BUCKET}/text") if uri.endswith(".txt")]
   assert len(texts) >= 2 and not any(".tmp" in uri for uri in _objects(BUCKET))
 
-  _ok(_tool("data_prep.build_vocab", f"--input={BUCKET}/text/*.txt", f"--output={BUCKET}/vocab.txt",
-            "--vocab_size=600", "--cased", env=env))
+  _ok(
+    _tool(
+      "data_prep.build_vocab",
+      f"--input={BUCKET}/text/*.txt",
+      f"--output={BUCKET}/vocab.txt",
+      "--vocab_size=600",
+      "--cased",
+      env=env,
+    )
+  )
   vocab = fileio.as_path(f"{BUCKET}/vocab.txt").read_text().splitlines()
   with fileio.atomic_write(f"{BUCKET}/bert_config.json") as handle:
     json.dump({**TINY, "vocab_size": len(vocab)}, handle)
 
-  _ok(_tool("data_prep.create_pretraining_data", f"--input={BUCKET}/text/*.txt", f"--vocab_file={BUCKET}/vocab.txt",
-            f"--output_dir={BUCKET}/shards", "--max_seq_length=64", "--max_predictions_per_seq=10",
-            "--dupe_factor=2", "--do_lower_case=false", "--progress=false", env=env))
+  _ok(
+    _tool(
+      "data_prep.create_pretraining_data",
+      f"--input={BUCKET}/text/*.txt",
+      f"--vocab_file={BUCKET}/vocab.txt",
+      f"--output_dir={BUCKET}/shards",
+      "--max_seq_length=64",
+      "--max_predictions_per_seq=10",
+      "--dupe_factor=2",
+      "--do_lower_case=false",
+      "--progress=false",
+      env=env,
+    )
+  )
   manifest = json.loads(fileio.as_path(f"{BUCKET}/shards/{records.MANIFEST_NAME}").read_text())
   assert manifest["totals"]["count"] >= 8
 
   def pretrain(workdir: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "clinical_bert_jax.pretrain", f"--input_file={BUCKET}/shards",
-            f"--bert_config_file={BUCKET}/bert_config.json", f"--vocab_file={BUCKET}/vocab.txt",
-            f"--output_dir={workdir}", f"--data_cache_dir={tmp_path / 'cache'}", *RUN, *extra]
+    return [
+      sys.executable,
+      "-m",
+      "clinical_bert_jax.pretrain",
+      f"--input_file={BUCKET}/shards",
+      f"--bert_config_file={BUCKET}/bert_config.json",
+      f"--vocab_file={BUCKET}/vocab.txt",
+      f"--output_dir={workdir}",
+      f"--data_cache_dir={tmp_path / 'cache'}",
+      *RUN,
+      *extra,
+    ]
 
-  straight = subprocess.run(pretrain(f"{BUCKET}/straight"), env=env, capture_output=True, text=True, timeout=900,
-                            cwd=REPO)
+  straight = subprocess.run(
+    pretrain(f"{BUCKET}/straight"), env=env, capture_output=True, text=True, timeout=900, cwd=REPO
+  )
   _ok(straight)
 
   interrupted = f"{BUCKET}/interrupted"
   first = fileio.as_path(f"{interrupted}/checkpoints/10/commit_success.txt")
-  killed = subprocess.Popen(pretrain(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+  killed = subprocess.Popen(
+    pretrain(interrupted), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+  )
   deadline = time.monotonic() + 180
   while not first.exists():
     assert killed.poll() is None, killed.communicate()[1][-3000:]
@@ -113,8 +172,14 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
   with fileio.atomic_write(f"{interrupted}/checkpoints/35/params/partial", mode="wb") as handle:
     handle.write(b"cut short")
   assert 35 not in checkpointing.restorable_steps(interrupted)
-  resumed = subprocess.run(pretrain(interrupted, f"--export_hf_dir={BUCKET}/hf"), env=env, capture_output=True,
-                           text=True, timeout=900, cwd=REPO)
+  resumed = subprocess.run(
+    pretrain(interrupted, f"--export_hf_dir={BUCKET}/hf"),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=REPO,
+  )
   _ok(resumed)
   assert "resuming" in resumed.stdout
 
@@ -130,8 +195,9 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
   assert metrics(interrupted) == metrics(f"{BUCKET}/straight") and len(metrics(interrupted)) == 4
   from clinical_bert_jax import model_io, weight_names
 
-  final = [weight_names.flatten_params(model_io.load_model(workdir).params)
-           for workdir in (interrupted, f"{BUCKET}/straight")]  # orbax reads the checkpoints in the bucket
+  final = [
+    weight_names.flatten_params(model_io.load_model(workdir).params) for workdir in (interrupted, f"{BUCKET}/straight")
+  ]  # orbax reads the checkpoints in the bucket
   assert final[0].keys() == final[1].keys()
   assert all(np.array_equal(final[0][name], final[1][name]) for name in final[0])
   local_export = fileio.local_copy(f"{BUCKET}/hf", "--export_hf_dir")
@@ -150,8 +216,7 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
   assert not any(".tmp-" in uri for uri in _objects(BUCKET))
 
   # A workdir on a bucket this machine may only read: one line, after the inputs were checked, nothing written.
-  refused = subprocess.run(pretrain(f"{READONLY}/run"), env=env, capture_output=True, text=True, timeout=900,
-                           cwd=REPO)
+  refused = subprocess.run(pretrain(f"{READONLY}/run"), env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
   assert_one_line_error(refused, f"--output_dir={READONLY}/run", "permission denied")
   assert refused.returncode == 2 and _objects(READONLY) == []
 
@@ -159,8 +224,7 @@ def test_demo_chain_with_every_path_on_gcs(emulator, compile_cache, tmp_path):
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_missing_bucket_and_empty_glob_are_one_line_errors(emulator, compile_cache):
   env = subprocess_env(compile_cache, STORAGE_EMULATOR_HOST=emulator.endpoint)
-  result = _tool("data_prep.build_vocab", "--input=gs://no-such-bucket/text/*.txt", f"--output={BUCKET}/v.txt",
-                 env=env)
+  result = _tool("data_prep.build_vocab", "--input=gs://no-such-bucket/text/*.txt", f"--output={BUCKET}/v.txt", env=env)
   assert_one_line_error(result, "gs://no-such-bucket", "does not exist")
   assert result.returncode == 2
   result = _tool("data_prep.build_vocab", f"--input={BUCKET}/nothing/*.txt", f"--output={BUCKET}/v.txt", env=env)
@@ -180,14 +244,22 @@ def test_output_on_a_read_only_bucket_is_one_line_and_writes_nothing(emulator, c
 
 def _shard_uri(emulator, tmp_path) -> tuple[str, bytes]:
   """A real native shard in the bucket, with its manifest."""
-  writer = records.NativeShardWriter(tmp_path / "part-00000-of-00001.cbj", max_seq_length=16,
-                                     max_predictions_per_seq=2, vocab_size=100)
+  writer = records.NativeShardWriter(
+    tmp_path / "part-00000-of-00001.cbj", max_seq_length=16, max_predictions_per_seq=2, vocab_size=100
+  )
   rng = np.random.default_rng(0)
   for _ in range(4):
-    writer.write({"input_ids": rng.integers(5, 100, 16), "input_mask": np.ones(16, np.int32),
-                  "segment_ids": np.zeros(16, np.int32), "masked_lm_positions": np.array([1, 2]),
-                  "masked_lm_ids": np.array([7, 8]), "masked_lm_weights": np.ones(2, np.float32),
-                  "next_sentence_labels": np.int32(0)})
+    writer.write(
+      {
+        "input_ids": rng.integers(5, 100, 16),
+        "input_mask": np.ones(16, np.int32),
+        "segment_ids": np.zeros(16, np.int32),
+        "masked_lm_positions": np.array([1, 2]),
+        "masked_lm_ids": np.array([7, 8]),
+        "masked_lm_weights": np.ones(2, np.float32),
+        "next_sentence_labels": np.int32(0),
+      }
+    )
   info = writer.close()
   data = (tmp_path / info.name).read_bytes()
   return info.name, data
@@ -217,8 +289,9 @@ def test_a_full_data_cache_is_refused_before_downloading(emulator, tmp_path, mon
     handle.write(data)
   cache = tmp_path / "small-cache"
   real = shard_cache.shutil.disk_usage
-  monkeypatch.setattr(shard_cache.shutil, "disk_usage",
-                      lambda path: real(path)._replace(free=shard_cache.FREE_SPACE_MARGIN))  # no room left
+  monkeypatch.setattr(
+    shard_cache.shutil, "disk_usage", lambda path: real(path)._replace(free=shard_cache.FREE_SPACE_MARGIN)
+  )  # no room left
   with pytest.raises(UserError, match=rf"--data_cache_dir={cache} has 1.0 GiB free but the --input_file shards need"):
     shard_cache.localize(f"{BUCKET}/full/*.cbj", cache, "--input_file")
   assert not any(path.is_file() for path in cache.rglob("*"))

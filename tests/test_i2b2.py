@@ -24,7 +24,7 @@ def _pairs(sentence):
 
 def _find(sentences, *first_words):
   """The sentence that starts with `first_words`."""
-  return next(s for s in sentences if s.words[:len(first_words)] == first_words)
+  return next(s for s in sentences if s.words[: len(first_words)] == first_words)
 
 
 def _copy_release(task, tmp_path):
@@ -39,15 +39,24 @@ def test_words_are_cut_at_span_boundaries_and_get_b_then_i():
   spans = [Span(4, 10, "PATIENT"), Span(25, 30, "DATE"), Span(37, 44, "DOCTOR")]
   first, second = label_text(text, spans)
   assert _pairs(first) == [("Mr.", "O"), ("Quenty", "B-PATIENT"), ("'s", "O"), ("visit:", "O")]
-  assert _pairs(second) == [("Seen", "O"), ("06/25", "B-DATE"), ("/99", "O"), ("by", "O"), ("Ann", "B-DOCTOR"),
-                            ("Lee", "I-DOCTOR"), (".", "O")]
+  assert _pairs(second) == [
+    ("Seen", "O"),
+    ("06/25", "B-DATE"),
+    ("/99", "O"),
+    ("by", "O"),
+    ("Ann", "B-DOCTOR"),
+    ("Lee", "I-DOCTOR"),
+    (".", "O"),
+  ]
 
 
 def test_span_continuing_on_the_next_line_starts_it_with_i_and_blank_lines_vanish():
   text = "Seen at Saint\n\n   \nGrell today"
   sentences = label_text(text, [Span(8, 24, "HOSPITAL")])
-  assert [_pairs(s) for s in sentences] == [[("Seen", "O"), ("at", "O"), ("Saint", "B-HOSPITAL")],
-                                            [("Grell", "I-HOSPITAL"), ("today", "O")]]
+  assert [_pairs(s) for s in sentences] == [
+    [("Seen", "O"), ("at", "O"), ("Saint", "B-HOSPITAL")],
+    [("Grell", "I-HOSPITAL"), ("today", "O")],
+  ]
 
 
 def test_adjacent_spans_each_start_with_b_and_later_spans_win_overlaps():
@@ -59,7 +68,13 @@ def test_2006_separator_after_a_span_is_dropped_only_in_2006_mode():
   text = "on 01/01/1995 and 1995/0101"
   spans = [Span(3, 8, "DATE"), Span(23, 27, "DATE")]
   assert _pairs(label_text(text, spans, strip_separator_after_span=True)[0]) == [
-      ("on", "O"), ("01/01", "B-DATE"), ("1995", "O"), ("and", "O"), ("1995/", "O"), ("0101", "B-DATE")]
+    ("on", "O"),
+    ("01/01", "B-DATE"),
+    ("1995", "O"),
+    ("and", "O"),
+    ("1995/", "O"),
+    ("0101", "B-DATE"),
+  ]
   assert ("/1995", "O") in _pairs(label_text(text, spans)[0])
 
 
@@ -72,11 +87,21 @@ def test_2006_inline_tags_date_edge_cases_repair_and_last_30_percent_dev():
   train, dev = splits["train"], splits["dev"]
   assert _pairs(_find(train, "Admission"))[-2:] == [("03/14", "B-DATE"), ("2099", "O")]
   assert _pairs(_find(train, "Transferred"))[2:9] == [
-      ("Mount", "B-HOSPITAL"), ("Ickle", "I-HOSPITAL"), ("Medical", "I-HOSPITAL"), ("Center", "I-HOSPITAL"),
-      ("on", "O"), ("2099", "O"), ("0315", "B-DATE")]
+    ("Mount", "B-HOSPITAL"),
+    ("Ickle", "I-HOSPITAL"),
+    ("Medical", "I-HOSPITAL"),
+    ("Center", "I-HOSPITAL"),
+    ("on", "O"),
+    ("2099", "O"),
+    ("0315", "B-DATE"),
+  ]
   # The release typo `<PHI TYPE="DATE">25th of July<PHI TYPE="DOCTOR">` is repaired into a closed DATE.
-  assert _pairs(_find(train, "Follow"))[3:7] == [("25th", "B-DATE"), ("of", "I-DATE"), ("July", "I-DATE"),
-                                                 ("with", "O")]
+  assert _pairs(_find(train, "Follow"))[3:7] == [
+    ("25th", "B-DATE"),
+    ("of", "I-DATE"),
+    ("July", "I-DATE"),
+    ("with", "O"),
+  ]
   assert conversion.report["tags"]["repaired_phi_tags"] == ["deid_surrogate_train_all_version2.xml:16"]
   salt = _find(dev, "Salt")
   assert salt.words[1] == "&"  # XML entity decoded
@@ -97,13 +122,18 @@ def test_2010_offsets_leading_space_multiline_concepts_and_record_split():
   conversion = i2b2.convert_release("2010", FIXTURES / "2010")
   everything = [s for split in conversion.splits.values() for s in split]
   # Line " 71 yo woman ..." starts with a space: the .con offsets 2:5 and 2:7 point one word to the right.
-  assert [(w, l) for w, l in _pairs(_find(everything, "71")) if l != "O"] == [("fever", "B-problem"),
-                                                                             ("cough", "B-problem")]
+  assert [(w, l) for w, l in _pairs(_find(everything, "71")) if l != "O"] == [
+    ("fever", "B-problem"),
+    ("cough", "B-problem"),
+  ]
   # "a small / effusion" spans two lines: the continuation sentence starts with I-.
   assert _pairs(_find(everything, "A"))[-2:] == [("a", "B-problem"), ("small", "I-problem")]
   assert _pairs(_find(everything, "effusion")) == [("effusion", "I-problem"), (".", "O")]
-  assert _pairs(_find(conversion.splits["test"], "Acute"))[:3] == [("Acute", "B-problem"), ("kidney", "I-problem"),
-                                                                  ("injury", "I-problem")]
+  assert _pairs(_find(conversion.splits["test"], "Acute"))[:3] == [
+    ("Acute", "B-problem"),
+    ("kidney", "I-problem"),
+    ("injury", "I-problem"),
+  ]
   # 90/10 by record within each source: beth 2 → 1/1, partners 3 → 2/1.
   dev_groups = conversion.report["dev_groups"]
   assert len(dev_groups) == 2 and sum(g.startswith("record-") for g in dev_groups) == 1
@@ -236,15 +266,17 @@ def test_layout_is_found_recursively_and_subdir_flags_override(tmp_path):
   shutil.copytree(FIXTURES / "2014", nested / "deid")
   found = i2b2.convert_release("2014", tmp_path)
   assert found.splits == i2b2.convert_release("2014", FIXTURES / "2014").splits
-  only_set2 = i2b2.convert_release("2014", FIXTURES / "2014", train_subdirs=["training-PHI-Gold-Set2",
-                                                                            "training-PHI-Gold-Set1/101-01.xml"])
+  only_set2 = i2b2.convert_release(
+    "2014", FIXTURES / "2014", train_subdirs=["training-PHI-Gold-Set2", "training-PHI-Gold-Set1/101-01.xml"]
+  )
   assert only_set2.report["records"]["train_release"] == 2
 
 
 def test_command_line_success_and_one_line_errors(tmp_path):
   out = tmp_path / "out"
-  result = run_module("data_prep.i2b2", "--task=2010", f"--input_dir={FIXTURES / '2010'}", f"--output_dir={out}",
-                      "--seed=3")
+  result = run_module(
+    "data_prep.i2b2", "--task=2010", f"--input_dir={FIXTURES / '2010'}", f"--output_dir={out}", "--seed=3"
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads((out / "conversion.json").read_text())["seed"] == 3
   release = _copy_release("2006", tmp_path)
@@ -254,5 +286,6 @@ def test_command_line_success_and_one_line_errors(tmp_path):
   result = run_module("data_prep.i2b2", "--task=2006", f"--input_dir={release}", f"--output_dir={failed}")
   line = assert_one_line_error(result, "deid_surrogate_train_all_version2.xml: not well-formed XML")
   assert "Quenty" not in line and not failed.exists()
-  assert_one_line_error(run_module("data_prep.i2b2", "--task=2099", f"--input_dir={release}", f"--output_dir={out}"),
-                        "--task")
+  assert_one_line_error(
+    run_module("data_prep.i2b2", "--task=2099", f"--input_dir={release}", f"--output_dir={out}"), "--task"
+  )

@@ -15,8 +15,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.input_pipeline import (EvalInput, Prefetcher, PretrainingInput, needs_dynamic_masking,
-                                              open_pretraining_data, prefetch_to_device)
+from clinical_bert_jax.input_pipeline import (
+  EvalInput,
+  Prefetcher,
+  PretrainingInput,
+  needs_dynamic_masking,
+  open_pretraining_data,
+  prefetch_to_device,
+)
 from clinical_bert_jax.records import NativeShardWriter, PretrainingData, vocab_fingerprint, write_manifest
 from clinical_bert_jax.sharding import make_mesh
 
@@ -30,12 +36,15 @@ def _instance(number: int, masked: bool) -> dict[str, np.ndarray]:
   input_ids = np.zeros(SEQ_LEN, np.int64)
   input_ids[:6] = [2, ID_OFFSET + number, 5, 3, 6, 3]  # [CLS] A A [SEP] B [SEP]
   predictions = 1 if masked else 0
-  return {"input_ids": input_ids, "input_mask": (np.arange(SEQ_LEN) < 6).astype(np.int64),
-          "segment_ids": ((np.arange(SEQ_LEN) >= 4) & (np.arange(SEQ_LEN) < 6)).astype(np.int64),
-          "masked_lm_positions": np.array([2] * predictions + [0] * (PREDICTIONS - predictions)),
-          "masked_lm_ids": np.array([5] * predictions + [0] * (PREDICTIONS - predictions)),
-          "masked_lm_weights": np.array([1.0] * predictions + [0.0] * (PREDICTIONS - predictions)),
-          "next_sentence_labels": number % 2}
+  return {
+    "input_ids": input_ids,
+    "input_mask": (np.arange(SEQ_LEN) < 6).astype(np.int64),
+    "segment_ids": ((np.arange(SEQ_LEN) >= 4) & (np.arange(SEQ_LEN) < 6)).astype(np.int64),
+    "masked_lm_positions": np.array([2] * predictions + [0] * (PREDICTIONS - predictions)),
+    "masked_lm_ids": np.array([5] * predictions + [0] * (PREDICTIONS - predictions)),
+    "masked_lm_weights": np.array([1.0] * predictions + [0.0] * (PREDICTIONS - predictions)),
+    "next_sentence_labels": number % 2,
+  }
 
 
 def _write_shards(directory, masked: bool = True):
@@ -196,9 +205,19 @@ def test_unmasked_data_is_detected_and_its_prediction_width_not_checked(data, tm
   vocab_file.write_text("".join(f"t{i}\n" for i in range(VOCAB_SIZE)), encoding="utf-8")
   sha256, size = vocab_fingerprint(vocab_file)
   shards = [{"name": f"part-{i}.cbj", "count": count} for i, count in enumerate(SHARD_SIZES)]
-  write_manifest(unmasked_dir, {"format": "cbj", "vocab_sha256": sha256, "vocab_size": size, "do_lower_case": False,
-                                "max_seq_length": SEQ_LEN, "max_predictions_per_seq": PREDICTIONS,
-                                "masking": "none", "shards": shards})
+  write_manifest(
+    unmasked_dir,
+    {
+      "format": "cbj",
+      "vocab_sha256": sha256,
+      "vocab_size": size,
+      "do_lower_case": False,
+      "max_seq_length": SEQ_LEN,
+      "max_predictions_per_seq": PREDICTIONS,
+      "masking": "none",
+      "shards": shards,
+    },
+  )
   assert needs_dynamic_masking(open_pretraining_data(str(unmasked_dir), **{**kwargs, "vocab_sha256": sha256}))
   with pytest.raises(UserError, match="vocabulary mismatch"):
     open_pretraining_data(str(unmasked_dir), **{**kwargs, "vocab_sha256": "0" * 64})
@@ -238,8 +257,7 @@ def test_prefetch_to_device_shards_batches_and_tracks_the_position(data):
   mesh = jax.make_mesh((8,), ("data",))
   source = PretrainingInput(data, global_batch_size=16, seed=2)
   reference = PretrainingInput(data, global_batch_size=16, seed=2)
-  for sharding in (NamedSharding(mesh, PartitionSpec("data")),
-                   jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))):
+  for sharding in (NamedSharding(mesh, PartitionSpec("data")), jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))):
     on_device = prefetch_to_device(source, 2, sharding)
     for _ in range(3):
       batch = next(on_device)
@@ -279,9 +297,16 @@ def test_two_real_processes_assemble_the_single_process_global_batches(data_dir,
     port = str(probe.getsockname()[1])
   output = tmp_path / "batches.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  workers = [subprocess.Popen([sys.executable, __file__, port, str(process), str(data_dir / "*.cbj"), str(output)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for process in range(2)]
+  workers = [
+    subprocess.Popen(
+      [sys.executable, __file__, port, str(process), str(data_dir / "*.cbj"), str(output)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for process in range(2)
+  ]
   logs = [worker.communicate(timeout=120)[0] for worker in workers]
   assert [worker.returncode for worker in workers] == [0, 0], "\n".join(log[-2000:] for log in logs)
 

@@ -59,10 +59,18 @@ def _google_word_groups(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
 
 @functools.lru_cache(maxsize=None)
 def _jitted_mask(whole_word: bool, max_predictions: int = MAX_PREDICTIONS, prob: float = 0.15):
-  return jax.jit(functools.partial(
-      dynamic_mask, max_predictions_per_seq=max_predictions, mask_token_id=VOCAB.mask_token_id,
-      vocab_size=VOCAB.vocab_size, special_token_ids=VOCAB.special_token_ids, masked_lm_prob=prob,
-      whole_word=whole_word, is_continuation=VOCAB.is_continuation))
+  return jax.jit(
+    functools.partial(
+      dynamic_mask,
+      max_predictions_per_seq=max_predictions,
+      mask_token_id=VOCAB.mask_token_id,
+      vocab_size=VOCAB.vocab_size,
+      special_token_ids=VOCAB.special_token_ids,
+      masked_lm_prob=prob,
+      whole_word=whole_word,
+      is_continuation=VOCAB.is_continuation,
+    )
+  )
 
 
 def _run(whole_word: bool, input_ids, input_mask, seed: int = 0, **kwargs):
@@ -157,7 +165,7 @@ def test_per_piece_mode_splits_words_so_the_whole_word_checks_have_teeth():
   _, positions, _, weights = _run(False, input_ids, input_mask)
   partly_chosen = 0
   for row in range(len(input_ids)):
-    chosen = set(positions[row, :int(weights[row].sum())].tolist())
+    chosen = set(positions[row, : int(weights[row].sum())].tolist())
     for group in _google_word_groups(input_ids[row], input_mask[row]):
       covered = [position in chosen for position in group]
       partly_chosen += any(covered) and not all(covered)
@@ -174,7 +182,7 @@ def test_continuation_piece_grouping_follows_google_at_sentence_edges():
   outcomes = []
   for seed in range(3):
     _, positions, _, weights = _run(True, input_ids, input_mask, seed=seed, max_predictions=8, prob=0.375)
-    outcomes += [tuple(positions[row, :int(weights[row].sum())].tolist()) for row in range(len(input_ids))]
+    outcomes += [tuple(positions[row, : int(weights[row].sum())].tolist()) for row in range(len(input_ids))]
   # Budget round(8 * 0.375) = 3. Visiting the 3-piece word first takes it alone; otherwise a singleton comes first,
   # the 3-piece word no longer fits and is skipped, and the other singleton is still taken (Google's greedy fill).
   assert set(outcomes) == {(2, 3, 5), (1, 6)}
@@ -209,16 +217,23 @@ def test_more_slots_than_positions_pads_and_empty_rows_predict_nothing():
   for row in range(1, 4):
     real = np.flatnonzero(input_mask[row, :8])
     expected = [p for p in real if input_ids[row, p] not in (CLS, SEP)]
-    np.testing.assert_array_equal(positions[row, :int(weights[row].sum())], expected)
+    np.testing.assert_array_equal(positions[row, : int(weights[row].sum())], expected)
 
 
 def test_mask_batch_replaces_masking_fields_only():
   input_ids, input_mask = _synthetic_batch(4, seed=7)
-  batch = {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": np.zeros_like(input_ids),
-           "masked_lm_positions": np.zeros((4, 0), np.int32), "masked_lm_ids": np.zeros((4, 0), np.int32),
-           "masked_lm_weights": np.zeros((4, 0), np.float32), "next_sentence_labels": np.ones((4, 1), np.int32)}
+  batch = {
+    "input_ids": input_ids,
+    "input_mask": input_mask,
+    "segment_ids": np.zeros_like(input_ids),
+    "masked_lm_positions": np.zeros((4, 0), np.int32),
+    "masked_lm_ids": np.zeros((4, 0), np.int32),
+    "masked_lm_weights": np.zeros((4, 0), np.float32),
+    "next_sentence_labels": np.ones((4, 1), np.int32),
+  }
   masked = jax.jit(functools.partial(mask_batch, vocab=VOCAB, max_predictions_per_seq=MAX_PREDICTIONS))(
-      jax.random.key(0), batch)
+    jax.random.key(0), batch
+  )
   assert masked["masked_lm_positions"].shape == (4, MAX_PREDICTIONS)
   assert np.asarray(masked["masked_lm_weights"]).sum() > 0
   np.testing.assert_array_equal(np.asarray(masked["next_sentence_labels"]), batch["next_sentence_labels"])
@@ -239,5 +254,13 @@ def test_vocab_file_tables_and_errors(tmp_path):
   with pytest.raises(UserError, match="--vocab_file"):
     MaskingVocab.from_vocab_file(tmp_path / "missing.txt")
   with pytest.raises(ValueError, match="is_continuation"):
-    dynamic_mask(jax.random.key(0), np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32), max_predictions_per_seq=2,
-                 mask_token_id=MASK, vocab_size=10, special_token_ids=(CLS,), whole_word=True)
+    dynamic_mask(
+      jax.random.key(0),
+      np.zeros((1, 4), np.int32),
+      np.ones((1, 4), np.int32),
+      max_predictions_per_seq=2,
+      mask_token_id=MASK,
+      vocab_size=10,
+      special_token_ids=(CLS,),
+      whole_word=True,
+    )

@@ -16,8 +16,15 @@ TOLERANCE = 1e-4
 
 
 def tiny_hf_config(hidden_act: str) -> transformers.BertConfig:
-  return transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64, hidden_act=hidden_act)
+  return transformers.BertConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_act=hidden_act,
+  )
 
 
 def padded_batch(rng: np.random.Generator, vocab_size: int, batch: int = 3, length: int = 16):
@@ -45,17 +52,28 @@ def test_matches_pytorch_bert_for_pretraining(hidden_act):
 
   ids, mask, segments, positions = padded_batch(np.random.default_rng(0), config.vocab_size)
   with torch.no_grad():
-    theirs = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         token_type_ids=torch.tensor(segments), output_hidden_states=True)
-  ours = model.BertForPreTraining(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                                                jnp.asarray(segments))
-  gathered = model.BertForPreTraining(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
-                                                    jnp.asarray(segments), masked_lm_positions=jnp.asarray(positions))
+    theirs = torch_model(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      token_type_ids=torch.tensor(segments),
+      output_hidden_states=True,
+    )
+  ours = model.BertForPreTraining(config).apply(
+    {"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(segments)
+  )
+  gathered = model.BertForPreTraining(config).apply(
+    {"params": params},
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    jnp.asarray(segments),
+    masked_lm_positions=jnp.asarray(positions),
+  )
   real = mask.astype(bool)
   sequence_theirs = theirs.hidden_states[-1].numpy()
   np.testing.assert_allclose(np.asarray(ours["sequence_output"])[real], sequence_theirs[real], atol=TOLERANCE)
-  np.testing.assert_allclose(np.asarray(ours["mlm_logits"])[real], theirs.prediction_logits.numpy()[real],
-                             atol=TOLERANCE)
+  np.testing.assert_allclose(
+    np.asarray(ours["mlm_logits"])[real], theirs.prediction_logits.numpy()[real], atol=TOLERANCE
+  )
   np.testing.assert_allclose(np.asarray(ours["nsp_logits"]), theirs.seq_relationship_logits.numpy(), atol=TOLERANCE)
   expected_gathered = np.take_along_axis(theirs.prediction_logits.numpy(), positions[..., None], axis=1)
   np.testing.assert_allclose(np.asarray(gathered["mlm_logits"]), expected_gathered, atol=TOLERANCE)
@@ -72,24 +90,44 @@ def test_gelu_variants_differ():
 
 def test_fused_and_explicit_attention_agree():
   """The explicit path (used for attention dropout) equals jax.nn.dot_product_attention when dropout is off."""
-  config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                      max_position_embeddings=16, attention_probs_dropout_prob=1e-9, hidden_dropout_prob=0.0)
+  config = BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    attention_probs_dropout_prob=1e-9,
+    hidden_dropout_prob=0.0,
+  )
   params = model.init_params(config, jax.random.key(0))
   ids = jnp.arange(24).reshape(2, 12) % 50
   mask = jnp.array([[1] * 12, [1] * 6 + [0] * 6])
   bert = model.BertForPreTraining(config)
   fused = bert.apply({"params": params}, ids, mask)
   explicit = bert.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
-  np.testing.assert_allclose(np.asarray(explicit["sequence_output"])[mask == 1],
-                             np.asarray(fused["sequence_output"])[mask == 1], atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(explicit["sequence_output"])[mask == 1], np.asarray(fused["sequence_output"])[mask == 1], atol=1e-5
+  )
 
 
 def test_every_parameter_has_logical_axes():
-  config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                      max_position_embeddings=16)
+  config = BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+  )
   shapes = weight_names.flatten_params(jax.tree.map(lambda s: np.zeros(s.shape), model.param_shapes(config)))
-  specs = weight_names.flatten_params(jax.tree.map(lambda s: np.array(tuple(s), dtype=object), model.param_logical_axes(
-      config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  specs = weight_names.flatten_params(
+    jax.tree.map(
+      lambda s: np.array(tuple(s), dtype=object),
+      model.param_logical_axes(config),
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+  )
   assert shapes.keys() == specs.keys()
   for name, value in shapes.items():
     axes = tuple(specs[name])
@@ -97,8 +135,14 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits():
-  config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                      max_position_embeddings=16)
+  config = BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+  )
   params = model.init_params(config, jax.random.key(0))
   ids = jnp.ones((2, 8), jnp.int32)
   out32 = model.BertForPreTraining(config).apply({"params": params}, ids)
@@ -116,9 +160,10 @@ def test_losses_follow_google_formulas():
   weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
   nsp_logits = rng.normal(size=(2, 2)).astype(np.float32)
   nsp_labels = np.array([0, 1])
-  loss, metrics = losses.pretraining_loss({"mlm_logits": logits, "nsp_logits": nsp_logits},
-                                          {"masked_lm_ids": labels, "masked_lm_weights": weights,
-                                           "next_sentence_labels": nsp_labels})
+  loss, metrics = losses.pretraining_loss(
+    {"mlm_logits": logits, "nsp_logits": nsp_logits},
+    {"masked_lm_ids": labels, "masked_lm_weights": weights, "next_sentence_labels": nsp_labels},
+  )
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   nll = -np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
   mlm = (weights * nll).sum() / (weights.sum() + 1e-5)

@@ -28,12 +28,12 @@ def original_cv_split(train: list, dev: list, test: list, n: int = 9, cv_sz: int
   train_dev = train + dev
   random.shuffle(train_dev)
   split_sz = math.ceil(len(train_dev) / (cv_sz - 1))
-  splits = [train_dev[i:i + split_sz] for i in range(0, len(train_dev), split_sz)] + [test]
+  splits = [train_dev[i : i + split_sz] for i in range(0, len(train_dev), split_sz)] + [test]
   dev_split, test_split = splits[(n - 1) % cv_sz], splits[n]
   if (n + 1) % cv_sz > (n - 1) % cv_sz:
-    train_splits = splits[:(n - 1) % cv_sz] + splits[(n + 1) % cv_sz:]
+    train_splits = splits[: (n - 1) % cv_sz] + splits[(n + 1) % cv_sz :]
   else:
-    train_splits = splits[(n + 1) % cv_sz:(n - 1) % cv_sz]
+    train_splits = splits[(n + 1) % cv_sz : (n - 1) % cv_sz]
   return [s for split in train_splits for s in split], dev_split, test_split
 
 
@@ -46,7 +46,7 @@ def test_paper_split_is_run_ner_py_fold_9_on_ncbi_disease():
   pooled = len(splits["train"]) + len(splits["dev"])
   assert len(dev) == pooled - 8 * math.ceil(pooled / 9) and len(train) == 8 * math.ceil(pooled / 9)
   assert set(map(id, train)).isdisjoint(map(id, dev))
-  assert dev != splits["dev"][:len(dev)]  # really re-split, not the files' dev
+  assert dev != splits["dev"][: len(dev)]  # really re-split, not the files' dev
 
 
 def test_paper_split_is_refused_when_train_and_dev_make_fewer_than_nine_chunks():
@@ -98,7 +98,7 @@ def test_scorer_equals_seqeval_on_thousands_of_random_label_sequences():
   for _ in range(2000):
     count = rng.randint(1, 6)
     gold, predicted = random_corpus(rng, count), random_corpus(rng, count)
-    predicted = [row[:len(g)] + ["O"] * (len(g) - len(row)) for row, g in zip(predicted, gold)]
+    predicted = [row[: len(g)] + ["O"] * (len(g) - len(row)) for row, g in zip(predicted, gold)]
     ours = ner_scoring.score_sentences(gold, predicted)
     assert ours.num_gold == len(get_entities(gold)) and ours.num_predicted == len(get_entities(predicted))
     if not ours.num_gold or not ours.num_predicted:
@@ -117,11 +117,16 @@ def test_scorer_equals_seqeval_on_thousands_of_random_label_sequences():
 def test_the_originals_semantics_where_seqeval_has_none():
   # Placeholder labels of the original tagger (X, [CLS], [SEP]) mean O (ner_detokenize.py), inside a run too.
   assert ner_scoring.score_sentences([["B-x", "I-x", "O"]], [["B-x", "X", "O"]]).num_correct == 0
-  assert ner_scoring.sentence_concepts(["B-x", "X", "I-x"], 0) == [ner_scoring.Concept(0, 0, 0, "x"),
-                                                                  ner_scoring.Concept(0, 2, 2, "x")]
+  assert ner_scoring.sentence_concepts(["B-x", "X", "I-x"], 0) == [
+    ner_scoring.Concept(0, 0, 0, "x"),
+    ner_scoring.Concept(0, 2, 2, "x"),
+  ]
   # The word-level rule: first sub-token decides, later pieces are ignored.
-  assert ner_scoring.first_subtoken_word_labels(["[CLS]", "B-x", "O", "I-x", "[SEP]"], [None, 0, 0, 1, None], 3) == \
-      ["B-x", "I-x", "O"]
+  assert ner_scoring.first_subtoken_word_labels(["[CLS]", "B-x", "O", "I-x", "[SEP]"], [None, 0, 0, 1, None], 3) == [
+    "B-x",
+    "I-x",
+    "O",
+  ]
   # score_i2b2.py divides by zero without predictions; we report 0 instead.
   scores = ner_scoring.score_sentences([["B-x"]], [["O"]])
   assert (scores.precision, scores.recall, scores.f1) == (0.0, 0.0, 0.0)

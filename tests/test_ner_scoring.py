@@ -11,13 +11,13 @@ from tests.cli_util import assert_one_line_error, run_module
 def test_first_subtoken_decides_the_word_label():
   # "a bc d" as [CLS] a b ##c d [SEP]: the second piece of word 1 says I-x, its first piece B-y.
   labels = ner_scoring.first_subtoken_word_labels(
-      ["B-x", "O", "B-y", "I-x", "X", "B-x"], [None, 0, 1, 1, 2, None], num_words=3)
+    ["B-x", "O", "B-y", "I-x", "X", "B-x"], [None, 0, 1, 1, 2, None], num_words=3
+  )
   assert labels == ["O", "B-y", "O"]  # word 2 has X on its first piece
 
 
 def test_placeholder_labels_and_truncated_words_become_outside():
-  labels = ner_scoring.first_subtoken_word_labels(
-      ["[CLS]", "X", "[SEP]", "B-t"], [None, 0, 1, None], num_words=4)
+  labels = ner_scoring.first_subtoken_word_labels(["[CLS]", "X", "[SEP]", "B-t"], [None, 0, 1, None], num_words=4)
   assert labels == ["O", "O", "O", "O"]  # X and [SEP] on a first piece → O; words 2 and 3 were truncated away
 
 
@@ -28,13 +28,16 @@ def test_first_subtoken_rejects_misaligned_inputs():
     ner_scoring.first_subtoken_word_labels(["O"], [5], num_words=2)
 
 
-@pytest.mark.parametrize("labels, repaired", [
+@pytest.mark.parametrize(
+  "labels, repaired",
+  [
     (["I-a", "I-a"], ["B-a", "I-a"]),  # sentence start
     (["O", "I-a", "O"], ["O", "B-a", "O"]),  # after O
     (["B-a", "I-b", "I-b"], ["B-a", "B-b", "I-b"]),  # after a different type
     (["B-a", "I-a", "B-a", "I-a"], ["B-a", "I-a", "B-a", "I-a"]),  # well-formed runs are untouched
     (["B-LOCATION-OTHER", "I-LOCATION-OTHER"], ["B-LOCATION-OTHER", "I-LOCATION-OTHER"]),  # types with '-'
-])
+  ],
+)
 def test_orphan_inside_is_repaired_to_begin(labels, repaired):
   assert ner_scoring.repair_orphan_inside(labels) == repaired
 
@@ -42,7 +45,11 @@ def test_orphan_inside_is_repaired_to_begin(labels, repaired):
 def test_sentence_concepts_are_bio_runs_with_inclusive_ends():
   labels = ["B-a", "I-a", "O", "I-b", "B-b", "I-b", "I-b", "B-a"]
   assert ner_scoring.sentence_concepts(labels, 4) == [
-      Concept(4, 0, 1, "a"), Concept(4, 3, 3, "b"), Concept(4, 4, 6, "b"), Concept(4, 7, 7, "a")]
+    Concept(4, 0, 1, "a"),
+    Concept(4, 3, 3, "b"),
+    Concept(4, 4, 6, "b"),
+    Concept(4, 7, 7, "a"),
+  ]
 
 
 def test_unknown_label_shapes_are_rejected():
@@ -54,8 +61,10 @@ def test_unknown_label_shapes_are_rejected():
 
 def test_exact_span_micro_scores_pool_types_and_give_no_partial_credit():
   gold = [["B-a", "I-a", "O", "B-b"], ["O", "B-a"]]
-  predicted = [["B-a", "O", "O", "B-b"],  # a: span too short (no credit); b: exact
-               ["O", "I-a"]]  # orphan I-a is repaired to B-a: exact match
+  predicted = [
+    ["B-a", "O", "O", "B-b"],  # a: span too short (no credit); b: exact
+    ["O", "I-a"],
+  ]  # orphan I-a is repaired to B-a: exact match
   scores = ner_scoring.score_sentences(gold, predicted)
   assert (scores.num_gold, scores.num_predicted, scores.num_correct) == (3, 3, 2)
   assert scores.precision == pytest.approx(2 / 3)

@@ -48,8 +48,14 @@ def execute_notebook(name: str, probe: str, tmp_path: Path) -> tuple[object, str
   for directory in sandbox.values():
     directory.mkdir()
   env = {**os.environ, "HOME": str(sandbox["home"]), "TMPDIR": str(sandbox["tmp"])}
-  result = subprocess.run([sys.executable, "-c", RUNNER, str(NOTEBOOKS / name), probe], cwd=sandbox["cwd"], env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", RUNNER, str(NOTEBOOKS / name), probe],
+    cwd=sandbox["cwd"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   printed, marker, probed = result.stdout.rpartition(PROBE_MARKER)
   assert marker, result.stdout[-2000:]
@@ -112,8 +118,12 @@ def test_quickstart_runs_and_produces_model_outputs(tmp_path):
   assert batch == probed["num_sentences"] == 2
   assert probed["hidden_states"] == [[batch, length, hidden]] * (layers + 1)
   assert probed["last_hidden_is_sequence_output"]
-  assert probed["shapes"] == {"sequence_output": [batch, length, hidden], "pooled_output": [batch, hidden],
-                              "mlm_logits": [batch, length, vocab_size], "nsp_logits": [batch, 2]}
+  assert probed["shapes"] == {
+    "sequence_output": [batch, length, hidden],
+    "pooled_output": [batch, hidden],
+    "mlm_logits": [batch, length, vocab_size],
+    "nsp_logits": [batch, 2],
+  }
   cls_id, sep_id = probed["vocab"].index("[CLS]"), probed["vocab"].index("[SEP]")
   for ids, mask in zip(probed["input_ids"], probed["attention_mask"]):
     real = sum(mask)
@@ -144,7 +154,7 @@ def printed_commands(printed: str) -> list[list[str]]:
       continue
     words = shlex.split(line[2:], comments=True)
     if "&&" in words:
-      words = words[words.index("&&") + 1:]
+      words = words[words.index("&&") + 1 :]
     while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
       words.pop(0)
     commands.append(words)
@@ -153,8 +163,9 @@ def printed_commands(printed: str) -> list[list[str]]:
 
 def defined_flags(module: str, cwd: Path) -> dict[str, bool]:
   """Flag name -> is boolean, from `python -m MODULE --helpfull` (the module's own flags and absl's)."""
-  result = subprocess.run([sys.executable, "-m", module, "--helpfull"], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", module, "--helpfull"], capture_output=True, text=True, cwd=cwd, timeout=120
+  )
   found = {match[1]: bool(match[0]) for match in re.findall(r"(?m)^  --(\[no\])?(\w+):", result.stdout)}
   assert "flagfile" in found, f"{module} --helpfull: {result.stderr[-2000:]}"
   return found
@@ -194,8 +205,12 @@ def test_tpu_notebook_dry_run_prints_commands_with_existing_modules_and_flags(tm
   for words in commands:
     if words[:2] == ["python", "-m"] and words[2].split(".")[0] in OUR_PACKAGES:
       ours.setdefault(words[2], []).append(words[3:])
-  assert set(ours) == {"data_prep.format_mimic", "data_prep.create_pretraining_data", "clinical_bert_jax.pretrain",
-                       "clinical_bert_jax.convert"}
+  assert set(ours) == {
+    "data_prep.format_mimic",
+    "data_prep.create_pretraining_data",
+    "clinical_bert_jax.pretrain",
+    "clinical_bert_jax.convert",
+  }
 
   from clinical_bert_jax.convert import COMMANDS
 
@@ -246,12 +261,16 @@ def test_tpu_notebook_steps_hand_their_outputs_to_the_next_step(tmp_path):
   effective = {**flag_values(flagfile_arguments(REPO / pretrain["flagfile"])), **pretrain}
   assert effective["init_checkpoint"] == init["output_dir"]
   assert (effective["bert_config_file"], effective["vocab_file"]) == (
-      str(Path(init["output_dir"]) / "config.json"), str(Path(init["output_dir"]) / "vocab.txt"))
+    str(Path(init["output_dir"]) / "config.json"),
+    str(Path(init["output_dir"]) / "vocab.txt"),
+  )
   assert (effective["input_file"], effective["eval_input_file"]) == (train["output_dir"], heldout["output_dir"])
   for instances in (train, heldout):
     assert instances["vocab_file"] == effective["vocab_file"]
     assert (instances["max_seq_length"], instances["max_predictions_per_seq"]) == (
-        effective["max_seq_length"], effective["max_predictions_per_seq"])
+      effective["max_seq_length"],
+      effective["max_predictions_per_seq"],
+    )
   assert export["checkpoint_dir"] == effective["output_dir"]
   assert export["output_dir"] != effective["export_hf_dir"]
 
@@ -266,10 +285,17 @@ def test_tpu_notebook_stops_with_one_message_when_jax_sees_no_tpu(tmp_path):
   sandbox = tmp_path / "cwd"
   sandbox.mkdir()
   env = {**os.environ, "HOME": str(sandbox), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, "-c", RUNNER, str(armed), "RUN_ON_TPU"], cwd=sandbox, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", RUNNER, str(armed), "RUN_ON_TPU"],
+    cwd=sandbox,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert result.stderr.strip().splitlines() == [
-      "RUN_ON_TPU = True but JAX sees no TPU (backend: cpu); choose Runtime -> Change runtime type -> TPU (or run on "
-      "a Cloud TPU VM), or set RUN_ON_TPU = False for a dry run"]
+    "RUN_ON_TPU = True but JAX sees no TPU (backend: cpu); choose Runtime -> Change runtime type -> TPU (or run on "
+    "a Cloud TPU VM), or set RUN_ON_TPU = False for a dry run"
+  ]
   assert "$ " not in result.stdout and not any(sandbox.iterdir())  # no command ran, nothing was written

@@ -28,9 +28,12 @@ def toy_data(seed: int, rows: int = 16, target_scale: float = 1.0, dense_scale: 
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(rows, 4))
   y = target_scale * (x @ rng.normal(size=(4, 3)) + 0.1 * rng.normal(size=(rows, 3)))  # learnable, a little noise
-  flat = {"encoder/dense/kernel": rng.normal(size=(4, 3)) * dense_scale,
-          "encoder/dense/bias": rng.normal(size=3) * dense_scale,
-          "encoder/LayerNorm/scale": 1.0 + rng.normal(size=3) * 0.1, "encoder/LayerNorm/bias": rng.normal(size=3) * 0.1}
+  flat = {
+    "encoder/dense/kernel": rng.normal(size=(4, 3)) * dense_scale,
+    "encoder/dense/bias": rng.normal(size=3) * dense_scale,
+    "encoder/LayerNorm/scale": 1.0 + rng.normal(size=3) * 0.1,
+    "encoder/LayerNorm/bias": rng.normal(size=3) * 0.1,
+  }
   return x, y, flat
 
 
@@ -46,8 +49,9 @@ def nest(flat: dict) -> dict:
 
 
 def flatten(tree) -> dict:
-  return {optimizers.flat_param_path(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    optimizers.flat_param_path(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def toy_loss(params, x, y):
@@ -61,9 +65,12 @@ def numpy_toy_grads(flat: dict, x, y) -> dict:
   hidden = x @ flat["encoder/dense/kernel"] + flat["encoder/dense/bias"]
   pred = hidden * flat["encoder/LayerNorm/scale"] + flat["encoder/LayerNorm/bias"]
   residual = 2.0 * (pred - y) / pred.size
-  return {"encoder/dense/kernel": x.T @ (residual * flat["encoder/LayerNorm/scale"]),
-          "encoder/dense/bias": (residual * flat["encoder/LayerNorm/scale"]).sum(0),
-          "encoder/LayerNorm/scale": (residual * hidden).sum(0), "encoder/LayerNorm/bias": residual.sum(0)}
+  return {
+    "encoder/dense/kernel": x.T @ (residual * flat["encoder/LayerNorm/scale"]),
+    "encoder/dense/bias": (residual * flat["encoder/LayerNorm/scale"]).sum(0),
+    "encoder/LayerNorm/scale": (residual * hidden).sum(0),
+    "encoder/LayerNorm/bias": residual.sum(0),
+  }
 
 
 def run_optax(tx, flat, x, y, steps: int) -> tuple[dict, list[float]]:
@@ -92,7 +99,7 @@ def google_adam_weight_decay_numpy(flat, x, y, init_lr, num_train_steps, num_war
   v = {name: np.zeros_like(value) for name, value in params.items()}
   for global_step in range(steps):
     grads = numpy_toy_grads(params, x, y)
-    global_norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+    global_norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))
     grads = {name: g * 1.0 / max(global_norm, 1.0) for name, g in grads.items()}  # tf.clip_by_global_norm(…, 1.0)
     learning_rate = init_lr * (1.0 - min(global_step, num_train_steps) / num_train_steps)  # polynomial_decay, power 1
     if num_warmup_steps and global_step < num_warmup_steps:
@@ -114,10 +121,13 @@ def assert_params_close(actual: dict, expected: dict, atol: float = 1e-6):
 
 
 # -------------------------------------------------------------------------------------------------------- schedules
-@pytest.mark.parametrize("num_train_steps, lr_w_minus_1, lr_w, lr_t_minus_1", [
+@pytest.mark.parametrize(
+  "num_train_steps, lr_w_minus_1, lr_w, lr_t_minus_1",
+  [
     (150_000, 4.9995e-5, 4.6667e-5, 3.3e-10),  # ClinicalBERT all notes (bert-pretraining.md §6)
     (100_000, 4.9995e-5, 4.5000e-5, 5.0e-10),  # ClinicalBERT discharge summaries
-])
+  ],
+)
 def test_bert_schedule_reproduces_reference_table(num_train_steps, lr_w_minus_1, lr_w, lr_t_minus_1):
   schedule = optimizers.make_schedule(5e-5, num_train_steps, 10_000, "bert")
   # The table is rounded to the digits shown.
@@ -127,30 +137,43 @@ def test_bert_schedule_reproduces_reference_table(num_train_steps, lr_w_minus_1,
   assert float(schedule(0)) == 0.0  # Google's first update uses rate 0
 
 
-@pytest.mark.parametrize("num_train_steps, num_warmup_steps", [(150_000, 10_000), (100_000, 10_000), (50, 0),
-                                                               (7, 7)])
+@pytest.mark.parametrize("num_train_steps, num_warmup_steps", [(150_000, 10_000), (100_000, 10_000), (50, 0), (7, 7)])
 def test_schedules_equal_their_formulas_at_every_interesting_step(num_train_steps, num_warmup_steps):
   init_lr, t_total, warmup = 5e-5, num_train_steps, num_warmup_steps
-  steps = np.unique(np.clip(np.concatenate([
-      np.arange(0, 5), warmup + np.arange(-3, 4), t_total + np.arange(-3, 4), [t_total // 2, 2 * t_total]]), 0, None))
+  steps = np.unique(
+    np.clip(
+      np.concatenate(
+        [np.arange(0, 5), warmup + np.arange(-3, 4), t_total + np.arange(-3, 4), [t_total // 2, 2 * t_total]]
+      ),
+      0,
+      None,
+    )
+  )
   bert = jax.jit(jax.vmap(optimizers.make_schedule(init_lr, t_total, warmup, "bert")))(steps)
   warmup_linear = jax.jit(jax.vmap(optimizers.make_schedule(init_lr, t_total, warmup, "warmup_linear")))(steps)
   for index, t in enumerate(steps):
     warming = t < warmup
     expected_bert = init_lr * t / warmup if warming else init_lr * (1.0 - min(t, t_total) / t_total)
-    expected_linear = (init_lr * t / warmup if warming
-                       else init_lr * max(t_total - t, 0) / max(t_total - warmup, 1))
+    expected_linear = init_lr * t / warmup if warming else init_lr * max(t_total - t, 0) / max(t_total - warmup, 1)
     np.testing.assert_allclose(bert[index], expected_bert, rtol=1e-6, atol=1e-16, err_msg=f"bert t={t}")
     np.testing.assert_allclose(warmup_linear[index], expected_linear, rtol=1e-6, atol=1e-16, err_msg=f"t={t}")
 
 
 # ------------------------------------------------------------------------------------------------------- decay mask
 def test_decay_mask_on_the_model_tree_selects_kernels_and_embeddings_only():
-  config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=32)
+  config = BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+  )
   shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
-  mask = {optimizers.flat_param_path(path): bool(decay)
-          for path, decay in jax.tree_util.tree_flatten_with_path(optimizers.weight_decay_mask(shapes))[0]}
+  mask = {
+    optimizers.flat_param_path(path): bool(decay)
+    for path, decay in jax.tree_util.tree_flatten_with_path(optimizers.weight_decay_mask(shapes))[0]
+  }
   # Google decays kernels, the three embedding tables and the NSP output weights; every bias and LayerNorm
   # parameter is excluded. In Flax names that is: decay exactly the `kernel` and `embedding` leaves.
   expected = {path: path.rsplit("/", 1)[-1] in ("kernel", "embedding") for path in mask}
@@ -172,19 +195,23 @@ def test_bert_adam_matches_numpy_transcription_of_google_including_the_jump_and_
   expected = google_adam_weight_decay_numpy(flat, x, y, init_lr, total, warmup, steps=total)
   assert_params_close(ours, expected)
   # Sanity check that the comparison is sensitive: without weight decay the result is measurably different.
-  no_decay, _ = run_optax(optimizers.make_optimizer("bert_adam", init_lr, total, warmup, weight_decay=0.0),
-                          flat, x, y, steps=total)
+  no_decay, _ = run_optax(
+    optimizers.make_optimizer("bert_adam", init_lr, total, warmup, weight_decay=0.0), flat, x, y, steps=total
+  )
   assert np.abs(no_decay["encoder/dense/kernel"] - expected["encoder/dense/kernel"]).max() > 1e-4
 
 
 def run_torch_bert_adam(flat, x, y, init_lr, total, warmup, steps) -> dict:
-  torch_params = {torch_name: torch.nn.Parameter(torch.tensor(flat[name], dtype=torch.float32))
-                  for name, torch_name in zip(TOY_NAMES, TORCH_NAMES)}
+  torch_params = {
+    torch_name: torch.nn.Parameter(torch.tensor(flat[name], dtype=torch.float32))
+    for name, torch_name in zip(TOY_NAMES, TORCH_NAMES)
+  }
   # Parameter groups as in pytorch-pretrained-bert's examples (run_lm_finetuning.py).
   no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
   groups = [
-      {"params": [p for n, p in torch_params.items() if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
-      {"params": [p for n, p in torch_params.items() if any(nd in n for nd in no_decay)], "weight_decay": 0.0}]
+    {"params": [p for n, p in torch_params.items() if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
+    {"params": [p for n, p in torch_params.items() if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+  ]
   optimizer = BertAdam(groups, lr=init_lr, warmup=warmup / total, t_total=total, schedule="warmup_linear")
   x_t, y_t = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
   for _ in range(steps):
@@ -204,8 +231,9 @@ def test_bert_adam_matches_pytorch_pretrained_bert_where_the_two_agree():
   init_lr, total, warmup = 0.05, 12, 4
   # BertAdam's 'warmup_linear' decays from the peak over T−W: our `warmup_linear` schedule, for the whole run.
   expected = run_torch_bert_adam(flat, x, y, init_lr, total, warmup, steps=total)
-  ours, norms = run_optax(optimizers.make_optimizer("bert_adam", init_lr, total, warmup, schedule="warmup_linear"),
-                          flat, x, y, steps=total)
+  ours, norms = run_optax(
+    optimizers.make_optimizer("bert_adam", init_lr, total, warmup, schedule="warmup_linear"), flat, x, y, steps=total
+  )
   assert max(norms) < 1.0
   assert_params_close(ours, expected)
   # Google's own schedule agrees with BertAdam during warmup (t < W), so there the default bert_adam matches too.
@@ -229,8 +257,12 @@ def test_pytorch_bert_adam_schedule_differs_from_google_after_warmup():
 # BertAdam calls `add_` with a signature torch deprecated.
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_pytorch_bert_adam_clips_per_tensor_where_google_clips_globally():
-  grads = {"encoder/dense/kernel": np.full((4, 3), 3.0 / np.sqrt(12.0)), "encoder/dense/bias": np.zeros(3),
-           "encoder/LayerNorm/scale": np.array([4.0, 0.0, 0.0]), "encoder/LayerNorm/bias": np.zeros(3)}
+  grads = {
+    "encoder/dense/kernel": np.full((4, 3), 3.0 / np.sqrt(12.0)),
+    "encoder/dense/bias": np.zeros(3),
+    "encoder/LayerNorm/scale": np.array([4.0, 0.0, 0.0]),
+    "encoder/LayerNorm/bias": np.zeros(3),
+  }
   # Tensor norms 3 and 4, global norm 5: BertAdam scales them by 1/3 and 1/4, Google both by 1/5.
   torch_params = [torch.nn.Parameter(torch.zeros(grads[name].shape)) for name in TOY_NAMES]
   for parameter, name in zip(torch_params, TOY_NAMES):
@@ -239,8 +271,9 @@ def test_pytorch_bert_adam_clips_per_tensor_where_google_clips_globally():
   optimizer.step()
   torch_m = {name: optimizer.state[p]["next_m"].numpy() for name, p in zip(TOY_NAMES, torch_params)}
   np.testing.assert_allclose(torch_m["encoder/dense/kernel"], 0.1 * grads["encoder/dense/kernel"] / 3.0, atol=1e-6)
-  np.testing.assert_allclose(torch_m["encoder/LayerNorm/scale"], 0.1 * grads["encoder/LayerNorm/scale"] / 4.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    torch_m["encoder/LayerNorm/scale"], 0.1 * grads["encoder/LayerNorm/scale"] / 4.0, atol=1e-6
+  )
 
   tx = optimizers.make_optimizer("bert_adam", 0.1, 10, 0)
   params = jax.tree.map(lambda g: jnp.zeros(g.shape), nest(grads))
@@ -295,7 +328,9 @@ def test_optimizer_state_stays_fp32_with_bf16_gradients(name):
 
 
 # ----------------------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(name="sgd"), "bert_adam, adamw, lamb"),
     (dict(schedule="cosine"), "--lr_schedule"),
     (dict(num_warmup_steps=11), "--num_warmup_steps"),
@@ -304,7 +339,8 @@ def test_optimizer_state_stays_fp32_with_bf16_gradients(name):
     (dict(grad_accum_steps=0), "--grad_accum_steps"),
     (dict(clip_norm=-1.0), "--clip_norm"),
     (dict(weight_decay=-0.1), "--weight_decay"),
-])
+  ],
+)
 def test_bad_settings_raise_user_errors_naming_the_flag(kwargs, message):
   arguments = dict(name="bert_adam", learning_rate=1e-4, num_train_steps=10, num_warmup_steps=1) | kwargs
   with pytest.raises(UserError, match=re.escape(message)):
@@ -319,11 +355,17 @@ def test_bert_adam_matches_googles_tensorflow_optimizer():
 
   x, y, flat = toy_data(seed=6, target_scale=3.0)
   init_lr, total, warmup = 0.05, 12, 4
-  tf_names = {"encoder/dense/kernel": "encoder/dense/kernel", "encoder/dense/bias": "encoder/dense/bias",
-              "encoder/LayerNorm/scale": "encoder/LayerNorm/gamma", "encoder/LayerNorm/bias": "encoder/LayerNorm/beta"}
+  tf_names = {
+    "encoder/dense/kernel": "encoder/dense/kernel",
+    "encoder/dense/bias": "encoder/dense/bias",
+    "encoder/LayerNorm/scale": "encoder/LayerNorm/gamma",
+    "encoder/LayerNorm/bias": "encoder/LayerNorm/beta",
+  }
   with tf.Graph().as_default():
-    variables = {name: tf.get_variable(tf_name, initializer=tf.constant(flat[name], tf.float32))
-                 for name, tf_name in tf_names.items()}
+    variables = {
+      name: tf.get_variable(tf_name, initializer=tf.constant(flat[name], tf.float32))
+      for name, tf_name in tf_names.items()
+    }
     hidden = tf.matmul(tf.constant(x, tf.float32), variables["encoder/dense/kernel"]) + variables["encoder/dense/bias"]
     pred = hidden * variables["encoder/LayerNorm/scale"] + variables["encoder/LayerNorm/bias"]
     loss = tf.reduce_mean(tf.square(pred - tf.constant(y, tf.float32)))

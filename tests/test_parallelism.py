@@ -20,9 +20,12 @@ from clinical_bert_jax.records import PretrainingData
 from test_pretrain import PREDICTIONS, TINY_MODEL, deterministic_records, make_corpus
 
 STEPS = 8
-pytestmark = [pytest.mark.slow,  # trains on 8 simulated devices
-              pytest.mark.skipif(jax.device_count() < 8,
-                                 reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")]
+pytestmark = [
+  pytest.mark.slow,  # trains on 8 simulated devices
+  pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
+  ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,18 @@ def corpus(tmp_path_factory):
 def _run(train_data: Path, workdir: Path, **changes) -> tuple[list[float], train.TrainResult]:
   """Trains STEPS steps without dropout (or resumes the finished run); returns the per-step losses and the result."""
   config = BertConfig.from_dict({**TINY_MODEL, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
-  cfg = train.TrainConfig(num_train_steps=STEPS, num_warmup_steps=2, learning_rate=3e-3, train_batch_size=16,
-                          max_predictions_per_seq=PREDICTIONS, optimizer="bert_adam", save_checkpoints_steps=STEPS,
-                          log_every_steps=1, seed=3, **changes)
+  cfg = train.TrainConfig(
+    num_train_steps=STEPS,
+    num_warmup_steps=2,
+    learning_rate=3e-3,
+    train_batch_size=16,
+    max_predictions_per_seq=PREDICTIONS,
+    optimizer="bert_adam",
+    save_checkpoints_steps=STEPS,
+    log_every_steps=1,
+    seed=3,
+    **changes,
+  )
   result = train.train_and_evaluate(cfg, config, workdir, PretrainingData.open(train_data), print_fn=lambda line: None)
   config.save_hf(workdir / "config.json")  # what pretrain.py adds around the loop; lets model_io read the workdir
   losses = [record["train/loss"] for record in deterministic_records(workdir)]
@@ -43,8 +55,9 @@ def _run(train_data: Path, workdir: Path, **changes) -> tuple[list[float], train
 
 
 def _max_difference(left: dict, right: dict) -> float:
-  return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(left),
-                                                                                     jax.tree.leaves(right)))
+  return max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(left), jax.tree.leaves(right))
+  )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +69,7 @@ def reference(corpus, tmp_path_factory):
 def test_pmap_pjit_and_fsdp_follow_the_same_loss_trajectory(corpus, reference, tmp_path):
   losses, result = reference
   assert len(losses) == STEPS and losses[-1] < losses[0]
-  for name, changes in (("pmap", {"parallelism": "pmap"}),
-                        ("fsdp", {"mesh_data": 2, "mesh_fsdp": 4})):
+  for name, changes in (("pmap", {"parallelism": "pmap"}), ("fsdp", {"mesh_data": 2, "mesh_fsdp": 4})):
     other_losses, other = _run(corpus.train, tmp_path / name, **changes)
     np.testing.assert_allclose(other_losses, losses, rtol=1e-5, err_msg=name)
     assert _max_difference(other.params, result.params) < 2e-5, name

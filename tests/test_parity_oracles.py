@@ -29,10 +29,19 @@ from clinical_bert_jax.config import BertConfig
 from tests.cli_util import run_module
 
 TOLERANCE = 1e-5
-TF_CONFIG = {"vocab_size": 61, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "intermediate_size": 64, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-             "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 32, "type_vocab_size": 2,
-             "initializer_range": 0.02}
+TF_CONFIG = {
+  "vocab_size": 61,
+  "hidden_size": 32,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "intermediate_size": 64,
+  "hidden_act": "gelu",
+  "hidden_dropout_prob": 0.1,
+  "attention_probs_dropout_prob": 0.1,
+  "max_position_embeddings": 32,
+  "type_vocab_size": 2,
+  "initializer_range": 0.02,
+}
 
 # Runs in a child process: bert-tensorflow 1.0.4 imports `tensorflow.contrib` (gone in TF 2) for its layer norm,
 # and calls `tf.layers.dense` (gone with Keras 3). The two stand-ins below create the same variables
@@ -95,19 +104,27 @@ TF_BUILDER = textwrap.dedent('''
 ''')
 
 
-def pretraining_batch(rng: np.random.Generator, vocab_size: int, batch: int = 3, length: int = 16,
-                      predictions: int = 4) -> dict[str, np.ndarray]:
+def pretraining_batch(
+  rng: np.random.Generator, vocab_size: int, batch: int = 3, length: int = 16, predictions: int = 4
+) -> dict[str, np.ndarray]:
   lengths = np.array([length, length - 5, 7])[:batch]
   mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
   ids = (rng.integers(5, vocab_size, size=(batch, length)) * mask).astype(np.int32)
   segments = ((np.arange(length)[None, :] >= lengths[:, None] // 2) & (mask == 1)).astype(np.int32)
-  positions = np.stack([np.sort(rng.choice(np.arange(1, n), size=predictions, replace=False))
-                        for n in lengths]).astype(np.int32)
+  positions = np.stack([np.sort(rng.choice(np.arange(1, n), size=predictions, replace=False)) for n in lengths]).astype(
+    np.int32
+  )
   weights = np.ones((batch, predictions), np.float32)
   weights[2, 3] = 0.0  # a padded prediction slot
-  return {"input_ids": ids, "input_mask": mask, "segment_ids": segments, "masked_lm_positions": positions,
-          "masked_lm_ids": rng.integers(5, vocab_size, size=(batch, predictions)).astype(np.int32),
-          "masked_lm_weights": weights, "next_sentence_labels": np.array([0, 1, 1], np.int32)}
+  return {
+    "input_ids": ids,
+    "input_mask": mask,
+    "segment_ids": segments,
+    "masked_lm_positions": positions,
+    "masked_lm_ids": rng.integers(5, vocab_size, size=(batch, predictions)).astype(np.int32),
+    "masked_lm_weights": weights,
+    "next_sentence_labels": np.array([0, 1, 1], np.int32),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +135,21 @@ def google_tf_model(tmp_path_factory):
   np.savez(root / "inputs.npz", **batch)
   prefix = root / "bert_model.ckpt"
   env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-  built = subprocess.run([sys.executable, "-c", TF_BUILDER, str(root / "bert_config.json"), str(prefix),
-                          str(root / "inputs.npz"), str(root / "outputs.npz")], capture_output=True, text=True,
-                         timeout=600, env=env)
+  built = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      TF_BUILDER,
+      str(root / "bert_config.json"),
+      str(prefix),
+      str(root / "inputs.npz"),
+      str(root / "outputs.npz"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert built.returncode == 0, built.stderr[-4000:]
   names = json.loads((root / "outputs.npz.names.json").read_text())
   return root, prefix, batch, dict(np.load(root / "outputs.npz")), names
@@ -130,36 +159,55 @@ def convert_from_tf(root: Path, prefix: Path, hidden_act: str) -> model_io.Loade
   config_file = root / f"config_{hidden_act}.json"
   config_file.write_text(json.dumps({**TF_CONFIG, "hidden_act": hidden_act}))
   out = root / f"ours_{hidden_act}"
-  result = run_module("clinical_bert_jax.convert", "from_tf", f"--tf_checkpoint={prefix}",
-                      f"--bert_config={config_file}", f"--output_dir={out}")
+  result = run_module(
+    "clinical_bert_jax.convert",
+    "from_tf",
+    f"--tf_checkpoint={prefix}",
+    f"--bert_config={config_file}",
+    f"--output_dir={out}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return model_io.load_model(out)
 
 
 def our_outputs(loaded: model_io.LoadedModel, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   outputs = model.BertForPreTraining(loaded.config).apply(
-      {"params": loaded.params}, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["input_mask"]),
-      jnp.asarray(batch["segment_ids"]), masked_lm_positions=jnp.asarray(batch["masked_lm_positions"]))
+    {"params": loaded.params},
+    jnp.asarray(batch["input_ids"]),
+    jnp.asarray(batch["input_mask"]),
+    jnp.asarray(batch["segment_ids"]),
+    masked_lm_positions=jnp.asarray(batch["masked_lm_positions"]),
+  )
   jax_batch = {name: jnp.asarray(value) for name, value in batch.items()}
   metrics = losses.metrics_from_sums(losses.pretraining_sums(outputs, jax_batch))
-  return {"mlm_log_probs": np.asarray(jax.nn.log_softmax(outputs["mlm_logits"])).reshape(-1, loaded.config.vocab_size),
-          "nsp_log_probs": np.asarray(jax.nn.log_softmax(outputs["nsp_logits"])),
-          "sequence_output": np.asarray(outputs["sequence_output"]),
-          "metrics": {key: float(value) for key, value in metrics.items()}}
+  return {
+    "mlm_log_probs": np.asarray(jax.nn.log_softmax(outputs["mlm_logits"])).reshape(-1, loaded.config.vocab_size),
+    "nsp_log_probs": np.asarray(jax.nn.log_softmax(outputs["nsp_logits"])),
+    "sequence_output": np.asarray(outputs["sequence_output"]),
+    "metrics": {key: float(value) for key, value in metrics.items()},
+  }
 
 
 def test_googles_tensorflow_bert_checkpoint_converts_and_matches_tensorflows_forward(google_tf_model):
   root, prefix, batch, expected, names = google_tf_model
-  assert {"cls/predictions/transform/dense/kernel", "cls/predictions/transform/LayerNorm/gamma",
-          "cls/predictions/output_bias", "cls/seq_relationship/output_weights",
-          "cls/seq_relationship/output_bias"} <= set(names)
+  assert {
+    "cls/predictions/transform/dense/kernel",
+    "cls/predictions/transform/LayerNorm/gamma",
+    "cls/predictions/output_bias",
+    "cls/seq_relationship/output_weights",
+    "cls/seq_relationship/output_bias",
+  } <= set(names)
   # Google's modeling.py (since February 2019, and so bert-tensorflow 1.0.4) computes "gelu" as the tanh form.
   loaded = convert_from_tf(root, prefix, "gelu_new")
   assert loaded.report.get("initialised", []) == [] and loaded.report.get("skipped", []) == []
   ours = our_outputs(loaded, batch)
   real = batch["input_mask"].astype(bool)
-  np.testing.assert_allclose(ours["sequence_output"][real], expected["sequence_output"].reshape(
-      ours["sequence_output"].shape)[real], atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(
+    ours["sequence_output"][real],
+    expected["sequence_output"].reshape(ours["sequence_output"].shape)[real],
+    atol=TOLERANCE,
+    rtol=0,
+  )
   np.testing.assert_allclose(ours["mlm_log_probs"], expected["mlm_log_probs"], atol=TOLERANCE, rtol=0)
   np.testing.assert_allclose(ours["nsp_log_probs"], expected["nsp_log_probs"], atol=TOLERANCE, rtol=0)
   # The losses as run_pretraining.py defines them (MLM: weighted mean + 1e-5 in the denominator; NSP: mean).
@@ -175,8 +223,15 @@ def test_googles_tensorflow_bert_checkpoint_converts_and_matches_tensorflows_for
 # --------------------------------------------------------------------------------------------------- transformers
 def torch_bert(hidden_act: str) -> transformers.BertForPreTraining:
   torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=64, hidden_act=hidden_act)
+  config = transformers.BertConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_act=hidden_act,
+  )
   torch_model = transformers.BertForPreTraining(config).eval()
   with torch.no_grad():
     for parameter in torch_model.parameters():
@@ -191,14 +246,22 @@ def logit_difference(ours_act: str, theirs_act: str) -> float:
   params, _ = weight_names.params_from_named_arrays(state, model_io._fresh_reference(config), "pt", "test")
   batch = pretraining_batch(np.random.default_rng(0), config.vocab_size)
   with torch.no_grad():
-    theirs = torch_model(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
-                         attention_mask=torch.tensor(batch["input_mask"], dtype=torch.long),
-                         token_type_ids=torch.tensor(batch["segment_ids"], dtype=torch.long))
-  ours = model.BertForPreTraining(config).apply({"params": params}, jnp.asarray(batch["input_ids"]),
-                                                jnp.asarray(batch["input_mask"]), jnp.asarray(batch["segment_ids"]))
+    theirs = torch_model(
+      input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+      attention_mask=torch.tensor(batch["input_mask"], dtype=torch.long),
+      token_type_ids=torch.tensor(batch["segment_ids"], dtype=torch.long),
+    )
+  ours = model.BertForPreTraining(config).apply(
+    {"params": params},
+    jnp.asarray(batch["input_ids"]),
+    jnp.asarray(batch["input_mask"]),
+    jnp.asarray(batch["segment_ids"]),
+  )
   real = batch["input_mask"].astype(bool)
-  return max(float(np.max(np.abs(np.asarray(ours["mlm_logits"])[real] - theirs.prediction_logits.numpy()[real]))),
-             float(np.max(np.abs(np.asarray(ours["nsp_logits"]) - theirs.seq_relationship_logits.numpy()))))
+  return max(
+    float(np.max(np.abs(np.asarray(ours["mlm_logits"])[real] - theirs.prediction_logits.numpy()[real]))),
+    float(np.max(np.abs(np.asarray(ours["nsp_logits"]) - theirs.seq_relationship_logits.numpy()))),
+  )
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])

@@ -31,14 +31,21 @@ SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CYCLE = 20  # word ids walk through a cycle of this many words
 VOCAB_SIZE = len(SPECIALS) + CYCLE
 CLS, SEP, MASK = 2, 3, 4
-TINY_MODEL = {"vocab_size": VOCAB_SIZE, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 64, "max_position_embeddings": SEQ_LEN, "hidden_act": "gelu",
-              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+TINY_MODEL = {
+  "vocab_size": VOCAB_SIZE,
+  "hidden_size": 32,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 2,
+  "intermediate_size": 64,
+  "max_position_embeddings": SEQ_LEN,
+  "hidden_act": "gelu",
+  "hidden_dropout_prob": 0.1,
+  "attention_probs_dropout_prob": 0.1,
+}
 
 
 def write_vocab(path: Path) -> Path:
-  path.write_text("".join(f"{token}\n" for token in SPECIALS + tuple(f"w{i}" for i in range(CYCLE))),
-                  encoding="utf-8")
+  path.write_text("".join(f"{token}\n" for token in SPECIALS + tuple(f"w{i}" for i in range(CYCLE))), encoding="utf-8")
   return path
 
 
@@ -74,31 +81,55 @@ def make_instances(count: int, seed: int, masked: bool = True) -> list[dict[str,
         tokens[i] = MASK if draw < 0.8 else tokens[i] if draw < 0.9 else int(rng.integers(VOCAB_SIZE))
     input_ids[:num_tokens] = tokens
     index = np.arange(SEQ_LEN)
-    instances.append({
-        "input_ids": input_ids, "input_mask": (index < num_tokens).astype(np.int32),
+    instances.append(
+      {
+        "input_ids": input_ids,
+        "input_mask": (index < num_tokens).astype(np.int32),
         "segment_ids": ((index >= len(words_a) + 2) & (index < num_tokens)).astype(np.int32),
-        "masked_lm_positions": positions, "masked_lm_ids": labels, "masked_lm_weights": weights,
-        "next_sentence_labels": np.int32(is_random_next)})
+        "masked_lm_positions": positions,
+        "masked_lm_ids": labels,
+        "masked_lm_weights": weights,
+        "next_sentence_labels": np.int32(is_random_next),
+      }
+    )
   return instances
 
 
-def write_dataset(directory: Path, vocab_file: Path, count: int, seed: int, num_shards: int = 2,
-                  masked: bool = True, tfrecord: bool = False) -> Path:
+def write_dataset(
+  directory: Path,
+  vocab_file: Path,
+  count: int,
+  seed: int,
+  num_shards: int = 2,
+  masked: bool = True,
+  tfrecord: bool = False,
+) -> Path:
   """Shards + manifest like create_pretraining_data writes them (TFRecords: Google's files, no manifest)."""
   directory.mkdir(parents=True, exist_ok=True)
   instances = make_instances(count, seed, masked)
   infos = []
   for shard in range(num_shards):
     suffix, writer_class = (".tfrecord", TFRecordWriter) if tfrecord else (".cbj", NativeShardWriter)
-    with writer_class(directory / f"part-{shard:05d}-of-{num_shards:05d}{suffix}", SEQ_LEN,
-                      PREDICTIONS if masked else 0, VOCAB_SIZE) as writer:
+    with writer_class(
+      directory / f"part-{shard:05d}-of-{num_shards:05d}{suffix}", SEQ_LEN, PREDICTIONS if masked else 0, VOCAB_SIZE
+    ) as writer:
       writer.write_many(instances[shard::num_shards])
     infos.append(writer.info)
   if not tfrecord:
     sha256, size = vocab_fingerprint(vocab_file)
-    write_manifest(directory, {"format": "cbj", "vocab_sha256": sha256, "vocab_size": size, "do_lower_case": False,
-                               "max_seq_length": SEQ_LEN, "max_predictions_per_seq": PREDICTIONS if masked else 0,
-                               "masking": "static" if masked else "none", "shards": infos})
+    write_manifest(
+      directory,
+      {
+        "format": "cbj",
+        "vocab_sha256": sha256,
+        "vocab_size": size,
+        "do_lower_case": False,
+        "max_seq_length": SEQ_LEN,
+        "max_predictions_per_seq": PREDICTIONS if masked else 0,
+        "masking": "static" if masked else "none",
+        "shards": infos,
+      },
+    )
   return directory
 
 
@@ -110,41 +141,79 @@ class Corpus:
   eval: Path
 
 
-def make_corpus(root: Path, train_count: int = 512, eval_count: int = 64, masked: bool = True,
-                tfrecord: bool = False) -> Corpus:
+def make_corpus(
+  root: Path, train_count: int = 512, eval_count: int = 64, masked: bool = True, tfrecord: bool = False
+) -> Corpus:
   root.mkdir(parents=True, exist_ok=True)
   vocab = write_vocab(root / "vocab.txt")
-  return Corpus(vocab, write_model_config(root / "bert_config.json"),
-                write_dataset(root / "train", vocab, train_count, seed=1, masked=masked, tfrecord=tfrecord),
-                write_dataset(root / "eval", vocab, eval_count, seed=2, masked=masked, num_shards=1))
+  return Corpus(
+    vocab,
+    write_model_config(root / "bert_config.json"),
+    write_dataset(root / "train", vocab, train_count, seed=1, masked=masked, tfrecord=tfrecord),
+    write_dataset(root / "eval", vocab, eval_count, seed=2, masked=masked, num_shards=1),
+  )
 
 
 def tiny_options(corpus: Corpus, workdir: Path, **train_changes) -> pretrain.PretrainOptions:
-  cfg = train.TrainConfig(num_train_steps=40, num_warmup_steps=4, learning_rate=2e-3, train_batch_size=16,
-                          max_predictions_per_seq=PREDICTIONS, optimizer="adamw", save_checkpoints_steps=20,
-                          log_every_steps=10, eval_every_steps=20, eval_batch_size=16, max_eval_steps=4,
-                          seed=7)
+  cfg = train.TrainConfig(
+    num_train_steps=40,
+    num_warmup_steps=4,
+    learning_rate=2e-3,
+    train_batch_size=16,
+    max_predictions_per_seq=PREDICTIONS,
+    optimizer="adamw",
+    save_checkpoints_steps=20,
+    log_every_steps=10,
+    eval_every_steps=20,
+    eval_batch_size=16,
+    max_eval_steps=4,
+    seed=7,
+  )
   return pretrain.PretrainOptions(
-      input_file=str(corpus.train), output_dir=str(workdir), train=dataclasses.replace(cfg, **train_changes),
-      eval_input_file=str(corpus.eval), bert_config_file=str(corpus.model_config), vocab_file=str(corpus.vocab),
-      max_seq_length=SEQ_LEN, masking="static")
+    input_file=str(corpus.train),
+    output_dir=str(workdir),
+    train=dataclasses.replace(cfg, **train_changes),
+    eval_input_file=str(corpus.eval),
+    bert_config_file=str(corpus.model_config),
+    vocab_file=str(corpus.vocab),
+    max_seq_length=SEQ_LEN,
+    masking="static",
+  )
 
 
 def cli_args(corpus: Corpus, workdir: Path, **overrides) -> list[str]:
   """The flags of `tiny_options` for the command line."""
-  flags = {"input_file": corpus.train, "eval_input_file": corpus.eval, "output_dir": workdir,
-           "bert_config_file": corpus.model_config, "vocab_file": corpus.vocab, "max_seq_length": SEQ_LEN,
-           "max_predictions_per_seq": PREDICTIONS, "train_batch_size": 16, "num_train_steps": 40,
-           "num_warmup_steps": 4, "learning_rate": 2e-3, "optimizer": "adamw", "save_checkpoints_steps": 20,
-           "log_every_steps": 10, "eval_every_steps": 20, "eval_batch_size": 16, "max_eval_steps": 4,
-           "seed": 7, "masking": "static", **overrides}
+  flags = {
+    "input_file": corpus.train,
+    "eval_input_file": corpus.eval,
+    "output_dir": workdir,
+    "bert_config_file": corpus.model_config,
+    "vocab_file": corpus.vocab,
+    "max_seq_length": SEQ_LEN,
+    "max_predictions_per_seq": PREDICTIONS,
+    "train_batch_size": 16,
+    "num_train_steps": 40,
+    "num_warmup_steps": 4,
+    "learning_rate": 2e-3,
+    "optimizer": "adamw",
+    "save_checkpoints_steps": 20,
+    "log_every_steps": 10,
+    "eval_every_steps": 20,
+    "eval_batch_size": 16,
+    "max_eval_steps": 4,
+    "seed": 7,
+    "masking": "static",
+    **overrides,
+  }
   return [f"--{name}={value}" for name, value in flags.items()]
 
 
 def deterministic_records(workdir: Path) -> list[dict]:
   """metrics.jsonl without the wall-clock `perf/*` values."""
-  return [{key: value for key, value in record.items() if not key.startswith("perf/")}
-          for record in metrics_io.read_metrics(workdir / metrics_io.METRICS_FILE)]
+  return [
+    {key: value for key, value in record.items() if not key.startswith("perf/")}
+    for record in metrics_io.read_metrics(workdir / metrics_io.METRICS_FILE)
+  ]
 
 
 def pretrain_command(*args: str) -> list[str]:
@@ -154,9 +223,15 @@ def pretrain_command(*args: str) -> list[str]:
 def subprocess_env(compile_cache: Path, devices: int = 1, **extra: str) -> dict[str, str]:
   """Environment of a child run: `devices` CPU devices (one by default, so children do not fight over the test
   machine's cores) and a persistent compilation cache shared by the children of the test session."""
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-          "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+  return {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    **extra,
+  }
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +246,16 @@ def compile_cache(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ tests
-LEARNING_RUN = {"num_train_steps": 400, "num_warmup_steps": 30, "learning_rate": 1e-2, "train_batch_size": 32,
-                "save_checkpoints_steps": 50, "log_every_steps": 10, "eval_every_steps": 200, "keep_checkpoints": 3}
+LEARNING_RUN = {
+  "num_train_steps": 400,
+  "num_warmup_steps": 30,
+  "learning_rate": 1e-2,
+  "train_batch_size": 32,
+  "save_checkpoints_steps": 50,
+  "log_every_steps": 10,
+  "eval_every_steps": 200,
+  "keep_checkpoints": 3,
+}
 
 
 def test_cli_run_learns_and_leaves_a_complete_workdir(tmp_path, compile_cache):
@@ -181,8 +264,13 @@ def test_cli_run_learns_and_leaves_a_complete_workdir(tmp_path, compile_cache):
   corpus = make_corpus(tmp_path / "data", train_count=2048)
   workdir, export = tmp_path / "run", tmp_path / "hf"
   env = subprocess_env(compile_cache)
-  done = subprocess.run(pretrain_command(*cli_args(corpus, workdir, **LEARNING_RUN), f"--export_hf_dir={export}"),
-                        env=env, capture_output=True, text=True, timeout=900)
+  done = subprocess.run(
+    pretrain_command(*cli_args(corpus, workdir, **LEARNING_RUN), f"--export_hf_dir={export}"),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "step 400/400 | loss" in done.stdout and "seq/s" in done.stdout and "ETA" in done.stdout
 
@@ -207,8 +295,13 @@ def test_cli_run_learns_and_leaves_a_complete_workdir(tmp_path, compile_cache):
   assert "--num_train_steps=400" in flag_lines and f"--input_file={corpus.train}" in flag_lines
   assert not any(line.startswith("--process_id") for line in flag_lines)
 
-  again = subprocess.run(pretrain_command(f"--flagfile={workdir / pretrain.FLAGS_FILE}"), env=env,
-                         capture_output=True, text=True, timeout=600)
+  again = subprocess.run(
+    pretrain_command(f"--flagfile={workdir / pretrain.FLAGS_FILE}"),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming" in again.stdout and "step 400/400" not in again.stdout
   assert deterministic_records(workdir) == records
@@ -235,8 +328,9 @@ def _fails(options: pretrain.PretrainOptions, *fragments: str) -> str:
 
 def test_bad_data_fails_with_one_line_naming_the_flag(corpus, tmp_path):
   options = tiny_options(corpus, tmp_path / "run")
-  _fails(dataclasses.replace(options, input_file=str(tmp_path / "missing" / "*.cbj")), "--input_file=",
-         "matches no files")
+  _fails(
+    dataclasses.replace(options, input_file=str(tmp_path / "missing" / "*.cbj")), "--input_file=", "matches no files"
+  )
   _fails(dataclasses.replace(options, input_file=" "), "--input_file is empty")
   _fails(dataclasses.replace(options, eval_input_file=str(tmp_path / "none-*.tfrecord")), "--eval_input_file=")
   empty = tmp_path / "empty"
@@ -247,9 +341,15 @@ def test_bad_data_fails_with_one_line_naming_the_flag(corpus, tmp_path):
   other_vocab.write_text(corpus.vocab.read_text().replace("w1\n", "wOne\n"))
   _fails(dataclasses.replace(options, vocab_file=str(other_vocab)), "vocabulary mismatch", "--input_file=")
   _fails(dataclasses.replace(options, max_seq_length=16), "max_seq_length mismatch", "--max_seq_length=32")
-  _fails(dataclasses.replace(options, masking="static", input_file=str(
-      write_dataset(tmp_path / "unmasked", corpus.vocab, 16, seed=3, num_shards=1, masked=False))),
-         "no masked-LM predictions", "--masking=dynamic")
+  _fails(
+    dataclasses.replace(
+      options,
+      masking="static",
+      input_file=str(write_dataset(tmp_path / "unmasked", corpus.vocab, 16, seed=3, num_shards=1, masked=False)),
+    ),
+    "no masked-LM predictions",
+    "--masking=dynamic",
+  )
   assert not (tmp_path / "run").exists()
 
 
@@ -265,8 +365,9 @@ def test_bad_settings_fail_before_any_work(corpus, tmp_path):
   _fails(dataclasses.replace(options, masking="sometimes"), "--masking='sometimes'")
   file_in_the_way = tmp_path / "a_file"
   file_in_the_way.write_text("not a directory\n")
-  _fails(dataclasses.replace(options, output_dir=str(file_in_the_way / "run")), "--output_dir=",
-         "not a writable directory")
+  _fails(
+    dataclasses.replace(options, output_dir=str(file_in_the_way / "run")), "--output_dir=", "not a writable directory"
+  )
   _fails(dataclasses.replace(options, export_hf_dir=str(file_in_the_way)), "--export_hf_dir=")
   _fails(dataclasses.replace(options, bert_config_file=None), "--init_checkpoint", "--bert_config_file")
   _fails(replace(seed=-1), "--seed=-1")
@@ -289,8 +390,12 @@ def test_unreadable_init_checkpoints_fail_with_one_line(corpus, tmp_path):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
   # A learning rate of 1e30 (reached after a 1-step warmup) blows the parameters up within a few steps.
-  options = dataclasses.replace(tiny_options(corpus, tmp_path / "run", learning_rate=1e30, num_warmup_steps=1,
-                                            save_checkpoints_steps=1, num_train_steps=12), eval_input_file=None)
+  options = dataclasses.replace(
+    tiny_options(
+      corpus, tmp_path / "run", learning_rate=1e30, num_warmup_steps=1, save_checkpoints_steps=1, num_train_steps=12
+    ),
+    eval_input_file=None,
+  )
   message = _fails(options, "training diverged", "non-finite")
   bad_step = int(message.split("at step ")[1].split(";")[0])
   good_steps = checkpointing.restorable_steps(tmp_path / "run")

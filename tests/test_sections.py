@@ -5,7 +5,9 @@ import pytest
 from data_prep.sections import SectionSplitError, is_title, split_sections
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     ("History of Present Illness:", True),
     ("Past Medical History:", True),  # stop-words of/on/or may stay lower-case
     ("Labs (on admission):", True),  # parentheticals are ignored
@@ -14,7 +16,8 @@ from data_prep.sections import SectionSplitError, is_title, split_sections
     ("Disp:", False),  # the dispense line of medication lists
     ("Discharge Diagnosis", False),  # no colon
     ("1. Aspirin:", False),
-])
+  ],
+)
 def test_is_title(text, expected):
   assert is_title(text) is expected
 
@@ -25,10 +28,17 @@ def test_rules_become_standalone_sections_and_blank_lines_separate():
 
 
 def test_first_line_headers_are_split_then_merged_with_their_values():
-  text = ("Admission Date:  [**2150-1-2**]     Discharge Date:   [**2150-1-9**]\n\n"
-          "Date of Birth:  [**2090-3-4**]     Sex:   F\n\nService: MEDICINE\n\nplain prose here")
-  opening = ["Admission Date: [**2150-1-2**]", "Discharge Date: [**2150-1-9**]", "Date of Birth: [**2090-3-4**]",
-             "Sex: F", "Service:"]
+  text = (
+    "Admission Date:  [**2150-1-2**]     Discharge Date:   [**2150-1-9**]\n\n"
+    "Date of Birth:  [**2090-3-4**]     Sex:   F\n\nService: MEDICINE\n\nplain prose here"
+  )
+  opening = [
+    "Admission Date: [**2150-1-2**]",
+    "Discharge Date: [**2150-1-9**]",
+    "Date of Birth: [**2090-3-4**]",
+    "Sex: F",
+    "Service:",
+  ]
   # "MEDICINE" is a one-liner under a title followed by a non-title: bug 2 drops it.
   assert split_sections(text, "original") == opening + ["plain prose here"]
   assert split_sections(text, "fixed") == opening + ["MEDICINE", "plain prose here"]
@@ -43,8 +53,12 @@ def test_note_of_only_the_admission_line_fails_like_the_original_unless_fixed():
 
 def test_headers_split_segments_and_one_line_answers_are_merged():
   text = "Allergies:\nNKDA\nSocial History:\nLives alone.\nQuit smoking.\nChief Complaint:\ncough"
-  assert split_sections(text) == ["Allergies: NKDA", "Social History:", "Lives alone.\nQuit smoking.",
-                                  "Chief Complaint: cough"]
+  assert split_sections(text) == [
+    "Allergies: NKDA",
+    "Social History:",
+    "Lives alone.\nQuit smoking.",
+    "Chief Complaint: cough",
+  ]
 
 
 def test_inline_titles_not_at_a_capital_start_a_new_segment():
@@ -75,8 +89,10 @@ def test_bug_1_overcount_makes_an_extra_split_when_a_later_number_exists():
 
 
 def test_same_sections_in_both_modes_when_no_bug_is_triggered():
-  text = ("Brief Hospital Course:\nPatient improved.\nDischarged home.\n\nDischarge Condition:\nGood\n\n"
-          "Followup Instructions:\nSee PCP in 1 week.\nCall with questions.")
+  text = (
+    "Brief Hospital Course:\nPatient improved.\nDischarged home.\n\nDischarge Condition:\nGood\n\n"
+    "Followup Instructions:\nSee PCP in 1 week.\nCall with questions."
+  )
   assert split_sections(text, "original") == split_sections(text, "fixed")
 
 

@@ -9,7 +9,9 @@ from clinical_bert_jax.errors import UserError
 from data_prep.sentences import DEID_PLACEHOLDER, check_sentence_splitter, make_sentence_splitter, split_sentences
 
 
-@pytest.mark.parametrize("text", [
+@pytest.mark.parametrize(
+  "text",
+  [
     "Seen by Dr. Smith in clinic.",
     "Take 1 tab p.o. b.i.d. With food.",
     "Avoid NSAIDs e.g. Ibuprofen or naproxen.",
@@ -19,26 +21,32 @@ from data_prep.sentences import DEID_PLACEHOLDER, check_sentence_splitter, make_
     "1. Aspirin 81 mg daily",
     "Tube No. 2 placed.",
     "Seen by J. Smith today.",
-])
+  ],
+)
 def test_abbreviations_decimals_and_list_numbers_do_not_end_sentences(text):
   assert split_sentences(text) == [text]
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     ("Pt is stable. She will go home.", ["Pt is stable.", "She will go home."]),
     ("Fever? No. Cough! 3 days.", ["Fever?", "No.", "Cough!", "3 days."]),
     ("He left (AMA). Returned later.", ["He left (AMA).", "Returned later."]),
     ('He said "stop." Then left.', ['He said "stop."', "Then left."]),
     ("She was at 10. Then left.", ["She was at 10.", "Then left."]),  # a number mid-line is no list item
     ("Stable. pain controlled.", ["Stable. pain controlled."]),  # lower-case after a period: same sentence
-])
+  ],
+)
 def test_sentence_final_punctuation_before_capital_or_digit_splits(text, expected):
   assert split_sentences(text) == expected
 
 
 def test_lines_inside_a_section_are_joined_with_spaces():
   assert split_sentences("Lungs clear\nbilaterally. Heart\r\nregular\u2028rate.") == [
-      "Lungs clear bilaterally.", "Heart  regular rate."]
+    "Lungs clear bilaterally.",
+    "Heart  regular rate.",
+  ]
 
 
 def test_rule_1_period_then_title_case_token_even_without_space():
@@ -50,23 +58,53 @@ def test_rule_1_period_then_title_case_token_even_without_space():
 def test_rule_2_hyphen_token_starts_a_new_sentence():
   assert split_sentences("Vitals - T 98.6 - HR 80 regular") == ["Vitals -", "T 98.6 -", "HR 80 regular"]
   assert split_sentences("x-ray of well-appearing man on 2101-10-20 done") == [
-      "x-ray of well-appearing man on 2101-10-20 done"]  # inner hyphens belong to words
+    "x-ray of well-appearing man on 2101-10-20 done"
+  ]  # inner hyphens belong to words
   assert split_sentences("range - - wide open") == ["range - -", "wide open"]  # no split before another "-"
 
 
 def test_placeholder_is_never_split_and_the_regex_quirk_joins_two_on_one_line():
   assert split_sentences("Seen at [**Hospital1 18**]. Admitted on [**2101-10-20**] for care.") == [
-      "Seen at [**Hospital1 18**]. Admitted on [**2101-10-20**] for care."]
+    "Seen at [**Hospital1 18**]. Admitted on [**2101-10-20**] for care."
+  ]
   assert split_sentences("Seen at [**Hospital1 18**]. Admitted today.") == [
-      "Seen at [**Hospital1 18**].", "Admitted today."]
+    "Seen at [**Hospital1 18**].",
+    "Admitted today.",
+  ]
   assert split_sentences("Stable. [**Doctor Last Name 12**] - aware. Plan [**2101-1-2**]-[**2101-1-3**] x") == [
-      "Stable.", "[**Doctor Last Name 12**] -", "aware.", "Plan [**2101-1-2**]-[**2101-1-3**] x"]
+    "Stable.",
+    "[**Doctor Last Name 12**] -",
+    "aware.",
+    "Plan [**2101-1-2**]-[**2101-1-3**] x",
+  ]
 
 
 def test_random_sections_keep_every_character_and_every_placeholder_whole():
   rng = random.Random(7)
-  pieces = ["Pt", "stable.", "Dr.", "Smith", "-", "1.", "2.5", "mg.", "[**Hospital1 18**]", "[**2101-10-20**].",
-            "on", "Home!", "?", "well-known", "\n", "(", ")", "--", "[**Name**]", "\u2029", "b.i.d.", "X.Y"]
+  pieces = [
+    "Pt",
+    "stable.",
+    "Dr.",
+    "Smith",
+    "-",
+    "1.",
+    "2.5",
+    "mg.",
+    "[**Hospital1 18**]",
+    "[**2101-10-20**].",
+    "on",
+    "Home!",
+    "?",
+    "well-known",
+    "\n",
+    "(",
+    ")",
+    "--",
+    "[**Name**]",
+    "\u2029",
+    "b.i.d.",
+    "X.Y",
+  ]
   for _ in range(300):
     section = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
     result = split_sentences(section)

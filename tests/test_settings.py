@@ -28,7 +28,8 @@ def test_every_declared_field_is_a_flag_with_its_default_and_help():
       if field.default is not dataclasses.MISSING:
         assert flag.default == field.default
   assert {field.name for field in dataclasses.fields(train.TrainConfig)} - {
-      field.name for field in settings.flag_fields(train.TrainConfig)} == {"prefetch_batches"}
+    field.name for field in settings.flag_fields(train.TrainConfig)
+  } == {"prefetch_batches"}
   assert values["optimizer"].parser.enum_values == list(train.optimizers.OPTIMIZER_NAMES)
   assert values["compute_dtype"].parser.enum_values == list(train.COMPUTE_DTYPES)
 
@@ -41,11 +42,23 @@ def test_flags_build_the_same_dataclasses_as_their_defaults():
 
 
 def test_flag_values_are_parsed_into_the_fields():
-  values = _flag_values("--input_file=x", "--output_dir=y", "--profile_steps=3,5", "--lr_schedule=bert",
-                        "--train_batch_size=64", "--noasync_checkpointing", "--learning_rate=1e-4")
+  values = _flag_values(
+    "--input_file=x",
+    "--output_dir=y",
+    "--profile_steps=3,5",
+    "--lr_schedule=bert",
+    "--train_batch_size=64",
+    "--noasync_checkpointing",
+    "--learning_rate=1e-4",
+  )
   cfg = settings.from_flags(train.TrainConfig, values)
   assert (cfg.profile_steps, cfg.lr_schedule, cfg.train_batch_size, cfg.async_checkpointing, cfg.learning_rate) == (
-      (3, 5), "bert", 64, False, 1e-4)
+    (3, 5),
+    "bert",
+    64,
+    False,
+    1e-4,
+  )
   with pytest.raises(UserError, match="--profile_steps=5,3 needs 1 <= START <= END"):
     settings.from_flags(train.TrainConfig, _flag_values("--input_file=x", "--output_dir=y", "--profile_steps=5,3"))
 

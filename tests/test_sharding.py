@@ -20,12 +20,26 @@ from clinical_bert_jax.errors import UserError
 
 # The ClinicalBERT vocabulary size: 4 × 7,249, so it divides 2- and 4-way splits but not 8-way.
 VOCAB = 28_996
-TINY = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=32)
+TINY = BertConfig(
+  vocab_size=VOCAB,
+  hidden_size=32,
+  num_hidden_layers=1,
+  num_attention_heads=4,
+  intermediate_size=64,
+  max_position_embeddings=32,
+)
 
 
-@pytest.mark.parametrize("sizes, shape", [((2, 2, 2), (2, 2, 2)), ((-1, 1, 1), (8, 1, 1)), ((1, -1, 2), (1, 4, 2)),
-                                          ((2, 4, -1), (2, 4, 1)), ((1, 8, 1), (1, 8, 1))])
+@pytest.mark.parametrize(
+  "sizes, shape",
+  [
+    ((2, 2, 2), (2, 2, 2)),
+    ((-1, 1, 1), (8, 1, 1)),
+    ((1, -1, 2), (1, 4, 2)),
+    ((2, 4, -1), (2, 4, 1)),
+    ((1, 8, 1), (1, 8, 1)),
+  ],
+)
 def test_make_mesh_shapes(sizes, shape):
   mesh = sharding.make_mesh(*sizes)
   assert mesh.axis_names == ("data", "fsdp", "tensor")
@@ -92,15 +106,17 @@ def test_model_params_are_placed_with_the_expected_shard_shapes(sizes):
   shardings = sharding.param_shardings(mesh, logical, shapes)
   params = jax.device_put(zeros_like_shapes(shapes), shardings)
   flat_logical = {
-      optimizers.flat_param_path(path): tuple(spec)
-      for path, spec in jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]}
+    optimizers.flat_param_path(path): tuple(spec)
+    for path, spec in jax.tree_util.tree_flatten_with_path(logical, is_leaf=lambda x: isinstance(x, P))[0]
+  }
   for path, array in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = optimizers.flat_param_path(path)
     expected = expected_shard_shape(array.shape, flat_logical[name], dict(mesh.shape))
     assert {shard.data.shape for shard in array.addressable_shards} == {expected}, name
   word_embeddings = params["bert"]["embeddings"]["word_embeddings"]["embedding"]
-  assert word_embeddings.addressable_shards[0].data.shape[0] == (VOCAB if mesh.shape["tensor"] == 8 else
-                                                                  VOCAB // mesh.shape["tensor"])
+  assert word_embeddings.addressable_shards[0].data.shape[0] == (
+    VOCAB if mesh.shape["tensor"] == 8 else VOCAB // mesh.shape["tensor"]
+  )
 
 
 def test_optimizer_state_is_sharded_like_the_params():
@@ -145,17 +161,23 @@ def test_sharded_forward_pass_equals_the_single_device_one():
   train loop's tests cover sharded gradients and updates.)"""
   config = TINY.replace(vocab_size=96)
   rng = np.random.default_rng(0)
-  batch = {"input_ids": rng.integers(1, 96, (8, 16)), "input_mask": np.ones((8, 16), np.int32),
-           "segment_ids": np.zeros((8, 16), np.int32), "masked_lm_positions": rng.integers(1, 16, (8, 3)),
-           "masked_lm_ids": rng.integers(1, 96, (8, 3)), "masked_lm_weights": np.ones((8, 3), np.float32),
-           "next_sentence_labels": rng.integers(0, 2, (8,))}
+  batch = {
+    "input_ids": rng.integers(1, 96, (8, 16)),
+    "input_mask": np.ones((8, 16), np.int32),
+    "segment_ids": np.zeros((8, 16), np.int32),
+    "masked_lm_positions": rng.integers(1, 16, (8, 3)),
+    "masked_lm_ids": rng.integers(1, 96, (8, 3)),
+    "masked_lm_weights": np.ones((8, 3), np.float32),
+    "next_sentence_labels": rng.integers(0, 2, (8,)),
+  }
   # Random values from the shapes instead of model.init_params: the same test, seconds faster on CPU.
   params = jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(np.float32), model.param_shapes(config))
   module = model.BertForPreTraining(config)
 
   def forward(params, batch):
-    outputs = module.apply({"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"],
-                           batch["masked_lm_positions"])
+    outputs = module.apply(
+      {"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"], batch["masked_lm_positions"]
+    )
     return losses.pretraining_loss(outputs, batch)[0], outputs["mlm_logits"], outputs["nsp_logits"]
 
   expected = jax.jit(forward)(params, batch)
@@ -201,8 +223,17 @@ def test_host_local_to_global_across_two_processes(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   script = tmp_path / "worker.py"
   script.write_text(MULTI_PROCESS_WORKER)
-  workers = [subprocess.Popen([sys.executable, str(script), str(port), str(index)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+  workers = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(index)],
+      env=env,
+      cwd=tmp_path,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for index in range(2)
+  ]
   outputs = [worker.communicate(timeout=120)[0] for worker in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0 and output.strip().endswith("ok"), output[-2000:]

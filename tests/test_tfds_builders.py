@@ -83,10 +83,10 @@ def built(tmp_path_factory):
   tfds.disable_progress_bar()
   data_dir = str(tmp_path_factory.mktemp("tfds_data"))
   manual = {
-      "mednli": _manual_dir(tmp_path_factory, "mednli", sorted(SNLI_DIR.glob("*.jsonl"))),
-      "clinical_notes/all_notes": _manual_dir(tmp_path_factory, "notes", [ACI_NOTES, SYNTHETIC_NOTES]),
-      "clinical_notes/discharge_summary": _manual_dir(tmp_path_factory, "discharge", [SYNTHETIC_NOTES]),
-      **{f"i2b2/{task}": I2B2_FIXTURES / task for task in i2b2.TASKS},
+    "mednli": _manual_dir(tmp_path_factory, "mednli", sorted(SNLI_DIR.glob("*.jsonl"))),
+    "clinical_notes/all_notes": _manual_dir(tmp_path_factory, "notes", [ACI_NOTES, SYNTHETIC_NOTES]),
+    "clinical_notes/discharge_summary": _manual_dir(tmp_path_factory, "discharge", [SYNTHETIC_NOTES]),
+    **{f"i2b2/{task}": I2B2_FIXTURES / task for task in i2b2.TASKS},
   }
   return data_dir, {name: build.build(name, str(directory), data_dir) for name, directory in manual.items()}
 
@@ -112,8 +112,10 @@ def test_mednli_holds_every_pair_with_its_label(built):
   builder = builders["mednli"]
   assert builder.info.features["label"].names == ["contradiction", "entailment", "neutral"]
   for split, file_split in (("train", "train"), ("dev", "dev"), ("test", "test")):
-    expected = {record["pairID"]: record for _, record in
-                mednli.read_mednli_jsonl(SNLI_DIR / f"snli_mednli_schema_{file_split}.jsonl")}
+    expected = {
+      record["pairID"]: record
+      for _, record in mednli.read_mednli_jsonl(SNLI_DIR / f"snli_mednli_schema_{file_split}.jsonl")
+    }
     examples = _examples(builder, split)
     assert len(examples) == len(expected) == builder.info.splits[split].num_examples
     for example in examples:
@@ -141,7 +143,8 @@ def test_i2b2_from_converted_bio_files(tmp_path):
   i2b2.write_conversion(conversion, tmp_path / "bio")
   builder = build.build("i2b2/2012", str(tmp_path / "bio"), str(tmp_path / "data"))
   assert {split: info.num_examples for split, info in builder.info.splits.items()} == {
-      split: len(sentences) for split, sentences in conversion.splits.items()}
+    split: len(sentences) for split, sentences in conversion.splits.items()
+  }
   # Labels outside the task's label set are refused, naming the file.
   conll.write_bio(tmp_path / "bio" / "dev.tsv", [conll.Sentence(["x"], ["B-PLANET"])])
   with pytest.raises(UserError, match=r"dev\.tsv: 1 word\(s\) carry labels outside the allowed set: 'B-PLANET'"):
@@ -151,18 +154,24 @@ def test_i2b2_from_converted_bio_files(tmp_path):
 
 def test_clinical_notes_match_iter_notes(built):
   _, builders = built
-  for name, files, categories in (("clinical_notes/all_notes", [ACI_NOTES, SYNTHETIC_NOTES], None),
-                                  ("clinical_notes/discharge_summary", [SYNTHETIC_NOTES], ["Discharge summary"])):
-    expected = {f"{path.name}:{note.row_id}": note for path in files
-                for note in format_mimic.iter_notes(path, categories=categories)}
+  for name, files, categories in (
+    ("clinical_notes/all_notes", [ACI_NOTES, SYNTHETIC_NOTES], None),
+    ("clinical_notes/discharge_summary", [SYNTHETIC_NOTES], ["Discharge summary"]),
+  ):
+    expected = {
+      f"{path.name}:{note.row_id}": note
+      for path in files
+      for note in format_mimic.iter_notes(path, categories=categories)
+    }
     examples = _examples(builders[name], "train")
     assert len(examples) == len(expected) > 0
     by_id = {}
     for example in examples:
       by_id.setdefault(example["row_id"].decode(), []).append(example)
     for note in expected.values():
-      assert any(e["text"].decode() == note.text and e["category"].decode() == note.category
-                 for e in by_id[note.row_id])
+      assert any(
+        e["text"].decode() == note.text and e["category"].decode() == note.category for e in by_id[note.row_id]
+      )
     if categories:
       assert {e["category"].decode() for e in examples} == {"Discharge summary"}
 
@@ -170,8 +179,13 @@ def test_clinical_notes_match_iter_notes(built):
 def test_reading_and_building_work_without_tensorflow(built, tmp_path):
   data_dir, builders = built
   names = ["mednli", "i2b2/2010", "clinical_notes/discharge_summary"]
-  result = subprocess.run([sys.executable, "-c", _WITHOUT_TENSORFLOW, data_dir, str(tmp_path),
-                           str(I2B2_FIXTURES / "2006"), *names], capture_output=True, text=True, cwd=REPO, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", _WITHOUT_TENSORFLOW, data_dir, str(tmp_path), str(I2B2_FIXTURES / "2006"), *names],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   read = json.loads(result.stdout.strip().splitlines()[-1])
   assert read["tensorflow_importable"] is False and read["tensorflow_loaded"] is False
@@ -217,6 +231,7 @@ def test_missing_manual_files_and_unknown_datasets(tmp_path):
     build.build("clinical_notes/all_notes", str(tmp_path / "notes"), str(tmp_path / "data"))
   with pytest.raises(UserError, match="i2b2 needs a config, one of 2006, 2010, 2012, 2014"):
     build.make_builder("i2b2")
-  result = run_module("data_prep.tfds_builders.build", "--dataset=squad", f"--manual_dir={tmp_path}",
-                      f"--data_dir={tmp_path / 'data'}")
+  result = run_module(
+    "data_prep.tfds_builders.build", "--dataset=squad", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path / 'data'}"
+  )
   assert_one_line_error(result, "--dataset=squad: unknown dataset; choose one of clinical_notes/all_notes")

@@ -29,20 +29,25 @@ SAMPLE_TEXT = SHARED_NOTES / "bert-sample-text" / "sample_text.txt"
 ACI_BENCH_CSV = Path(__file__).resolve().parents[1] / "data_prep" / "demo_corpus" / "NOTEEVENTS_aci_bench.csv"
 
 EDGE_CASES = [
-    "Café naïve résumé ÀÉÎÕÜ Zürich ZÜRICH straße STRASSE ǅ ﬁ Ⅻ",  # accents, ligatures, title case
-    "ΟΔΟΣ ΣΑΣ Σ ΑΣ.Β",  # final sigma: Python's str.lower() is context-sensitive
-    "İstanbul KELVIN \u212a x\u0301\u0301 a\u1fefb \u037e \u0387",  # lower() growing a string; NFD to punctuation
-    "中文字符 and 日本語 ひらがな 한국어 \U00020000\U0002a6df",  # CJK spaced out; kana/Hangul not
-    "a\x00b\ufffdc\x07d\u200be\u2028f\u2029g\x85h\x0bi\x1cj\x7fk",  # NUL, U+FFFD, Cc/Cf, line separators
-    "\ue000private\U000e0001tag \u0378unassigned \U0010fffd",  # private use and unassigned are kept
-    "lone \udc80surrogate in str input, x\udfff. \ud800",  # no vocabulary entry can match a surrogate
-    "\u3000ideographic\u00a0nbsp\u2003em\ttab\r\n",  # Zs and tab/CR/LF are whitespace
-    "x" * 150, "y" * 250, "word" + "a" * 196, "word" + "a" * 197,  # the 200-character limit (HF: 100)
-    "[**2101-10-20**] [**Hospital1 18**] [**First Name8 (NamePattern2) **]",  # MIMIC placeholders
-    "literal [MASK] and [CLS] [SEP] [UNK] [PAD]",  # no special-token protection
-    "$+<=>^`|~ a$b 5<6 x^2 ~ok~ `tick` |pipe|",  # ASCII symbols that are punctuation for Google only
-    "unaffable qwxzqwxz BP 120/80 mmHg, HR 72 bpm; SpO2 98% on RA.",
-    "", "   ", "\t\n",
+  "Café naïve résumé ÀÉÎÕÜ Zürich ZÜRICH straße STRASSE ǅ ﬁ Ⅻ",  # accents, ligatures, title case
+  "ΟΔΟΣ ΣΑΣ Σ ΑΣ.Β",  # final sigma: Python's str.lower() is context-sensitive
+  "İstanbul KELVIN \u212a x\u0301\u0301 a\u1fefb \u037e \u0387",  # lower() growing a string; NFD to punctuation
+  "中文字符 and 日本語 ひらがな 한국어 \U00020000\U0002a6df",  # CJK spaced out; kana/Hangul not
+  "a\x00b\ufffdc\x07d\u200be\u2028f\u2029g\x85h\x0bi\x1cj\x7fk",  # NUL, U+FFFD, Cc/Cf, line separators
+  "\ue000private\U000e0001tag \u0378unassigned \U0010fffd",  # private use and unassigned are kept
+  "lone \udc80surrogate in str input, x\udfff. \ud800",  # no vocabulary entry can match a surrogate
+  "\u3000ideographic\u00a0nbsp\u2003em\ttab\r\n",  # Zs and tab/CR/LF are whitespace
+  "x" * 150,
+  "y" * 250,
+  "word" + "a" * 196,
+  "word" + "a" * 197,  # the 200-character limit (HF: 100)
+  "[**2101-10-20**] [**Hospital1 18**] [**First Name8 (NamePattern2) **]",  # MIMIC placeholders
+  "literal [MASK] and [CLS] [SEP] [UNK] [PAD]",  # no special-token protection
+  "$+<=>^`|~ a$b 5<6 x^2 ~ok~ `tick` |pipe|",  # ASCII symbols that are punctuation for Google only
+  "unaffable qwxzqwxz BP 120/80 mmHg, HR 72 bpm; SpO2 98% on RA.",
+  "",
+  "   ",
+  "\t\n",
 ]
 
 
@@ -81,8 +86,10 @@ def random_unicode_lines(count: int, seed: int) -> list[str]:
   rng = random.Random(seed)
   lines = []
   for _ in range(count):
-    chars = [chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x3000), rng.randrange(0x110000)]))
-             for _ in range(rng.randrange(1, 40))]
+    chars = [
+      chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x3000), rng.randrange(0x110000)]))
+      for _ in range(rng.randrange(1, 40))
+    ]
     lines.append("".join(chars).encode("utf-8", "ignore").decode("utf-8"))
   return lines
 
@@ -128,8 +135,12 @@ def vocabs(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
 
 @pytest.fixture(scope="module")
 def corpus_lines() -> list[str]:
-  return SAMPLE_TEXT.read_text(encoding="utf-8").split("\n") + aci_bench_lines() + EDGE_CASES + \
-      random_unicode_lines(400, seed=7)
+  return (
+    SAMPLE_TEXT.read_text(encoding="utf-8").split("\n")
+    + aci_bench_lines()
+    + EDGE_CASES
+    + random_unicode_lines(400, seed=7)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +148,15 @@ def google(vocabs, corpus_lines, tmp_path_factory) -> dict[str, dict[str, list]]
   """Google's tokens and ids for every corpus line, per vocabulary: one oracle subprocess for the module."""
   directory = tmp_path_factory.mktemp("google_tokenizer")
   request, response = directory / "request.json", directory / "response.json"
-  request.write_text(json.dumps({"lines": corpus_lines, "configs": {
-      name: (str(path), lower) for name, (path, lower) in vocabs.items()}}), encoding="utf-8")
-  result = subprocess.run([sys.executable, "-c", GOOGLE_TOKENIZER, str(request), str(response)],
-                          capture_output=True, text=True, timeout=600)
+  request.write_text(
+    json.dumps(
+      {"lines": corpus_lines, "configs": {name: (str(path), lower) for name, (path, lower) in vocabs.items()}}
+    ),
+    encoding="utf-8",
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", GOOGLE_TOKENIZER, str(request), str(response)], capture_output=True, text=True, timeout=600
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(response.read_text(encoding="utf-8"))
 
@@ -154,7 +170,7 @@ def test_matches_google_token_for_token(name, vocabs, corpus_lines, google):
   assert len(tokens) == len(google[name]["tokens"])
   assert not mismatched, f"{len(mismatched)} lines differ, first at line index {mismatched[0]}"
   assert ours.encode_batch(corpus_lines) == google[name]["ids"]
-  assert [ours.tokenize(line) for line in EDGE_CASES] == google[name]["tokens"][-len(EDGE_CASES) - 400:-400]
+  assert [ours.tokenize(line) for line in EDGE_CASES] == google[name]["tokens"][-len(EDGE_CASES) - 400 : -400]
 
 
 def test_google_rules_that_hugging_face_breaks(vocabs):
@@ -200,11 +216,14 @@ def test_load_vocab_follows_google(tmp_path):
   assert load_vocab(path) == {"[PAD]": 0, "[UNK]": 1, "": 2}  # an empty line is a token; the final newline is not
 
 
-@pytest.mark.parametrize("content, fragment", [
+@pytest.mark.parametrize(
+  "content, fragment",
+  [
     (b"\xff\xfe\n[UNK]\n", "line 1 is not valid UTF-8"),
     (b"[PAD]\nword\n", "has no [UNK] token"),
     (b"", "is empty"),
-])
+  ],
+)
 def test_bad_vocabulary_is_a_user_error(tmp_path, content, fragment):
   path = tmp_path / "vocab.txt"
   path.write_bytes(content)

@@ -17,8 +17,16 @@ from clinical_bert_jax import train
 from clinical_bert_jax.config import BertConfig
 
 SEQ, PREDICTIONS, BATCH, VOCAB = 16, 4, 32, 97
-CONFIG = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                    max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CONFIG = BertConfig(
+  vocab_size=VOCAB,
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  intermediate_size=64,
+  max_position_embeddings=SEQ,
+  hidden_dropout_prob=0.0,
+  attention_probs_dropout_prob=0.0,
+)
 STEPS = 2
 
 
@@ -28,16 +36,27 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
   mask = (np.arange(SEQ)[None] < lengths[:, None]).astype(np.int32)
   weights = (rng.random((BATCH, PREDICTIONS)) < np.linspace(0.1, 1.0, BATCH)[:, None]).astype(np.float32)
   weights[:, 0] = 1.0
-  return {"input_ids": (rng.integers(5, VOCAB, (BATCH, SEQ)) * mask).astype(np.int32), "input_mask": mask,
-          "segment_ids": (np.arange(SEQ)[None] >= lengths[:, None] // 2).astype(np.int32) * mask,
-          "masked_lm_positions": np.sort(rng.integers(1, 6, (BATCH, PREDICTIONS)), axis=1).astype(np.int32),
-          "masked_lm_ids": rng.integers(5, VOCAB, (BATCH, PREDICTIONS)).astype(np.int32),
-          "masked_lm_weights": weights, "next_sentence_labels": rng.integers(0, 2, BATCH).astype(np.int32)}
+  return {
+    "input_ids": (rng.integers(5, VOCAB, (BATCH, SEQ)) * mask).astype(np.int32),
+    "input_mask": mask,
+    "segment_ids": (np.arange(SEQ)[None] >= lengths[:, None] // 2).astype(np.int32) * mask,
+    "masked_lm_positions": np.sort(rng.integers(1, 6, (BATCH, PREDICTIONS)), axis=1).astype(np.int32),
+    "masked_lm_ids": rng.integers(5, VOCAB, (BATCH, PREDICTIONS)).astype(np.int32),
+    "masked_lm_weights": weights,
+    "next_sentence_labels": rng.integers(0, 2, BATCH).astype(np.int32),
+  }
 
 
 def _train(**changes) -> tuple[list[dict], dict]:
-  cfg = train.TrainConfig(num_train_steps=10, num_warmup_steps=1, learning_rate=1e-2, train_batch_size=BATCH,
-                          max_predictions_per_seq=PREDICTIONS, optimizer="bert_adam", **changes)
+  cfg = train.TrainConfig(
+    num_train_steps=10,
+    num_warmup_steps=1,
+    learning_rate=1e-2,
+    train_batch_size=BATCH,
+    max_predictions_per_seq=PREDICTIONS,
+    optimizer="bert_adam",
+    **changes,
+  )
   cfg.validate()
   keys = jax.random.split(jax.random.key(7), 3)
   runtime = train.make_runtime(cfg, CONFIG, train.make_train_optimizer(cfg), None, None, jax.random.key_data(keys[2]))
@@ -58,8 +77,10 @@ def _assert_same(left: tuple[list[dict], dict], right: tuple[list[dict], dict], 
   for step, (a, b) in enumerate(zip(left[0], right[0])):
     for name in a:
       np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=f"{what}: step {step} {name}")
-  difference = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(left[1]), jax.tree.leaves(right[1])))
+  difference = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree.leaves(left[1]), jax.tree.leaves(right[1]))
+  )
   assert difference < 1e-5, (what, difference)
 
 
@@ -67,8 +88,11 @@ def _assert_same(left: tuple[list[dict], dict], right: tuple[list[dict], dict], 
 def test_accumulation_inside_the_step_equals_the_unsplit_batch(unsplit, parallelism, grad_accum_steps):
   if jax.device_count() < 8:
     pytest.skip("needs 8 simulated devices (tests/conftest.py)")
-  _assert_same(unsplit, _train(parallelism=parallelism, grad_accum_steps=grad_accum_steps),
-               f"{parallelism}, {grad_accum_steps} micro-batches")
+  _assert_same(
+    unsplit,
+    _train(parallelism=parallelism, grad_accum_steps=grad_accum_steps),
+    f"{parallelism}, {grad_accum_steps} micro-batches",
+  )
 
 
 def test_the_test_can_fail(unsplit):
@@ -78,7 +102,8 @@ def test_the_test_can_fail(unsplit):
   try:
     # Per-micro-batch normalisers: half the batch's weights ≈ what one of two micro-batches would hold.
     train.step_normalisers = lambda batch, axis_name=None: {
-        name: value * 0.5 for name, value in original(batch, axis_name).items()}
+      name: value * 0.5 for name, value in original(batch, axis_name).items()
+    }
     with pytest.raises(AssertionError):
       _assert_same(unsplit, _train(mesh_data=-1, grad_accum_steps=2), "scaled normalisers")
   finally:
@@ -113,10 +138,12 @@ def test_scan_layers_and_remat_compute_the_same_loss_gradients_and_hidden_states
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=what)
   # Hidden states of every layer, scanned or not.
   scanned = model.BertForPreTraining(CONFIG, scan_layers=True)
-  hidden = scanned.apply({"params": model.stack_layer_params(params)}, batch["input_ids"], batch["input_mask"],
-                         output_hidden_states=True)["hidden_states"]
-  unrolled = model.BertForPreTraining(CONFIG).apply({"params": params}, batch["input_ids"], batch["input_mask"],
-                                                    output_hidden_states=True)["hidden_states"]
+  hidden = scanned.apply(
+    {"params": model.stack_layer_params(params)}, batch["input_ids"], batch["input_mask"], output_hidden_states=True
+  )["hidden_states"]
+  unrolled = model.BertForPreTraining(CONFIG).apply(
+    {"params": params}, batch["input_ids"], batch["input_mask"], output_hidden_states=True
+  )["hidden_states"]
   assert len(hidden) == len(unrolled) == CONFIG.num_hidden_layers + 1
   for a, b in zip(unrolled, hidden):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

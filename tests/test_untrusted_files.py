@@ -59,8 +59,11 @@ def scan_source(source: str, filename: str = "<snippet>") -> list[str]:
         aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
   found = []
   for node in ast.walk(tree):
-    if isinstance(node, ast.keyword) and node.arg == "trust_remote_code" and not (
-        isinstance(node.value, ast.Constant) and node.value.value is False):
+    if (
+      isinstance(node, ast.keyword)
+      and node.arg == "trust_remote_code"
+      and not (isinstance(node.value, ast.Constant) and node.value.value is False)
+    ):
       found.append(f"{filename}:{node.value.lineno}: trust_remote_code not False")
     if not isinstance(node, ast.Call):
       continue
@@ -72,8 +75,10 @@ def scan_source(source: str, filename: str = "<snippet>") -> list[str]:
     elif name == "torch.load" and not _is_true(_keyword(node, "weights_only")):
       found.append(f"{where} without weights_only=True")
     elif name in ("numpy.load", "numpy.lib.npyio.load") and not (
-        isinstance(_keyword(node, "allow_pickle"), ast.Constant) and _keyword(node, "allow_pickle").value is False
-        or _keyword(node, "allow_pickle") is None):
+      isinstance(_keyword(node, "allow_pickle"), ast.Constant)
+      and _keyword(node, "allow_pickle").value is False
+      or _keyword(node, "allow_pickle") is None
+    ):
       found.append(f"{where} with allow_pickle")
     elif name in ("yaml.load", "yaml.load_all"):
       loader = _keyword(node, "Loader") or (node.args[1] if len(node.args) > 1 else None)
@@ -84,9 +89,9 @@ def scan_source(source: str, filename: str = "<snippet>") -> list[str]:
   return found
 
 
-
-
-@pytest.mark.parametrize("snippet", [
+@pytest.mark.parametrize(
+  "snippet",
+  [
     "import pickle\npickle.load(open('x', 'rb'))",
     "import pickle\npickle.loads(data)",
     "from pickle import load as read\nread(handle)",
@@ -101,19 +106,23 @@ def scan_source(source: str, filename: str = "<snippet>") -> list[str]:
     "import yaml\nyaml.load(text, Loader=yaml.Loader)",
     "import yaml\nyaml.unsafe_load(text)",
     "import pandas as pd\npd.read_pickle('frame.pkl')",
-])
+  ],
+)
 def test_the_scanner_flags_each_unsafe_pattern(snippet):
   assert len(scan_source(snippet)) == 1, snippet
 
 
-@pytest.mark.parametrize("snippet", [
+@pytest.mark.parametrize(
+  "snippet",
+  [
     "import torch\ntorch.load('model.bin', weights_only=True)",
     "import numpy as np\nnp.load('a.npy')\nnp.load('b.npy', allow_pickle=False)",
     "import yaml\nyaml.load(text, Loader=yaml.SafeLoader)\nyaml.safe_load(text)",
     "import json\njson.load(handle)",
     "from transformers import AutoModel\nAutoModel.from_pretrained('x', trust_remote_code=False)",
     "# pickle.load(handle) in a comment\ntext = 'torch.load(x)'",
-])
+  ],
+)
 def test_the_scanner_passes_safe_calls(snippet):
   assert scan_source(snippet) == [], snippet
 
@@ -121,8 +130,7 @@ def test_the_scanner_passes_safe_calls(snippet):
 def test_no_project_code_deserialises_untrusted_files():
   files = [path for folder in SCANNED for path in sorted((REPO / folder).rglob("*.py"))]
   assert len(files) > 50, "the scanner found too few files: is the layout different?"
-  found = [hit for path in files
-           for hit in scan_source(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))]
+  found = [hit for path in files for hit in scan_source(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))]
   assert found == []
 
 
@@ -167,13 +175,17 @@ def test_the_tools_refuse_a_manifest_pointing_outside_in_one_line(tmp_path):
   for bad_name in ("../x.cbj", "/etc/passwd", "gs://other/x"):
     manifest["shards"][0]["name"] = bad_name
     manifest_path.write_text(json.dumps(manifest))
-    result = run_module("data_prep.convert_shards", f"--input={corpus.train}", f"--output_dir={tmp_path}/out",
-                        "--output_format=tfrecord")
+    result = run_module(
+      "data_prep.convert_shards", f"--input={corpus.train}", f"--output_dir={tmp_path}/out", "--output_format=tfrecord"
+    )
     line = assert_one_line_error(result, "shards[0]", str(manifest_path))
     assert bad_name not in line and result.returncode == 2
     assert not (tmp_path / "out").exists()
-    result = run_module("clinical_bert_jax.pretrain", *cli_args(corpus, tmp_path / "work"),
-                        env={"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    result = run_module(
+      "clinical_bert_jax.pretrain",
+      *cli_args(corpus, tmp_path / "work"),
+      env={"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     line = assert_one_line_error(result, "shards[0]")
     assert bad_name not in line and result.returncode == 2
 

@@ -31,11 +31,14 @@ def test_every_reader_sees_the_same_tokens(tmp_path):
   assert set(SPECIAL_TOKENS) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
 
 
-@pytest.mark.parametrize("content, fragment", [
+@pytest.mark.parametrize(
+  "content, fragment",
+  [
     ("\n".join(GOOD + ["the"]) + "\n", "line 11 repeats the token of line 8"),
     ("\n".join(GOOD[:3]) + "\nst\ray\n" + "\n".join(GOOD[3:]), "line 4 has a stray carriage return"),
     ("", "is empty"),
-])
+  ],
+)
 def test_files_readers_disagree_about_are_one_line_errors_everywhere(tmp_path, content, fragment):
   vocab_file = _write(tmp_path / "vocab.txt", content.encode("utf-8"))
   readers = [read_vocab, load_vocab, check_vocab, vocab_fingerprint, FullTokenizer, MaskingVocab.from_vocab_file]

@@ -18,6 +18,7 @@ def _make_square(report):
     report(("seen", item))
     time.sleep(0.02 * (item % 3))  # finish out of order
     return item * item
+
   return square
 
 
@@ -30,6 +31,7 @@ def _make_failing(kind, report):
         raise UserError("row 3 is bad; fix it")
       raise ZeroDivisionError("a bug")
     return item
+
   return work
 
 
@@ -43,8 +45,9 @@ def test_results_come_in_input_order_with_progress(num_workers):
       yield item
 
   progress = []
-  results = workers.ordered_map(_make_square, items(), num_workers=num_workers, max_in_flight=4,
-                                on_progress=progress.append)
+  results = workers.ordered_map(
+    _make_square, items(), num_workers=num_workers, max_in_flight=4, on_progress=progress.append
+  )
   assert next(results) == 0
   assert len(read) <= 5  # bounded: not the whole input read ahead of the first result
   assert [0] + list(results) == [item * item for item in range(20)]
@@ -62,8 +65,11 @@ def test_a_user_error_in_a_worker_reaches_the_caller_as_itself(num_workers):
 def test_a_killed_worker_is_one_line_not_a_hang():
   started = time.monotonic()
   with pytest.raises(UserError) as caught:
-    list(workers.ordered_map(functools.partial(_make_failing, "kill"), range(8), num_workers=2,
-                             died_hint="lower --num_workers"))
+    list(
+      workers.ordered_map(
+        functools.partial(_make_failing, "kill"), range(8), num_workers=2, died_hint="lower --num_workers"
+      )
+    )
   message = str(caught.value)
   assert "worker process died (exit status -9: killed" in message and "lower --num_workers" in message
   assert "\n" not in message and time.monotonic() - started < 60

@@ -83,8 +83,9 @@ def _export_to_hf(directory: Path, output_dir: Path, flag: str) -> None:
   """The same export (with its PyTorch logits check) that `convert to_hf` runs."""
   from clinical_bert_jax import convert, model_io
 
-  logging.info("%s=%s is one of our checkpoints: exporting it to Hugging Face format in %s", flag, directory,
-               output_dir)
+  logging.info(
+    "%s=%s is one of our checkpoints: exporting it to Hugging Face format in %s", flag, directory, output_dir
+  )
   try:
     convert.export_hf(model_io.load_model(directory), output_dir)
   except UserError as error:
@@ -93,15 +94,19 @@ def _export_to_hf(directory: Path, output_dir: Path, flag: str) -> None:
 
 def _open_hf_dir(directory: Path, flag: str) -> HfCheckpoint:
   if not (directory / "config.json").is_file():
-    raise UserError(f"{flag}={directory} is not a BERT checkpoint: no config.json (expected config.json, "
-                    "model.safetensors or pytorch_model.bin, vocab.txt or tokenizer.json)")
+    raise UserError(
+      f"{flag}={directory} is not a BERT checkpoint: no config.json (expected config.json, "
+      "model.safetensors or pytorch_model.bin, vocab.txt or tokenizer.json)"
+    )
   config = BertConfig.load(directory / "config.json")
   if not any((directory / name).is_file() for name in WEIGHT_FILES):
     raise UserError(f"{flag}={directory} is not a BERT checkpoint: neither {' nor '.join(WEIGHT_FILES)} found")
   vocab_file = vocab_file_in(directory)
   if vocab_file is None:
-    raise UserError(f"{flag}={directory} has neither vocab.txt nor tokenizer.json; copy the vocabulary the model was "
-                    "trained with into it")
+    raise UserError(
+      f"{flag}={directory} has neither vocab.txt nor tokenizer.json; copy the vocabulary the model was "
+      "trained with into it"
+    )
   return HfCheckpoint(directory, config, vocab_file, bool(read_do_lower_case(directory, vocab_file)), source=directory)
 
 
@@ -121,12 +126,14 @@ def load_pretrained(checkpoint: HfCheckpoint, model_class: type, **kwargs: Any) 
   try:
     return model_class.from_pretrained(str(checkpoint.directory), trust_remote_code=False, **kwargs)
   except SafetensorError as error:
-    raise UserError(f"{checkpoint.directory}: damaged safetensors file ({error}); re-download or re-export "
-                    "it") from None
+    raise UserError(
+      f"{checkpoint.directory}: damaged safetensors file ({error}); re-download or re-export it"
+    ) from None
   except (OSError, ValueError, RuntimeError, KeyError) as error:
     reason = " ".join(str(error).split())[:300]
-    raise UserError(f"{checkpoint.directory}: cannot load the BERT weights ({type(error).__name__}: "
-                    f"{reason})") from None
+    raise UserError(
+      f"{checkpoint.directory}: cannot load the BERT weights ({type(error).__name__}: {reason})"
+    ) from None
   finally:
     transformers_logger.setLevel(previous_level)
 

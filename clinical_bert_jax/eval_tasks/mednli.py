@@ -43,14 +43,18 @@ def find_split_files(data_dir: str | Path) -> dict[str, Path]:
   files = sorted(directory.glob("*.jsonl"))
   found = {}
   for split in SPLITS:
-    matches = [path for path in files
-               if any(word in SPLIT_NAME_WORDS[split] for word in re.split(r"[^a-z]+", path.stem.lower()))]
+    matches = [
+      path for path in files if any(word in SPLIT_NAME_WORDS[split] for word in re.split(r"[^a-z]+", path.stem.lower()))
+    ]
     if not matches:
-      raise UserError(f"--data_dir={directory}: no {split} split file; expected e.g. mli_{split}_v1.jsonl "
-                      f"(a *.jsonl whose name contains '{split}')")
+      raise UserError(
+        f"--data_dir={directory}: no {split} split file; expected e.g. mli_{split}_v1.jsonl "
+        f"(a *.jsonl whose name contains '{split}')"
+      )
     if len(matches) > 1:
-      raise UserError(f"--data_dir={directory}: several {split} files ({', '.join(p.name for p in matches)}); "
-                      "keep one per split")
+      raise UserError(
+        f"--data_dir={directory}: several {split} files ({', '.join(p.name for p in matches)}); keep one per split"
+      )
     found[split] = matches[0]
   return found
 
@@ -80,14 +84,17 @@ def _parse_record(line: str, path: Path, line_number: int) -> NliPair:
     raise UserError(f"{path}:{line_number}: expected a JSON object per line")
   missing = [key for key in REQUIRED_KEYS if key not in record]
   if missing:
-    raise UserError(f"{path}:{line_number}: missing key(s) {', '.join(missing)}; MedNLI lines need "
-                    f"{', '.join(REQUIRED_KEYS)}")
+    raise UserError(
+      f"{path}:{line_number}: missing key(s) {', '.join(missing)}; MedNLI lines need {', '.join(REQUIRED_KEYS)}"
+    )
   label = record["gold_label"]
   if label not in LABELS:
     # Echo the value only when it looks like a label: a file with swapped fields must not leak a sentence.
     shown = repr(label) if isinstance(label, str) and LABEL_SHAPE.fullmatch(label) else "(not label-shaped)"
-    raise UserError(f"{path}:{line_number}: unknown gold_label {shown}; expected one of {', '.join(LABELS)} "
-                    "(drop unlabelled '-' rows)")
+    raise UserError(
+      f"{path}:{line_number}: unknown gold_label {shown}; expected one of {', '.join(LABELS)} "
+      "(drop unlabelled '-' rows)"
+    )
   if not all(isinstance(record[key], str) for key in ("sentence1", "sentence2")):
     raise UserError(f"{path}:{line_number}: sentence1 and sentence2 must be strings")
   return NliPair(str(record["pairID"]), record["sentence1"], record["sentence2"], LABELS.index(label))
@@ -112,8 +119,13 @@ def featurize(pairs: Sequence[NliPair], encoder: WordPieceEncoder, max_seq_lengt
   for pair, premise, hypothesis in zip(pairs, premises, hypotheses):
     premise, hypothesis = truncate_pair(premise, hypothesis, max_seq_length - 3)
     input_ids = [encoder.cls_id, *premise, encoder.sep_id, *hypothesis, encoder.sep_id]
-    examples.append({"input_ids": input_ids, "token_type_ids": [0] * (len(premise) + 2) + [1] * (len(hypothesis) + 1),
-                     "label": pair.label})
+    examples.append(
+      {
+        "input_ids": input_ids,
+        "token_type_ids": [0] * (len(premise) + 2) + [1] * (len(hypothesis) + 1),
+        "label": pair.label,
+      }
+    )
   return examples
 
 
@@ -135,11 +147,20 @@ class MedNliTask:
   num_labels = len(LABELS)
   optimizer = "bert_adam_pt"  # run_classifier.py trained with pytorch-pretrained-bert's BertAdam
 
-  def __init__(self, data_dir: str | Path, encoder: WordPieceEncoder, max_seq_length: int,
-               max_train_examples: int | None, max_eval_examples: int | None):
+  def __init__(
+    self,
+    data_dir: str | Path,
+    encoder: WordPieceEncoder,
+    max_seq_length: int,
+    max_train_examples: int | None,
+    max_eval_examples: int | None,
+  ):
     splits = load_splits(data_dir)
-    self.pairs = {"train": splits["train"][:max_train_examples], "dev": splits["dev"][:max_eval_examples],
-                  "test": splits["test"][:max_eval_examples]}
+    self.pairs = {
+      "train": splits["train"][:max_train_examples],
+      "dev": splits["dev"][:max_eval_examples],
+      "test": splits["test"][:max_eval_examples],
+    }
     self.train, self.dev, self.test = (featurize(self.pairs[split], encoder, max_seq_length) for split in SPLITS)
 
   @property

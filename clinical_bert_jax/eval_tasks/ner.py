@@ -28,15 +28,25 @@ from clinical_bert_jax import ner_scoring
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.eval_tasks.hf_checkpoint import WordPieceEncoder
 from clinical_bert_jax.eval_tasks import IGNORED_LABEL
-from clinical_bert_jax.bio_format import (I2B2_ENTITY_TYPES, SPLITS, Sentence, bio_label_list, load_bio_dir,
-                                          validate_labels)
+from clinical_bert_jax.bio_format import (
+  I2B2_ENTITY_TYPES,
+  SPLITS,
+  Sentence,
+  bio_label_list,
+  load_bio_dir,
+  validate_labels,
+)
+
 
 def entity_types(task: str, train: Sequence[Sentence]) -> tuple[str, ...]:
   """The i2b2 task's types in the original label order, or for `bio` the training split's types."""
   if task.startswith("i2b2_"):
     return I2B2_ENTITY_TYPES[task.removeprefix("i2b2_")]
-  return tuple(sorted({label[2:] for sentence in train for label in sentence.labels
-                       if label[:2] in ("B-", "I-") and len(label) > 2}))
+  return tuple(
+    sorted(
+      {label[2:] for sentence in train for label in sentence.labels if label[:2] in ("B-", "I-") and len(label) > 2}
+    )
+  )
 
 
 def load_task_splits(task: str, data_dir: str | Path) -> tuple[dict[str, list[Sentence]], list[str]]:
@@ -58,15 +68,18 @@ def paper_split(train: Sequence[Sentence], dev: Sequence[Sentence]) -> tuple[lis
   pooled = list(train) + list(dev)
   random.Random(PAPER_SEED).shuffle(pooled)  # the same draws as random.seed(42); random.shuffle(pooled)
   size = math.ceil(len(pooled) / PAPER_CHUNKS)
-  chunks = [pooled[start:start + size] for start in range(0, len(pooled), size)] if pooled else []
+  chunks = [pooled[start : start + size] for start in range(0, len(pooled), size)] if pooled else []
   if len(chunks) < PAPER_CHUNKS:
-    raise UserError(f"--split=paper cuts train+dev ({len(pooled)} sentences) into {PAPER_CHUNKS} chunks of "
-                    f"{size} but gets only {len(chunks)}; use --split=given for so small a data set")
-  return [sentence for chunk in chunks[:PAPER_CHUNKS - 1] for sentence in chunk], chunks[PAPER_CHUNKS - 1]
+    raise UserError(
+      f"--split=paper cuts train+dev ({len(pooled)} sentences) into {PAPER_CHUNKS} chunks of "
+      f"{size} but gets only {len(chunks)}; use --split=given for so small a data set"
+    )
+  return [sentence for chunk in chunks[: PAPER_CHUNKS - 1] for sentence in chunk], chunks[PAPER_CHUNKS - 1]
 
 
-def featurize(sentences: Sequence[Sentence], encoder: WordPieceEncoder, label_ids: dict[str, int],
-              max_seq_length: int) -> tuple[list[dict], int]:
+def featurize(
+  sentences: Sequence[Sentence], encoder: WordPieceEncoder, label_ids: dict[str, int], max_seq_length: int
+) -> tuple[list[dict], int]:
   """Examples with the label on each word's first piece (-100 elsewhere); also the number of truncated sentences.
 
   `word_ids` (None on [CLS]/[SEP]) maps positions back to words for decoding predictions; `cut_word` is the word
@@ -79,28 +92,38 @@ def featurize(sentences: Sequence[Sentence], encoder: WordPieceEncoder, label_id
       truncated += 1
       if piece_words[max_seq_length - 2] == piece_words[max_seq_length - 3]:
         cut_word = piece_words[max_seq_length - 3]
-      pieces, piece_words = pieces[:max_seq_length - 2], piece_words[:max_seq_length - 2]
+      pieces, piece_words = pieces[: max_seq_length - 2], piece_words[: max_seq_length - 2]
     labels = [IGNORED_LABEL] * len(pieces)
     previous_word = None
     for position, word in enumerate(piece_words):
       if word != previous_word:
         labels[position] = label_ids[sentence.labels[word]]
       previous_word = word
-    examples.append({"input_ids": [encoder.cls_id, *pieces, encoder.sep_id], "token_type_ids": [0] * (len(pieces) + 2),
-                     "label": [IGNORED_LABEL, *labels, IGNORED_LABEL], "word_ids": [None, *piece_words, None],
-                     "cut_word": cut_word})
+    examples.append(
+      {
+        "input_ids": [encoder.cls_id, *pieces, encoder.sep_id],
+        "token_type_ids": [0] * (len(pieces) + 2),
+        "label": [IGNORED_LABEL, *labels, IGNORED_LABEL],
+        "word_ids": [None, *piece_words, None],
+        "cut_word": cut_word,
+      }
+    )
   return examples, truncated
 
 
-def decode(examples: Sequence[dict], predictions: Sequence[np.ndarray], sentences: Sequence[Sentence],
-           labels: Sequence[str]) -> list[list[str]]:
+def decode(
+  examples: Sequence[dict], predictions: Sequence[np.ndarray], sentences: Sequence[Sentence], labels: Sequence[str]
+) -> list[list[str]]:
   """Word labels from piece predictions with the original first-sub-token rule (ner_scoring)."""
   decoded = []
   for example, predicted, sentence in zip(examples, predictions, sentences):
     token_labels = [labels[label_id] for label_id in predicted]
     token_labels[0], token_labels[-1] = "[CLS]", "[SEP]"
-    decoded.append(ner_scoring.first_subtoken_word_labels(token_labels, example["word_ids"], len(sentence),
-                                                          cut_word=example.get("cut_word")))
+    decoded.append(
+      ner_scoring.first_subtoken_word_labels(
+        token_labels, example["word_ids"], len(sentence), cut_word=example.get("cut_word")
+      )
+    )
   return decoded
 
 
@@ -118,8 +141,16 @@ class NerTask:
   metric = "f1"
   optimizer = "google_adamw_pt"  # run_ner.py trained with Google's TF optimization.create_optimizer
 
-  def __init__(self, task: str, data_dir: str | Path, encoder: WordPieceEncoder, max_seq_length: int,
-               max_train_examples: int | None, max_eval_examples: int | None, split: str = "paper"):
+  def __init__(
+    self,
+    task: str,
+    data_dir: str | Path,
+    encoder: WordPieceEncoder,
+    max_seq_length: int,
+    max_train_examples: int | None,
+    max_eval_examples: int | None,
+    split: str = "paper",
+  ):
     if split not in NER_SPLITS:
       raise UserError(f"--split={split} is not one of {', '.join(NER_SPLITS)}")
     splits, self.labels = load_task_splits(task, data_dir)
@@ -131,15 +162,23 @@ class NerTask:
       raise UserError(f"--data_dir={data_dir}: the train split has no B-/I- labels, so there is nothing to learn")
     self.num_labels = len(self.labels)
     label_ids = {label: index for index, label in enumerate(self.labels)}
-    self.sentences = {"train": splits["train"][:max_train_examples], "dev": splits["dev"][:max_eval_examples],
-                      "test": splits["test"][:max_eval_examples]}
+    self.sentences = {
+      "train": splits["train"][:max_train_examples],
+      "dev": splits["dev"][:max_eval_examples],
+      "test": splits["test"][:max_eval_examples],
+    }
     self.truncated = {}
     features = {}
     for split in SPLITS:
       features[split], self.truncated[split] = featurize(self.sentences[split], encoder, label_ids, max_seq_length)
       if self.truncated[split]:
-        logging.warning("%s: %d sentence(s) longer than --max_seq_length=%d word pieces were truncated; their "
-                        "remaining words count as predicted O", split, self.truncated[split], max_seq_length)
+        logging.warning(
+          "%s: %d sentence(s) longer than --max_seq_length=%d word pieces were truncated; their "
+          "remaining words count as predicted O",
+          split,
+          self.truncated[split],
+          max_seq_length,
+        )
     self.train, self.dev, self.test = (features[split] for split in SPLITS)
 
   @property
@@ -158,7 +197,16 @@ class NerTask:
     write_predictions(handle, self.sentences["test"], predicted)
 
   def details(self) -> dict:
-    return {"labels": self.labels, "truncated_sentences": self.truncated,
-            "split": {"protocol": self.split, "file_sizes": self.file_sizes,
-                      **({"seed": PAPER_SEED, "chunks": PAPER_CHUNKS, "train_chunks": "0-7", "dev_chunk": 8}
-                         if self.split == "paper" else {})}}
+    return {
+      "labels": self.labels,
+      "truncated_sentences": self.truncated,
+      "split": {
+        "protocol": self.split,
+        "file_sizes": self.file_sizes,
+        **(
+          {"seed": PAPER_SEED, "chunks": PAPER_CHUNKS, "train_chunks": "0-7", "dev_chunk": 8}
+          if self.split == "paper"
+          else {}
+        ),
+      },
+    }

@@ -19,16 +19,21 @@ from clinical_bert_jax.fileio import atomic_write
 RESULTS_FILE = "results.json"
 REPORT_FILE = "results.md"
 RESULTS_FORMAT = "clinical_bert_jax.evaluate/1"
-TASK_COLUMNS = {"mednli": "MedNLI", "i2b2_2006": "i2b2 2006", "i2b2_2010": "i2b2 2010", "i2b2_2012": "i2b2 2012",
-                "i2b2_2014": "i2b2 2014"}
+TASK_COLUMNS = {
+  "mednli": "MedNLI",
+  "i2b2_2006": "i2b2 2006",
+  "i2b2_2010": "i2b2 2010",
+  "i2b2_2012": "i2b2 2012",
+  "i2b2_2014": "i2b2 2014",
+}
 # Paper Table 2 (MedNLI test accuracy %, i2b2 exact micro F1), as quoted in clinicalbert-paper.md §8.
 PAPER_TABLE_2 = {
-    "BERT (base, cased)": (77.6, 93.9, 83.5, 75.9, 92.8),
-    "BioBERT": (80.8, 94.8, 86.5, 78.9, 93.0),
-    "Clinical BERT": (80.8, 91.5, 86.4, 78.5, 92.6),
-    "Discharge Summary BERT": (80.6, 91.9, 86.4, 78.4, 92.8),
-    "Bio+Clinical BERT": (82.7, 94.7, 87.2, 78.9, 92.5),
-    "Bio+Discharge Summary BERT": (82.7, 94.8, 87.8, 78.9, 92.7),
+  "BERT (base, cased)": (77.6, 93.9, 83.5, 75.9, 92.8),
+  "BioBERT": (80.8, 94.8, 86.5, 78.9, 93.0),
+  "Clinical BERT": (80.8, 91.5, 86.4, 78.5, 92.6),
+  "Discharge Summary BERT": (80.6, 91.9, 86.4, 78.4, 92.8),
+  "Bio+Clinical BERT": (82.7, 94.7, 87.2, 78.9, 92.5),
+  "Bio+Discharge Summary BERT": (82.7, 94.8, 87.8, 78.9, 92.7),
 }
 
 
@@ -74,29 +79,34 @@ def render(results: list[dict[str, Any]]) -> str:
   for result in results:
     cells.setdefault(result["model_name"], {})[column_name(result)] = _cell(result["selected"])
   lines = [
-      "# Downstream results (Table 2 layout)",
-      "",
-      "Test scores ×100 of the configuration selected on dev: MedNLI accuracy, NER exact-span micro F1 "
-      "(mean ± sample std over seeds when there are several). Rows marked *[paper]* are the numbers reported in "
-      "Alsentzer et al. (2019), Table 2, for reference; they are not produced here.",
-      "",
-      "| model | " + " | ".join(columns) + " |",
-      "|---|" + "---|" * len(columns),
+    "# Downstream results (Table 2 layout)",
+    "",
+    "Test scores ×100 of the configuration selected on dev: MedNLI accuracy, NER exact-span micro F1 "
+    "(mean ± sample std over seeds when there are several). Rows marked *[paper]* are the numbers reported in "
+    "Alsentzer et al. (2019), Table 2, for reference; they are not produced here.",
+    "",
+    "| model | " + " | ".join(columns) + " |",
+    "|---|" + "---|" * len(columns),
   ]
   for model, row in cells.items():
     lines.append(f"| {model} | " + " | ".join(row.get(column, "–") for column in columns) + " |")
   for model, scores in PAPER_TABLE_2.items():
     paper = dict(zip(TASK_COLUMNS.values(), (f"{score:.1f}" for score in scores)))
     lines.append(f"| {model} *[paper]* | " + " | ".join(paper.get(column, "–") for column in columns) + " |")
-  lines += ["", "## Runs", "",
-            "| model | task | data | selected lr / batch / epochs | seeds | dev (mean) | test | results |",
-            "|---|---|---|---|---|---|---|---|"]
+  lines += [
+    "",
+    "## Runs",
+    "",
+    "| model | task | data | selected lr / batch / epochs | seeds | dev (mean) | test | results |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for result in results:
     selected = result["selected"]
     lines.append(
-        f"| {result['model_name']} | {result['task']} | {result['dataset']} | {selected['learning_rate']:g} / "
-        f"{selected['train_batch_size']} / {selected['num_train_epochs']} | {len(selected['seeds'])} | "
-        f"{100 * selected['dev_mean']:.1f} | {_cell(selected)} | `{result['path']}` |")
+      f"| {result['model_name']} | {result['task']} | {result['dataset']} | {selected['learning_rate']:g} / "
+      f"{selected['train_batch_size']} / {selected['num_train_epochs']} | {len(selected['seeds'])} | "
+      f"{100 * selected['dev_mean']:.1f} | {_cell(selected)} | `{result['path']}` |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -107,8 +117,9 @@ def write_report(root: str | Path) -> Path:
     raise UserError(f"--output_dir={root} is not a directory; pass the folder your evaluations were written to")
   results = collect_results(root)
   if not results:
-    raise UserError(f"--output_dir={root} holds no {RESULTS_FILE} from clinical_bert_jax.evaluate; run an evaluation "
-                    "into it first")
+    raise UserError(
+      f"--output_dir={root} holds no {RESULTS_FILE} from clinical_bert_jax.evaluate; run an evaluation into it first"
+    )
   path = root / REPORT_FILE
   with atomic_write(path) as handle:
     handle.write(render(results))

@@ -47,12 +47,30 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class BertAdamPt(torch.optim.Optimizer):
   """BertAdam with the schedule built in; `step()` must be called exactly `total_steps` times."""
 
-  def __init__(self, params: Iterable, lr: float, total_steps: int, warmup: float = 0.1, weight_decay: float = 0.01,
-               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, max_grad_norm: float = 1.0):
+  def __init__(
+    self,
+    params: Iterable,
+    lr: float,
+    total_steps: int,
+    warmup: float = 0.1,
+    weight_decay: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    max_grad_norm: float = 1.0,
+  ):
     if lr <= 0 or total_steps <= 0 or not 0 <= warmup < 1:
       raise ValueError(f"BertAdam needs lr > 0, total_steps > 0, 0 <= warmup < 1 (got {lr}, {total_steps}, {warmup})")
-    defaults = dict(lr=lr, total_steps=total_steps, warmup=warmup, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps,
-                    max_grad_norm=max_grad_norm)
+    defaults = dict(
+      lr=lr,
+      total_steps=total_steps,
+      warmup=warmup,
+      weight_decay=weight_decay,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      max_grad_norm=max_grad_norm,
+    )
     super().__init__(params, defaults)
 
   def scheduled_lr(self, group: dict, step: int) -> float:
@@ -115,11 +133,23 @@ class GoogleAdamWPt(torch.optim.Optimizer):
   `warmup_steps` is a step count, as in the original (`int(num_train_steps * warmup_proportion)`).
   """
 
-  def __init__(self, params: Iterable, lr: float, total_steps: int, warmup_steps: int, weight_decay: float = 0.01,
-               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, clip_norm: float = 1.0):
+  def __init__(
+    self,
+    params: Iterable,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    weight_decay: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    clip_norm: float = 1.0,
+  ):
     if lr <= 0 or total_steps <= 0 or not 0 <= warmup_steps <= total_steps:
-      raise ValueError(f"GoogleAdamWPt needs lr > 0, total_steps > 0, 0 <= warmup_steps <= total_steps (got {lr}, "
-                       f"{total_steps}, {warmup_steps})")
+      raise ValueError(
+        f"GoogleAdamWPt needs lr > 0, total_steps > 0, 0 <= warmup_steps <= total_steps (got {lr}, "
+        f"{total_steps}, {warmup_steps})"
+      )
     super().__init__(params, dict(lr=lr, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps))
     self.total_steps, self.warmup_steps, self.clip_norm = total_steps, warmup_steps, clip_norm
     self.global_step = 0
@@ -161,12 +191,17 @@ class GoogleAdamWPt(torch.optim.Optimizer):
 OPTIMIZERS = ("google_adamw_pt", "bert_adam_pt")
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float, total_steps: int, warmup_proportion: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+  name: str, model: torch.nn.Module, lr: float, total_steps: int, warmup_proportion: float, weight_decay: float
+) -> torch.optim.Optimizer:
   """The fine-tuning optimizer `name` (see the module docstring) over `model`'s parameters."""
   if name == "bert_adam_pt":
     return BertAdamPt(parameter_groups(model, weight_decay), lr=lr, total_steps=total_steps, warmup=warmup_proportion)
   if name == "google_adamw_pt":
-    return GoogleAdamWPt(google_parameter_groups(model, weight_decay), lr=lr, total_steps=total_steps,
-                         warmup_steps=int(total_steps * warmup_proportion))
+    return GoogleAdamWPt(
+      google_parameter_groups(model, weight_decay),
+      lr=lr,
+      total_steps=total_steps,
+      warmup_steps=int(total_steps * warmup_proportion),
+    )
   raise ValueError(f"unknown fine-tuning optimizer {name!r}; one of {', '.join(OPTIMIZERS)}")

@@ -37,10 +37,11 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return torch.tensor([list(example[key]) + [fill] * (length - len(example[key])) for example in examples])
 
   batch = {
-      "input_ids": padded("input_ids", pad_id),
-      "token_type_ids": padded("token_type_ids", 0),
-      "attention_mask": torch.tensor([[1] * len(example["input_ids"]) + [0] * (length - len(example["input_ids"]))
-                                      for example in examples]),
+    "input_ids": padded("input_ids", pad_id),
+    "token_type_ids": padded("token_type_ids", 0),
+    "attention_mask": torch.tensor(
+      [[1] * len(example["input_ids"]) + [0] * (length - len(example["input_ids"])) for example in examples]
+    ),
   }
   if isinstance(examples[0]["label"], int):
     batch["labels"] = torch.tensor([example["label"] for example in examples])
@@ -49,9 +50,16 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
   return batch
 
 
-def fine_tune(model: torch.nn.Module, examples: Sequence[dict], hyper: Hyperparameters, seed: int,
-              device: torch.device, pad_id: int, description: str,
-              optimizer_name: str = "bert_adam_pt") -> dict[str, float]:
+def fine_tune(
+  model: torch.nn.Module,
+  examples: Sequence[dict],
+  hyper: Hyperparameters,
+  seed: int,
+  device: torch.device,
+  pad_id: int,
+  description: str,
+  optimizer_name: str = "bert_adam_pt",
+) -> dict[str, float]:
   """Trains `model` in place; returns the step count, the mean loss of the last epoch and the wall time.
 
   The schedule's length is the number of updates actually made (ceil(N / batch) per epoch), so the learning rate
@@ -62,8 +70,9 @@ def fine_tune(model: torch.nn.Module, examples: Sequence[dict], hyper: Hyperpara
   started = time.monotonic()
   steps_per_epoch = math.ceil(len(examples) / hyper.train_batch_size)
   total_steps = steps_per_epoch * hyper.num_train_epochs
-  optimizer = make_optimizer(optimizer_name, model, hyper.learning_rate, total_steps, hyper.warmup_proportion,
-                             hyper.weight_decay)
+  optimizer = make_optimizer(
+    optimizer_name, model, hyper.learning_rate, total_steps, hyper.warmup_proportion, hyper.weight_decay
+  )
   order_rng = torch.Generator().manual_seed(seed)
   model.to(device).train()
   last_epoch_loss = 0.0
@@ -72,7 +81,7 @@ def fine_tune(model: torch.nn.Module, examples: Sequence[dict], hyper: Hyperpara
       order = torch.randperm(len(examples), generator=order_rng).tolist()
       epoch_loss = 0.0
       for start in range(0, len(order), hyper.train_batch_size):
-        batch = collate([examples[i] for i in order[start:start + hyper.train_batch_size]], pad_id)
+        batch = collate([examples[i] for i in order[start : start + hyper.train_batch_size]], pad_id)
         loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,13 +94,14 @@ def fine_tune(model: torch.nn.Module, examples: Sequence[dict], hyper: Hyperpara
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, examples: Sequence[dict], batch_size: int, device: torch.device,
-            pad_id: int) -> list[np.ndarray]:
+def predict(
+  model: torch.nn.Module, examples: Sequence[dict], batch_size: int, device: torch.device, pad_id: int
+) -> list[np.ndarray]:
   """Arg-max label ids per example: one id for sentence tasks, an array with one id per position for token tasks."""
   model.to(device).eval()
   predictions: list[np.ndarray] = []
   for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
+    chunk = examples[start : start + batch_size]
     batch = collate(chunk, pad_id)
     batch.pop("labels")
     logits = model(**{key: value.to(device) for key, value in batch.items()}).logits
@@ -99,5 +109,5 @@ def predict(model: torch.nn.Module, examples: Sequence[dict], batch_size: int, d
     if best.ndim == 1:
       predictions.extend(best)
     else:
-      predictions.extend(row[:len(example["input_ids"])] for row, example in zip(best, chunk))
+      predictions.extend(row[: len(example["input_ids"])] for row, example in zip(best, chunk))
   return predictions

@@ -40,21 +40,66 @@ helper, patch the submodule that calls it (e.g. `records.tfrecord._canonical_fea
 
 from clinical_bert_jax.records.crc32c import crc32c_many, masked_crc32c
 from clinical_bert_jax.records.dataset import PretrainingData, open_writer
-from clinical_bert_jax.records.native import (NATIVE_FOOTER_MAGIC, NATIVE_FOOTER_SIZE, NATIVE_HEADER_SIZE, NATIVE_MAGIC,
-                                              NATIVE_VERSION, NativeShardWriter, native_record_dtype)
-from clinical_bert_jax.records.schema import (FEATURE_DTYPES, FEATURE_NAMES, FORMAT_NATIVE, FORMAT_TFRECORD,
-                                              MANIFEST_NAME, NATIVE_SUFFIX, PREDICTION_FEATURES, SEQUENCE_FEATURES,
-                                              TFRECORD_SUFFIX, TOOL_VERSION, ShardInfo, check_shard_names,
-                                              read_manifest, shard_file_name, write_manifest)
+from clinical_bert_jax.records.native import (
+  NATIVE_FOOTER_MAGIC,
+  NATIVE_FOOTER_SIZE,
+  NATIVE_HEADER_SIZE,
+  NATIVE_MAGIC,
+  NATIVE_VERSION,
+  NativeShardWriter,
+  native_record_dtype,
+)
+from clinical_bert_jax.records.schema import (
+  FEATURE_DTYPES,
+  FEATURE_NAMES,
+  FORMAT_NATIVE,
+  FORMAT_TFRECORD,
+  MANIFEST_NAME,
+  NATIVE_SUFFIX,
+  PREDICTION_FEATURES,
+  SEQUENCE_FEATURES,
+  TFRECORD_SUFFIX,
+  TOOL_VERSION,
+  ShardInfo,
+  check_shard_names,
+  read_manifest,
+  shard_file_name,
+  write_manifest,
+)
 from clinical_bert_jax.records.tfrecord import TFRecordWriter
 from clinical_bert_jax.records.wire import decode_example, encode_examples, example_feature_payloads
 from clinical_bert_jax.vocab import vocab_fingerprint  # records.vocab_fingerprint: its old home
 
 __all__ = [
-    "FEATURE_DTYPES", "FEATURE_NAMES", "FORMAT_NATIVE", "FORMAT_TFRECORD", "MANIFEST_NAME", "NATIVE_FOOTER_MAGIC",
-    "NATIVE_FOOTER_SIZE", "NATIVE_HEADER_SIZE", "NATIVE_MAGIC", "NATIVE_SUFFIX", "NATIVE_VERSION",
-    "PREDICTION_FEATURES", "SEQUENCE_FEATURES", "TFRECORD_SUFFIX", "TOOL_VERSION", "NativeShardWriter",
-    "PretrainingData", "ShardInfo", "TFRecordWriter", "check_shard_names", "crc32c_many", "decode_example",
-    "encode_examples", "example_feature_payloads", "masked_crc32c", "native_record_dtype", "open_writer",
-    "read_manifest", "shard_file_name", "vocab_fingerprint", "write_manifest",
+  "FEATURE_DTYPES",
+  "FEATURE_NAMES",
+  "FORMAT_NATIVE",
+  "FORMAT_TFRECORD",
+  "MANIFEST_NAME",
+  "NATIVE_FOOTER_MAGIC",
+  "NATIVE_FOOTER_SIZE",
+  "NATIVE_HEADER_SIZE",
+  "NATIVE_MAGIC",
+  "NATIVE_SUFFIX",
+  "NATIVE_VERSION",
+  "PREDICTION_FEATURES",
+  "SEQUENCE_FEATURES",
+  "TFRECORD_SUFFIX",
+  "TOOL_VERSION",
+  "NativeShardWriter",
+  "PretrainingData",
+  "ShardInfo",
+  "TFRecordWriter",
+  "check_shard_names",
+  "crc32c_many",
+  "decode_example",
+  "encode_examples",
+  "example_feature_payloads",
+  "masked_crc32c",
+  "native_record_dtype",
+  "open_writer",
+  "read_manifest",
+  "shard_file_name",
+  "vocab_fingerprint",
+  "write_manifest",
 ]

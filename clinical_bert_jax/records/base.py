@@ -33,8 +33,9 @@ def _feature_shape(name: str, max_seq_length: int, max_predictions: int) -> tupl
   return (max_seq_length,) if name in SEQUENCE_FEATURES else (max_predictions,)
 
 
-def _stack_instances(instances: Sequence[Mapping[str, np.ndarray]], max_seq_length: int, max_predictions: int,
-                     first_index: int, path: Path) -> dict[str, np.ndarray]:
+def _stack_instances(
+  instances: Sequence[Mapping[str, np.ndarray]], max_seq_length: int, max_predictions: int, first_index: int, path: Path
+) -> dict[str, np.ndarray]:
   """Stacks single instances into [n, ...] arrays, naming the first instance whose feature has the wrong shape."""
   batch = {}
   for name in FEATURE_NAMES:
@@ -42,20 +43,28 @@ def _stack_instances(instances: Sequence[Mapping[str, np.ndarray]], max_seq_leng
     allowed_shapes = {expected_shape, (1,)} if name == "next_sentence_labels" else {expected_shape}
     bad = [index for index, instance in enumerate(instances) if instance[name].shape not in allowed_shapes]
     if bad:
-      raise ValueError(f"instance {first_index + bad[0]} written to {path}: {name} does not have the shape "
-                       f"{expected_shape}")
+      raise ValueError(
+        f"instance {first_index + bad[0]} written to {path}: {name} does not have the shape {expected_shape}"
+      )
     batch[name] = np.stack([instance[name].reshape(expected_shape) for instance in instances])
   return batch
 
 
-def _check_batch(arrays: Mapping[str, np.ndarray], max_seq_length: int, max_predictions: int,
-                 vocab_size: int | None, first_index: int, path: Path) -> dict[str, np.ndarray]:
+def _check_batch(
+  arrays: Mapping[str, np.ndarray],
+  max_seq_length: int,
+  max_predictions: int,
+  vocab_size: int | None,
+  first_index: int,
+  path: Path,
+) -> dict[str, np.ndarray]:
   """Checks that [n, ...] arrays are well-formed padded instances; returns them with the derived lengths added.
 
   The native format stores lengths instead of masks, so a mask that is not a prefix of ones (or segment ids that are
   not 0...0 1...1 over the real tokens) cannot be stored; such an instance is a bug in the caller: ValueError naming
   the instance's index in the shard. Integer features come back as int64, the weights as float32.
   """
+
   def check(row_ok: np.ndarray, problem: str) -> None:
     bad = np.flatnonzero(~row_ok)
     if bad.size:
@@ -69,8 +78,9 @@ def _check_batch(arrays: Mapping[str, np.ndarray], max_seq_length: int, max_pred
     if name == "next_sentence_labels" and array.shape == (count, 1):
       array = array.reshape(count)
     if array.shape != expected_shape:
-      raise ValueError(f"instances {first_index}.. written to {path}: {name} has the shape {array.shape}, expected "
-                       f"{expected_shape}")
+      raise ValueError(
+        f"instances {first_index}.. written to {path}: {name} has the shape {array.shape}, expected {expected_shape}"
+      )
     if name == "masked_lm_weights":
       batch[name] = array.astype(np.float32, copy=False)
       continue
@@ -82,23 +92,35 @@ def _check_batch(arrays: Mapping[str, np.ndarray], max_seq_length: int, max_pred
 
   positions = np.arange(max_seq_length)
   num_tokens = batch["input_mask"].sum(axis=1)
-  check((batch["input_mask"] == (positions < num_tokens[:, None])).all(axis=1),
-        "input_mask must be 1 on a prefix of real tokens and 0 after it")
+  check(
+    (batch["input_mask"] == (positions < num_tokens[:, None])).all(axis=1),
+    "input_mask must be 1 on a prefix of real tokens and 0 after it",
+  )
   segment_b_start = num_tokens - batch["segment_ids"].sum(axis=1)
   expected_segments = (positions >= segment_b_start[:, None]) & (positions < num_tokens[:, None])
-  check((batch["segment_ids"] == expected_segments).all(axis=1),
-        "segment_ids must be 0 on segment A, 1 on segment B and 0 on padding")
-  check(~np.any((batch["input_ids"] != 0) & (positions >= num_tokens[:, None]), axis=1),
-        "input_ids must be 0 where input_mask is 0")
+  check(
+    (batch["segment_ids"] == expected_segments).all(axis=1),
+    "segment_ids must be 0 on segment A, 1 on segment B and 0 on padding",
+  )
+  check(
+    ~np.any((batch["input_ids"] != 0) & (positions >= num_tokens[:, None]), axis=1),
+    "input_ids must be 0 where input_mask is 0",
+  )
 
   num_predictions = (batch["masked_lm_weights"] > 0).sum(axis=1)
   real = np.arange(max_predictions) < num_predictions[:, None]
-  check((batch["masked_lm_weights"] == real).all(axis=1),
-        "masked_lm_weights must be 1.0 on a prefix of slots and 0.0 after it")
-  check(~np.any(~real & ((batch["masked_lm_positions"] != 0) | (batch["masked_lm_ids"] != 0)), axis=1),
-        "masked_lm_positions/ids must be 0 in unused slots")
-  check(~np.any(real & (batch["masked_lm_positions"] >= num_tokens[:, None]), axis=1),
-        "a masked_lm_position points past the real tokens")
+  check(
+    (batch["masked_lm_weights"] == real).all(axis=1),
+    "masked_lm_weights must be 1.0 on a prefix of slots and 0.0 after it",
+  )
+  check(
+    ~np.any(~real & ((batch["masked_lm_positions"] != 0) | (batch["masked_lm_ids"] != 0)), axis=1),
+    "masked_lm_positions/ids must be 0 in unused slots",
+  )
+  check(
+    ~np.any(real & (batch["masked_lm_positions"] >= num_tokens[:, None]), axis=1),
+    "a masked_lm_position points past the real tokens",
+  )
   check(batch["next_sentence_labels"] <= 1, "next_sentence_labels must be 0 or 1")
   if vocab_size is not None:
     row_max = np.maximum(batch["input_ids"].max(axis=1, initial=0), batch["masked_lm_ids"].max(axis=1, initial=0))
@@ -114,8 +136,13 @@ class _StreamingWriter:
   """Common writer behaviour: single instances buffered into vectorised chunks or whole batches written at once,
   temp file renamed on close, context manager."""
 
-  def __init__(self, path: str | os.PathLike, max_seq_length: int | None, max_predictions_per_seq: int | None,
-               vocab_size: int | None):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    max_seq_length: int | None,
+    max_predictions_per_seq: int | None,
+    vocab_size: int | None,
+  ):
     self.path = Path(path)
     self.max_seq_length = max_seq_length
     self.max_predictions_per_seq = max_predictions_per_seq
@@ -137,8 +164,10 @@ class _StreamingWriter:
     try:
       self._pending.append({name: np.array(instance[name]) for name in FEATURE_NAMES})
     except KeyError as error:
-      raise ValueError(f"instance {self.count + len(self._pending)} written to {self.path} lacks the feature "
-                       f"{error}; expected {list(FEATURE_NAMES)}") from None
+      raise ValueError(
+        f"instance {self.count + len(self._pending)} written to {self.path} lacks the feature "
+        f"{error}; expected {list(FEATURE_NAMES)}"
+      ) from None
     if len(self._pending) >= _WRITE_CHUNK:
       self._flush()
 
@@ -159,12 +188,16 @@ class _StreamingWriter:
     try:
       arrays = {name: np.asarray(batch[name]) for name in FEATURE_NAMES}
     except KeyError as error:
-      raise ValueError(f"batch written to {self.path} at instance {self.count} lacks the feature {error}; expected "
-                       f"{list(FEATURE_NAMES)}") from None
+      raise ValueError(
+        f"batch written to {self.path} at instance {self.count} lacks the feature {error}; expected "
+        f"{list(FEATURE_NAMES)}"
+      ) from None
     for name in ("input_ids", "masked_lm_ids"):
       if arrays[name].ndim != 2:
-        raise ValueError(f"batch written to {self.path} at instance {self.count}: {name} has the shape "
-                         f"{arrays[name].shape}, not [n, width]; use write() for a single instance")
+        raise ValueError(
+          f"batch written to {self.path} at instance {self.count}: {name} has the shape "
+          f"{arrays[name].shape}, not [n, width]; use write() for a single instance"
+        )
     if self.max_seq_length is None:
       self.max_seq_length = arrays["input_ids"].shape[1]
       self.max_predictions_per_seq = arrays["masked_lm_ids"].shape[1]
@@ -177,13 +210,15 @@ class _StreamingWriter:
     if self.max_seq_length is None:
       self.max_seq_length = instances[0]["input_ids"].size
       self.max_predictions_per_seq = instances[0]["masked_lm_ids"].size
-    self._write_checked(_stack_instances(instances, self.max_seq_length, self.max_predictions_per_seq, self.count,
-                                         self.path))
+    self._write_checked(
+      _stack_instances(instances, self.max_seq_length, self.max_predictions_per_seq, self.count, self.path)
+    )
 
   def _write_checked(self, arrays: Mapping[str, np.ndarray]) -> None:
     """Checks, encodes and appends [n, ...] arrays of instances."""
-    batch = _check_batch(arrays, self.max_seq_length, self.max_predictions_per_seq, self.vocab_size, self.count,
-                         self.path)
+    batch = _check_batch(
+      arrays, self.max_seq_length, self.max_predictions_per_seq, self.vocab_size, self.count, self.path
+    )
     if not len(batch["num_tokens"]):
       return  # an empty batch adds no bytes, as writing no instance would not
     data = self._encode(batch)

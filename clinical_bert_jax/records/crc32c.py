@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+
 @functools.cache
 def _crc32c_tables() -> np.ndarray:
   """Slicing-by-4 tables for the reflected CRC-32C polynomial 0x82F63B78: row k advances a byte by 3 - k bytes."""
@@ -83,8 +84,11 @@ def crc32c_many(messages: Sequence[bytes]) -> np.ndarray:
   start = 0
   while start < len(order):
     end = start + 1
-    while (end < len(order) and end - start < _CRC_CHUNK_MESSAGES
-           and (end - start + 1) * lengths[order[end]] <= _CRC_CHUNK_BYTES):
+    while (
+      end < len(order)
+      and end - start < _CRC_CHUNK_MESSAGES
+      and (end - start + 1) * lengths[order[end]] <= _CRC_CHUNK_BYTES
+    ):
       end += 1
     chunk = order[start:end]
     result[chunk] = _crc32c_aligned([messages[index] for index in chunk], lengths[chunk])

@@ -17,13 +17,23 @@ import numpy as np
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.records.base import _Shard
 from clinical_bert_jax.records.native import NATIVE_MAGIC, NativeShardWriter, _NativeShard
-from clinical_bert_jax.records.schema import (FEATURE_DTYPES, FEATURE_NAMES, FORMAT_NATIVE, FORMAT_TFRECORD,
-                                              MANIFEST_NAME, NATIVE_SUFFIX, SEQUENCE_FEATURES, TFRECORD_SUFFIX,
-                                              read_manifest)
+from clinical_bert_jax.records.schema import (
+  FEATURE_DTYPES,
+  FEATURE_NAMES,
+  FORMAT_NATIVE,
+  FORMAT_TFRECORD,
+  MANIFEST_NAME,
+  NATIVE_SUFFIX,
+  SEQUENCE_FEATURES,
+  TFRECORD_SUFFIX,
+  read_manifest,
+)
 from clinical_bert_jax.records.tfrecord import TFRecordWriter, _TFRecordShard
 
-def open_writer(file_format: str, path: str | os.PathLike, max_seq_length: int, max_predictions_per_seq: int,
-                vocab_size: int) -> NativeShardWriter | TFRecordWriter:
+
+def open_writer(
+  file_format: str, path: str | os.PathLike, max_seq_length: int, max_predictions_per_seq: int, vocab_size: int
+) -> NativeShardWriter | TFRecordWriter:
   """A writer for `file_format` (FORMAT_NATIVE or FORMAT_TFRECORD) with the same interface either way."""
   if file_format == FORMAT_NATIVE:
     return NativeShardWriter(path, max_seq_length, max_predictions_per_seq, vocab_size)
@@ -76,12 +86,14 @@ class PretrainingData:
     self._ends = np.cumsum(counts)
     self.max_seq_length = next((s.max_seq_length for s in shards if s.max_seq_length is not None), None)
     self.max_predictions_per_seq = next(
-        (s.max_predictions_per_seq for s in shards if s.max_predictions_per_seq is not None), None)
+      (s.max_predictions_per_seq for s in shards if s.max_predictions_per_seq is not None), None
+    )
     self._vocab_size: int | None = None
 
   @classmethod
-  def open(cls, paths_or_glob: str | os.PathLike | Sequence[str | os.PathLike],
-           verify_checksums: bool = True) -> PretrainingData:
+  def open(
+    cls, paths_or_glob: str | os.PathLike | Sequence[str | os.PathLike], verify_checksums: bool = True
+  ) -> PretrainingData:
     """Opens shards by glob(s), path(s) or directory; UserError for missing, empty, incomplete or mixed files.
 
     `verify_checksums` reads each native shard once to check its CRC-32 (about 1 s/GB) and checks each TFRecord
@@ -98,14 +110,20 @@ class PretrainingData:
     reference = next((shard for shard in shards if shard.max_seq_length is not None), shards[0])
     for shard in shards:
       if shard.count and (shard.max_seq_length, shard.max_predictions_per_seq) != (
-          reference.max_seq_length, reference.max_predictions_per_seq):
-        raise UserError(f"{shard.path} has max_seq_length={shard.max_seq_length}, max_predictions_per_seq="
-                        f"{shard.max_predictions_per_seq} but {reference.path} has {reference.max_seq_length}, "
-                        f"{reference.max_predictions_per_seq}; train on files generated with the same settings")
+        reference.max_seq_length,
+        reference.max_predictions_per_seq,
+      ):
+        raise UserError(
+          f"{shard.path} has max_seq_length={shard.max_seq_length}, max_predictions_per_seq="
+          f"{shard.max_predictions_per_seq} but {reference.path} has {reference.max_seq_length}, "
+          f"{reference.max_predictions_per_seq}; train on files generated with the same settings"
+        )
     data = cls(shards, _shared_manifest(shards))
     if len(data) == 0:
-      raise UserError(f"pretraining data {', '.join(str(path) for path in paths[:3])} holds no instances; "
-                      "regenerate it from a non-empty corpus")
+      raise UserError(
+        f"pretraining data {', '.join(str(path) for path in paths[:3])} holds no instances; "
+        "regenerate it from a non-empty corpus"
+      )
     return data
 
   def __len__(self) -> int:
@@ -117,8 +135,9 @@ class PretrainingData:
     if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
       raise IndexError(f"indices must be in [0, {len(self)})")
     shard_ids = np.searchsorted(self._ends, indices, side="right")
-    batch = {name: np.zeros((indices.size,) + self._feature_shape(name), FEATURE_DTYPES[name])
-             for name in FEATURE_NAMES}
+    batch = {
+      name: np.zeros((indices.size,) + self._feature_shape(name), FEATURE_DTYPES[name]) for name in FEATURE_NAMES
+    }
     for shard_id in np.unique(shard_ids).tolist():
       rows = np.flatnonzero(shard_ids == shard_id)
       local = indices[rows] - (self._ends[shard_id] - self.shards[shard_id].count)
@@ -135,8 +154,9 @@ class PretrainingData:
       return ()
     return (self.max_seq_length,) if name in SEQUENCE_FEATURES else (self.max_predictions_per_seq,)
 
-  def validate_against(self, vocab_size: int, vocab_sha256: str | None, max_seq_length: int,
-                       max_predictions_per_seq: int | None) -> None:
+  def validate_against(
+    self, vocab_size: int, vocab_sha256: str | None, max_seq_length: int, max_predictions_per_seq: int | None
+  ) -> None:
     """Checks that the data fits the model about to train on it; UserError naming the first mismatch.
 
     `vocab_size` is the number of entries of the vocabulary file (`vocab_fingerprint`), not an embedding table
@@ -147,25 +167,35 @@ class PretrainingData:
     manifest = self.manifest or {}
     where = f"the manifest of {self.shards[0].path.parent}"
     if vocab_sha256 is not None and manifest.get("vocab_sha256") not in (None, vocab_sha256):
-      raise UserError(f"vocabulary mismatch: {where} was built with a vocab of sha256 {manifest['vocab_sha256']} "
-                      f"but training uses sha256 {vocab_sha256}; pass the same --vocab_file or regenerate the data")
+      raise UserError(
+        f"vocabulary mismatch: {where} was built with a vocab of sha256 {manifest['vocab_sha256']} "
+        f"but training uses sha256 {vocab_sha256}; pass the same --vocab_file or regenerate the data"
+      )
     if manifest.get("vocab_size") not in (None, vocab_size):
-      raise UserError(f"vocab_size mismatch: {where} says {manifest['vocab_size']} but training uses {vocab_size}; "
-                      "pass the same vocabulary or regenerate the data")
+      raise UserError(
+        f"vocab_size mismatch: {where} says {manifest['vocab_size']} but training uses {vocab_size}; "
+        "pass the same vocabulary or regenerate the data"
+      )
     for shard in self.shards:
       checks = [("max_seq_length", shard.max_seq_length, max_seq_length)]
       if max_predictions_per_seq is not None:
         checks.append(("max_predictions_per_seq", shard.max_predictions_per_seq, max_predictions_per_seq))
       for name, stored, wanted in checks:
         if shard.count and stored != wanted:
-          raise UserError(f"{name} mismatch: {shard.path} has {stored} but training uses {wanted}; set "
-                          f"--{name}={stored} or regenerate the data with --{name}={wanted}")
+          raise UserError(
+            f"{name} mismatch: {shard.path} has {stored} but training uses {wanted}; set "
+            f"--{name}={stored} or regenerate the data with --{name}={wanted}"
+          )
       if shard.vocab_size is not None and shard.vocab_size != vocab_size:
-        raise UserError(f"vocab_size mismatch: {shard.path} was written for {shard.vocab_size} ids but training "
-                        f"uses {vocab_size}; pass the same vocabulary or regenerate the data")
+        raise UserError(
+          f"vocab_size mismatch: {shard.path} was written for {shard.vocab_size} ids but training "
+          f"uses {vocab_size}; pass the same vocabulary or regenerate the data"
+        )
       if shard.max_id is not None and shard.max_id >= vocab_size:
-        raise UserError(f"{shard.path} holds token id {shard.max_id}, outside the vocabulary of {vocab_size} "
-                        "entries; pass the vocabulary the data was built with or regenerate it")
+        raise UserError(
+          f"{shard.path} holds token id {shard.max_id}, outside the vocabulary of {vocab_size} "
+          "entries; pass the vocabulary the data was built with or regenerate it"
+        )
     self._vocab_size = vocab_size
 
 
@@ -182,14 +212,20 @@ def _shared_manifest(shards: list[_Shard]) -> dict[str, Any] | None:
   for shard in shards:
     entry = entries.get(shard.path.name)
     if entry is None:
-      raise UserError(f"{shard.path} is not listed in {directory / MANIFEST_NAME}; it belongs to another run: "
-                      "remove it or move it to its own directory")
+      raise UserError(
+        f"{shard.path} is not listed in {directory / MANIFEST_NAME}; it belongs to another run: "
+        "remove it or move it to its own directory"
+      )
     if int(entry["count"]) != shard.count:
-      raise UserError(f"{shard.path} holds {shard.count} instances but {MANIFEST_NAME} lists {entry['count']}; "
-                      "the data directory is inconsistent: regenerate it")
+      raise UserError(
+        f"{shard.path} holds {shard.count} instances but {MANIFEST_NAME} lists {entry['count']}; "
+        "the data directory is inconsistent: regenerate it"
+      )
     if shard.checksum is not None and entry.get("checksum") not in (None, shard.checksum):
-      raise UserError(f"{shard.path} has checksum {shard.checksum} but {MANIFEST_NAME} lists {entry['checksum']}; "
-                      "the data directory is inconsistent: regenerate it")
+      raise UserError(
+        f"{shard.path} has checksum {shard.checksum} but {MANIFEST_NAME} lists {entry['checksum']}; "
+        "the data directory is inconsistent: regenerate it"
+      )
     if shard.max_id is None and entry.get("max_id") is not None:
       shard.max_id = int(entry["max_id"])
   return manifest

@@ -40,7 +40,8 @@ _UINT16_VOCAB_LIMIT = 65536
 def native_record_dtype(max_seq_length: int, max_predictions_per_seq: int, id_bytes: int) -> np.dtype:
   """Packed little-endian record layout; padding slots of ids/positions are stored as zeros."""
   id_type = {2: "<u2", 4: "<u4"}[id_bytes]
-  return np.dtype([
+  return np.dtype(
+    [
       ("input_ids", id_type, (max_seq_length,)),
       ("masked_lm_ids", id_type, (max_predictions_per_seq,)),
       ("masked_lm_positions", "<u2", (max_predictions_per_seq,)),
@@ -48,7 +49,8 @@ def native_record_dtype(max_seq_length: int, max_predictions_per_seq: int, id_by
       ("segment_b_start", "<u2"),
       ("num_predictions", "<u2"),
       ("next_sentence_label", "u1"),
-  ])
+    ]
+  )
 
 
 class NativeShardWriter(_StreamingWriter):
@@ -64,14 +66,28 @@ class NativeShardWriter(_StreamingWriter):
     super().__init__(path, max_seq_length, max_predictions_per_seq, vocab_size)
     self.id_bytes = 2 if vocab_size <= _UINT16_VOCAB_LIMIT else 4
     self._dtype = native_record_dtype(max_seq_length, max_predictions_per_seq, self.id_bytes)
-    header = _HEADER.pack(NATIVE_MAGIC, NATIVE_VERSION, NATIVE_HEADER_SIZE, max_seq_length, max_predictions_per_seq,
-                          self.id_bytes, self._dtype.itemsize, vocab_size)
+    header = _HEADER.pack(
+      NATIVE_MAGIC,
+      NATIVE_VERSION,
+      NATIVE_HEADER_SIZE,
+      max_seq_length,
+      max_predictions_per_seq,
+      self.id_bytes,
+      self._dtype.itemsize,
+      vocab_size,
+    )
     self._file.write(header.ljust(NATIVE_HEADER_SIZE, b"\x00"))
 
   def _encode(self, batch: dict[str, np.ndarray]) -> bytes:
     records = np.zeros(len(batch["num_tokens"]), self._dtype)
-    for name in ("input_ids", "masked_lm_ids", "masked_lm_positions", "num_tokens", "segment_b_start",
-                 "num_predictions"):
+    for name in (
+      "input_ids",
+      "masked_lm_ids",
+      "masked_lm_positions",
+      "num_tokens",
+      "segment_b_start",
+      "num_predictions",
+    ):
       records[name] = batch[name]
     records["next_sentence_label"] = batch["next_sentence_labels"]
     return records.tobytes()
@@ -81,7 +97,6 @@ class NativeShardWriter(_StreamingWriter):
 
 
 class _NativeShard(_Shard):
-
   def __init__(self, path: Path, verify_checksum: bool):
     super().__init__(path)
     size = self._file_size()
@@ -94,21 +109,34 @@ class _NativeShard(_Shard):
         footer = b""
     if len(header) < NATIVE_HEADER_SIZE:
       raise UserError(f"{path}: native shard header is cut short ({size} bytes); delete the file and regenerate it")
-    (_, version, header_size, self.max_seq_length, self.max_predictions_per_seq, self.id_bytes, record_size,
-     self.vocab_size) = _HEADER.unpack_from(header)
+    (
+      _,
+      version,
+      header_size,
+      self.max_seq_length,
+      self.max_predictions_per_seq,
+      self.id_bytes,
+      record_size,
+      self.vocab_size,
+    ) = _HEADER.unpack_from(header)
     if version != NATIVE_VERSION or header_size != NATIVE_HEADER_SIZE or self.id_bytes not in (2, 4):
-      raise UserError(f"{path}: native shard version {version} (header {header_size} bytes) is not supported by "
-                      f"this tool version {TOOL_VERSION}; regenerate the data or upgrade")
+      raise UserError(
+        f"{path}: native shard version {version} (header {header_size} bytes) is not supported by "
+        f"this tool version {TOOL_VERSION}; regenerate the data or upgrade"
+      )
     self.dtype = native_record_dtype(self.max_seq_length, self.max_predictions_per_seq, self.id_bytes)
     if record_size != self.dtype.itemsize:
       raise UserError(f"{path}: header record size {record_size} does not match its layout; the file is corrupt")
     if len(footer) != NATIVE_FOOTER_SIZE or footer[:8] != NATIVE_FOOTER_MAGIC:
-      raise UserError(f"{path}: shard has no valid footer (incomplete write or killed run); delete it and "
-                      "regenerate the data")
+      raise UserError(
+        f"{path}: shard has no valid footer (incomplete write or killed run); delete it and regenerate the data"
+      )
     _, self.count, self.crc, self.max_id = _FOOTER.unpack(footer)
     if size != NATIVE_HEADER_SIZE + self.count * record_size + NATIVE_FOOTER_SIZE:
-      raise UserError(f"{path}: file size {size} does not match its footer ({self.count} records of {record_size} "
-                      "bytes); the file is truncated or corrupt: regenerate it")
+      raise UserError(
+        f"{path}: file size {size} does not match its footer ({self.count} records of {record_size} "
+        "bytes); the file is truncated or corrupt: regenerate it"
+      )
     if verify_checksum:
       self.verify_checksum()
 
@@ -126,8 +154,10 @@ class _NativeShard(_Shard):
         crc = zlib.crc32(block, crc)
         remaining -= len(block)
     if crc != self.crc:
-      raise UserError(f"{self.path}: payload checksum crc32:{crc:08x} differs from its footer ({self.checksum}); "
-                      "the file is corrupt: regenerate it")
+      raise UserError(
+        f"{self.path}: payload checksum crc32:{crc:08x} differs from its footer ({self.checksum}); "
+        "the file is corrupt: regenerate it"
+      )
 
   def records(self) -> np.ndarray:
     if self._mapping is None:
@@ -140,13 +170,13 @@ class _NativeShard(_Shard):
     positions = np.arange(self.max_seq_length)
     num_tokens = records["num_tokens"][:, None].astype(np.int32)
     return {
-        "input_ids": records["input_ids"].astype(np.int32),
-        "input_mask": (positions < num_tokens).astype(np.int32),
-        "segment_ids": ((positions >= records["segment_b_start"][:, None]) & (positions < num_tokens)).astype(
-            np.int32),
-        "masked_lm_positions": records["masked_lm_positions"].astype(np.int32),
-        "masked_lm_ids": records["masked_lm_ids"].astype(np.int32),
-        "masked_lm_weights": (np.arange(self.max_predictions_per_seq) < records["num_predictions"][:, None]).astype(
-            np.float32),
-        "next_sentence_labels": records["next_sentence_label"].astype(np.int32),
+      "input_ids": records["input_ids"].astype(np.int32),
+      "input_mask": (positions < num_tokens).astype(np.int32),
+      "segment_ids": ((positions >= records["segment_b_start"][:, None]) & (positions < num_tokens)).astype(np.int32),
+      "masked_lm_positions": records["masked_lm_positions"].astype(np.int32),
+      "masked_lm_ids": records["masked_lm_ids"].astype(np.int32),
+      "masked_lm_weights": (np.arange(self.max_predictions_per_seq) < records["num_predictions"][:, None]).astype(
+        np.float32
+      ),
+      "next_sentence_labels": records["next_sentence_label"].astype(np.int32),
     }

@@ -44,6 +44,7 @@ class ShardInfo:
   `checksum` is "crc32:<8 hex>" of the record payload (native) or of the whole file (TFRecord); `max_id` is the
   largest token id written (padding zeros included), used to check a shard against a vocabulary without reading it.
   """
+
   name: str
   count: int
   checksum: str
@@ -59,8 +60,16 @@ def shard_file_name(prefix: str, index: int, num_shards: int, file_format: str =
   return f"{prefix}-{index:05d}-of-{num_shards:05d}{suffix}"
 
 
-_REQUIRED_MANIFEST_KEYS = ("format", "vocab_sha256", "vocab_size", "do_lower_case", "max_seq_length",
-                           "max_predictions_per_seq", "masking", "shards")
+_REQUIRED_MANIFEST_KEYS = (
+  "format",
+  "vocab_sha256",
+  "vocab_size",
+  "do_lower_case",
+  "max_seq_length",
+  "max_predictions_per_seq",
+  "masking",
+  "shards",
+)
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
@@ -73,8 +82,7 @@ def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) ->
   if missing:
     raise ValueError(f"manifest lacks required keys {missing}")
   content = dict(manifest)
-  content["shards"] = [shard.to_json() if isinstance(shard, ShardInfo) else dict(shard)
-                       for shard in manifest["shards"]]
+  content["shards"] = [shard.to_json() if isinstance(shard, ShardInfo) else dict(shard) for shard in manifest["shards"]]
   total = sum(int(shard["count"]) for shard in content["shards"])
   if content.setdefault("total_instances", total) != total:
     raise ValueError(f"manifest total_instances={content['total_instances']} but its shards hold {total}")
@@ -94,8 +102,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
   try:
     content = json.loads(path.read_text(encoding="utf-8"))
   except OSError as error:
-    raise UserError(f"cannot read manifest {path}: {error.strerror}; point to a directory written by "
-                    "create_pretraining_data") from None
+    raise UserError(
+      f"cannot read manifest {path}: {error.strerror}; point to a directory written by create_pretraining_data"
+    ) from None
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise UserError(f"manifest {path} is not valid JSON ({error}); regenerate the data") from None
   missing = [key for key in _REQUIRED_MANIFEST_KEYS if key not in content] if isinstance(content, dict) else ["all"]
@@ -122,5 +131,7 @@ def check_shard_names(content: Mapping[str, Any], path: str | os.PathLike) -> No
     raise UserError(f"manifest {path}: 'shards' is not a list; regenerate the data with create_pretraining_data")
   for index, entry in enumerate(shards):
     if not isinstance(entry, Mapping) or not is_confined_name(entry.get("name")):
-      raise UserError(f"manifest {path}: shards[{index}] does not name a file inside the manifest's directory (a "
-                      "relative name without '..', absolute paths or URIs is required); regenerate the data")
+      raise UserError(
+        f"manifest {path}: shards[{index}] does not name a file inside the manifest's directory (a "
+        "relative name without '..', absolute paths or URIs is required); regenerate the data"
+      )

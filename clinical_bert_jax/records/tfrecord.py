@@ -20,8 +20,15 @@ from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.records.base import _Shard, _StreamingWriter
 from clinical_bert_jax.records.crc32c import masked_crc32c
 from clinical_bert_jax.records.schema import FEATURE_DTYPES, FEATURE_NAMES, SEQUENCE_FEATURES
-from clinical_bert_jax.records.wire import (_FLOAT_LIST, _INT64_LIST, _canonical_feature_spans, _decode_packed,
-                                            _ProtoError, encode_examples, example_feature_payloads)
+from clinical_bert_jax.records.wire import (
+  _FLOAT_LIST,
+  _INT64_LIST,
+  _canonical_feature_spans,
+  _decode_packed,
+  _ProtoError,
+  encode_examples,
+  example_feature_payloads,
+)
 
 _MAX_TFRECORD_BYTES = 1 << 24  # an instance of 65,535 tokens is under 1 MB; anything far larger is not one
 
@@ -32,8 +39,13 @@ class TFRecordWriter(_StreamingWriter):
   Shapes and the vocabulary size are checked when given; otherwise the first instance fixes the shapes.
   """
 
-  def __init__(self, path: str | os.PathLike, max_seq_length: int | None = None,
-               max_predictions_per_seq: int | None = None, vocab_size: int | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    max_seq_length: int | None = None,
+    max_predictions_per_seq: int | None = None,
+    vocab_size: int | None = None,
+  ):
     super().__init__(path, max_seq_length, max_predictions_per_seq, vocab_size)
 
   def _encode(self, batch: dict[str, np.ndarray]) -> bytes:
@@ -41,8 +53,10 @@ class TFRecordWriter(_StreamingWriter):
     headers = [struct.pack("<Q", len(example)) for example in examples]
     header_crcs = masked_crc32c(headers).astype("<u4")
     data_crcs = masked_crc32c(examples).astype("<u4")
-    return b"".join(header + header_crc.tobytes() + example + data_crc.tobytes()
-                    for header, header_crc, example, data_crc in zip(headers, header_crcs, examples, data_crcs))
+    return b"".join(
+      header + header_crc.tobytes() + example + data_crc.tobytes()
+      for header, header_crc, example, data_crc in zip(headers, header_crcs, examples, data_crcs)
+    )
 
 
 class _TFRecordShard(_Shard):
@@ -78,16 +92,22 @@ class _TFRecordShard(_Shard):
     offset = 0
     while offset < size:
       if offset + 12 > size:
-        raise UserError(f"{self.path}: truncated TFRecord header at byte {offset} (record {len(offsets)}); the file "
-                        "is incomplete: regenerate it")
+        raise UserError(
+          f"{self.path}: truncated TFRecord header at byte {offset} (record {len(offsets)}); the file "
+          "is incomplete: regenerate it"
+        )
       (length,) = struct.unpack_from("<Q", data, offset)
       if length > _MAX_TFRECORD_BYTES:
-        raise UserError(f"{self.path}: record {len(offsets)} claims {length} bytes, far more than a pretraining "
-                        "instance; the file is corrupt or not BERT pretraining data")
+        raise UserError(
+          f"{self.path}: record {len(offsets)} claims {length} bytes, far more than a pretraining "
+          "instance; the file is corrupt or not BERT pretraining data"
+        )
       if offset + 16 + length > size:
-        raise UserError(f"{self.path}: record {len(offsets)} at byte {offset} runs past the end of the file; the "
-                        "file is incomplete or not a TFRecord file: regenerate it")
-      headers.append(data[offset:offset + 12])
+        raise UserError(
+          f"{self.path}: record {len(offsets)} at byte {offset} runs past the end of the file; the "
+          "file is incomplete or not a TFRecord file: regenerate it"
+        )
+      headers.append(data[offset : offset + 12])
       offsets.append(offset + 12)
       lengths.append(length)
       offset += 16 + length
@@ -95,32 +115,37 @@ class _TFRecordShard(_Shard):
     stored = np.frombuffer(b"".join(header[8:] for header in headers), "<u4")
     bad = np.flatnonzero(expected != stored)
     if bad.size:
-      raise UserError(f"{self.path}: record {bad[0]} has a bad length checksum; the file is corrupt or not a "
-                      "TFRecord file")
+      raise UserError(
+        f"{self.path}: record {bad[0]} has a bad length checksum; the file is corrupt or not a TFRecord file"
+      )
     return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
   def _examples(self, local_indices: np.ndarray) -> list[dict[str, tuple[int, bytes]]]:
     """Feature payloads of the given records, after checking their CRCs and that all features are present."""
     data = self.data()
     spans = list(zip(self.offsets[local_indices].tolist(), self.lengths[local_indices].tolist()))
-    payloads = [data[offset:offset + length] for offset, length in spans]
+    payloads = [data[offset : offset + length] for offset, length in spans]
     if self.verify:
-      stored = np.frombuffer(b"".join(data[offset + length:offset + length + 4] for offset, length in spans), "<u4")
+      stored = np.frombuffer(b"".join(data[offset + length : offset + length + 4] for offset, length in spans), "<u4")
       bad = np.flatnonzero(masked_crc32c(payloads) != stored)
       if bad.size:
-        raise UserError(f"{self.path}: record {local_indices[bad[0]]} has a bad data checksum; the file is corrupt: "
-                        "regenerate it")
+        raise UserError(
+          f"{self.path}: record {local_indices[bad[0]]} has a bad data checksum; the file is corrupt: regenerate it"
+        )
     examples = []
     for index, payload in zip(local_indices.tolist(), payloads):
       try:
         example = example_feature_payloads(payload)
       except _ProtoError as error:
-        raise UserError(f"{self.path}: record {index} is not a valid tf.train.Example ({error}); regenerate the "
-                        "file") from None
+        raise UserError(
+          f"{self.path}: record {index} is not a valid tf.train.Example ({error}); regenerate the file"
+        ) from None
       missing = [name for name in FEATURE_NAMES if name not in example]
       if missing:
-        raise UserError(f"{self.path}: record {index} lacks the features {missing}; it is not BERT pretraining data "
-                        "in Google's format")
+        raise UserError(
+          f"{self.path}: record {index} lacks the features {missing}; it is not BERT pretraining data "
+          "in Google's format"
+        )
       examples.append(example)
     return examples
 
@@ -134,8 +159,9 @@ class _TFRecordShard(_Shard):
       blocks = -(-self.count // self._BLOCK)
       self._block_ok = np.zeros(blocks, np.int8)  # 0 unparsed, 1 canonical, -1 general
       self._bad_crc = np.zeros(self.count, bool)  # records whose data CRC failed (an error only when read)
-      self._spans = np.zeros((self.count, len(FEATURE_NAMES), 2),
-                             np.uint16 if self.lengths.max(initial=0) < 2**16 else np.uint32)
+      self._spans = np.zeros(
+        (self.count, len(FEATURE_NAMES), 2), np.uint16 if self.lengths.max(initial=0) < 2**16 else np.uint32
+      )
     if self._block_ok[block] == 0:
       data = self.data()
       rows = np.arange(block * self._BLOCK, min((block + 1) * self._BLOCK, self.count))
@@ -145,8 +171,10 @@ class _TFRecordShard(_Shard):
         raw = np.frombuffer(data, np.uint8)
         if self.verify:
           stored = raw[(starts + lengths)[:, None] + np.arange(4)].copy().view("<u4")[:, 0]
-          self._bad_crc[rows] = masked_crc32c([data[start:start + length] for start, length in
-                                               zip(starts.tolist(), lengths.tolist())]) != stored
+          self._bad_crc[rows] = (
+            masked_crc32c([data[start : start + length] for start, length in zip(starts.tolist(), lengths.tolist())])
+            != stored
+          )
         spans = _canonical_feature_spans(raw, starts, starts + lengths)
       if spans is None:
         self._block_ok[block] = -1
@@ -164,13 +192,20 @@ class _TFRecordShard(_Shard):
       return None
     bad = np.flatnonzero(self._bad_crc[local_indices])
     if bad.size:
-      raise UserError(f"{self.path}: record {local_indices[bad[0]]} has a bad data checksum; the file is corrupt: "
-                      "regenerate it")
+      raise UserError(
+        f"{self.path}: record {local_indices[bad[0]]} has a bad data checksum; the file is corrupt: regenerate it"
+      )
     count = len(local_indices)
     spans = self._spans[local_indices].astype(np.int64)  # [n, 7, 2]
     record_starts = self.offsets[local_indices]
-    widths = [1 if name == "next_sentence_labels" else self.max_seq_length if name in SEQUENCE_FEATURES else
-              self.max_predictions_per_seq for name in FEATURE_NAMES]
+    widths = [
+      1
+      if name == "next_sentence_labels"
+      else self.max_seq_length
+      if name in SEQUENCE_FEATURES
+      else self.max_predictions_per_seq
+      for name in FEATURE_NAMES
+    ]
     batch = {}
     weights = FEATURE_NAMES.index("masked_lm_weights")
     if np.any(spans[:, weights, 1] != 4 * widths[weights]):
@@ -178,12 +213,17 @@ class _TFRecordShard(_Shard):
     # Whole records joined (one memcpy each), then everything by position in that buffer.
     data = self.data()
     record_lengths = self.lengths[local_indices]
-    buffer = np.frombuffer(b"".join([data[start:start + length] for start, length in
-                                     zip(record_starts.tolist(), record_lengths.tolist())]), np.uint8)
+    buffer = np.frombuffer(
+      b"".join(
+        [data[start : start + length] for start, length in zip(record_starts.tolist(), record_lengths.tolist())]
+      ),
+      np.uint8,
+    )
     base = np.cumsum(record_lengths) - record_lengths  # where each record starts in `buffer`
     weight_index = (base + spans[:, weights, 0])[:, None] + np.arange(4 * widths[weights])
-    batch["masked_lm_weights"] = buffer[weight_index].copy().view("<f4").astype(np.float32).reshape(
-        count, widths[weights])
+    batch["masked_lm_weights"] = (
+      buffer[weight_index].copy().view("<f4").astype(np.float32).reshape(count, widths[weights])
+    )
     # The int64 features: the last bytes of all varints in the buffer (header bytes included), then the ones inside
     # each feature's packed span, feature-major. The byte before a span is the last byte of its length varint, so
     # every varint inside a span starts right after the previous terminal byte.
@@ -209,7 +249,7 @@ class _TFRecordShard(_Shard):
     offset = 0
     for index in integer:
       name, size = FEATURE_NAMES[index], count * widths[index]
-      batch[name] = decoded[offset:offset + size].astype(FEATURE_DTYPES[name]).reshape(count, widths[index])
+      batch[name] = decoded[offset : offset + size].astype(FEATURE_DTYPES[name]).reshape(count, widths[index])
       offset += size
     return batch
 
@@ -217,33 +257,47 @@ class _TFRecordShard(_Shard):
     batch = self._read_canonical(np.asarray(local_indices, np.int64))
     if batch is None:  # the general parser: any valid Example, and one-line errors naming the bad record
       examples = self._examples(local_indices)
-      batch = {name: self._decode_feature(name, [example[name] for example in examples], local_indices)
-               for name in FEATURE_NAMES}
+      batch = {
+        name: self._decode_feature(name, [example[name] for example in examples], local_indices)
+        for name in FEATURE_NAMES
+      }
     batch["next_sentence_labels"] = batch["next_sentence_labels"][:, 0]
     if vocab_size is not None:
       largest = max(batch["input_ids"].max(initial=0), batch["masked_lm_ids"].max(initial=0))
       if largest >= vocab_size or min(batch["input_ids"].min(initial=0), batch["masked_lm_ids"].min(initial=0)) < 0:
-        raise UserError(f"{self.path}: token id {largest} is outside the vocabulary of {vocab_size} entries; the "
-                        "data was built with another vocabulary: regenerate it or pass the right vocabulary")
+        raise UserError(
+          f"{self.path}: token id {largest} is outside the vocabulary of {vocab_size} entries; the "
+          "data was built with another vocabulary: regenerate it or pass the right vocabulary"
+        )
     return batch
 
-  def _decode_feature(self, name: str, kinds_and_payloads: list[tuple[int, bytes]],
-                      local_indices: np.ndarray) -> np.ndarray:
+  def _decode_feature(
+    self, name: str, kinds_and_payloads: list[tuple[int, bytes]], local_indices: np.ndarray
+  ) -> np.ndarray:
     """[n, width] values of one feature across records; UserError naming the first record that does not fit."""
     expected_kind = _FLOAT_LIST if name == "masked_lm_weights" else _INT64_LIST
     wrong_kind = [i for i, (kind, _) in enumerate(kinds_and_payloads) if kind != expected_kind]
     if wrong_kind:
-      raise UserError(f"{self.path}: record {local_indices[wrong_kind[0]]} stores {name} as the wrong type; "
-                      "expected Google's format (int64 lists, float list for masked_lm_weights)")
+      raise UserError(
+        f"{self.path}: record {local_indices[wrong_kind[0]]} stores {name} as the wrong type; "
+        "expected Google's format (int64 lists, float list for masked_lm_weights)"
+      )
     try:
       values, counts = _decode_packed(expected_kind, [payload for _, payload in kinds_and_payloads])
     except _ProtoError as error:
-      raise UserError(f"{self.path}: a record among {local_indices.tolist()[:5]}... has a malformed {name} "
-                      f"({error}); the file is corrupt") from None
-    width = 1 if name == "next_sentence_labels" else (
-        self.max_seq_length if name in SEQUENCE_FEATURES else self.max_predictions_per_seq)
+      raise UserError(
+        f"{self.path}: a record among {local_indices.tolist()[:5]}... has a malformed {name} "
+        f"({error}); the file is corrupt"
+      ) from None
+    width = (
+      1
+      if name == "next_sentence_labels"
+      else (self.max_seq_length if name in SEQUENCE_FEATURES else self.max_predictions_per_seq)
+    )
     wrong = np.flatnonzero(counts != width)
     if wrong.size:
-      raise UserError(f"{self.path}: record {local_indices[wrong[0]]} has {counts[wrong[0]]} {name} values, "
-                      f"expected {width} like record 0; all records must share one shape")
+      raise UserError(
+        f"{self.path}: record {local_indices[wrong[0]]} has {counts[wrong[0]]} {name} values, "
+        f"expected {width} like record 0; all records must share one shape"
+      )
     return values.astype(FEATURE_DTYPES[name]).reshape(len(local_indices), width)

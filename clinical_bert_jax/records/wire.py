@@ -15,6 +15,7 @@ import numpy as np
 
 from clinical_bert_jax.records.schema import FEATURE_NAMES
 
+
 @functools.lru_cache(maxsize=1 << 14)
 def _varint(value: int) -> bytes:
   out = bytearray()
@@ -61,8 +62,10 @@ def _feature_entry(key_field: bytes, kind_tag: bytes, packed: bytes) -> bytes:
 
 
 # Per feature: (its encoded map key, the tag of its Feature.kind field).
-_FEATURE_KEYS = {name: (_length_delimited(b"\x0a", name.encode()), b"\x12" if name == "masked_lm_weights" else b"\x1a")
-                 for name in FEATURE_NAMES}
+_FEATURE_KEYS = {
+  name: (_length_delimited(b"\x0a", name.encode()), b"\x12" if name == "masked_lm_weights" else b"\x1a")
+  for name in FEATURE_NAMES
+}
 
 
 def encode_examples(batch: Mapping[str, np.ndarray]) -> list[bytes]:
@@ -75,8 +78,10 @@ def encode_examples(batch: Mapping[str, np.ndarray]) -> list[bytes]:
     else:
       packed = _encode_varint_rows(values.reshape(len(values), -1))
     columns.append((*_FEATURE_KEYS[name], packed))
-  return [_length_delimited(b"\x0a", b"".join(_feature_entry(key, tag, packed[index]) for key, tag, packed in columns))
-          for index in range(len(columns[0][2]))]
+  return [
+    _length_delimited(b"\x0a", b"".join(_feature_entry(key, tag, packed[index]) for key, tag, packed in columns))
+    for index in range(len(columns[0][2]))
+  ]
 
 
 class _ProtoError(Exception):
@@ -108,12 +113,12 @@ def _iter_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
       length, offset = _read_varint(data, offset)
       if offset + length > len(data):
         raise _ProtoError("truncated field")
-      value, offset = data[offset:offset + length], offset + length
+      value, offset = data[offset : offset + length], offset + length
     elif wire_type in (1, 5):
       size = 8 if wire_type == 1 else 4
       if offset + size > len(data):
         raise _ProtoError("truncated field")
-      value, offset = data[offset:offset + size], offset + size
+      value, offset = data[offset : offset + size], offset + size
     else:
       raise _ProtoError(f"unsupported wire type {wire_type}")
     yield field, wire_type, value
@@ -196,8 +201,7 @@ def _decode_packed(kind: int, payloads: Sequence[bytes]) -> tuple[np.ndarray, np
 
 def decode_example(data: bytes) -> dict[str, np.ndarray]:
   """All float/int64 features of a serialised `tf.train.Example` as float32/int64 arrays."""
-  return {name: _decode_packed(kind, [payload])[0]
-          for name, (kind, payload) in example_feature_payloads(data).items()}
+  return {name: _decode_packed(kind, [payload])[0] for name, (kind, payload) in example_feature_payloads(data).items()}
 
 
 # Vectorised decoding of the fixed pretraining schema. A `tf.train.Example` with Google's 7 features, as TF and
@@ -226,8 +230,9 @@ def _varints_at(raw: np.ndarray, positions: np.ndarray, ends: np.ndarray) -> tup
   return values, after, done
 
 
-def _canonical_feature_spans(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray
-                             ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+def _canonical_feature_spans(
+  raw: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
   """(payload starts, payload lengths) in `raw` of each feature's packed values for records raw[starts:ends], or
   None when any record is not in the canonical layout (see above) or has a feature of the wrong kind."""
   count = starts.size

@@ -25,26 +25,31 @@ def make_builder(dataset: str, data_dir: str | None = None) -> tfds.core.Dataset
   builder_class = BUILDERS[name]
   configs = [c.name for c in builder_class.BUILDER_CONFIGS]
   if configs and config not in configs:
-    raise UserError(f"--dataset={dataset}: {name} needs a config, one of {', '.join(configs)} "
-                    f"(e.g. {name}/{configs[0]})")
+    raise UserError(
+      f"--dataset={dataset}: {name} needs a config, one of {', '.join(configs)} (e.g. {name}/{configs[0]})"
+    )
   if not configs and config:
     raise UserError(f"--dataset={dataset}: {name} has no configs; use --dataset={name}")
   return builder_class(config=config or None, data_dir=data_dir)
 
 
 def available_datasets() -> list[str]:
-  return [f"{name}/{config.name}" if builder.BUILDER_CONFIGS else name
-          for name, builder in BUILDERS.items() for config in (builder.BUILDER_CONFIGS or [None])]
+  return [
+    f"{name}/{config.name}" if builder.BUILDER_CONFIGS else name
+    for name, builder in BUILDERS.items()
+    for config in (builder.BUILDER_CONFIGS or [None])
+  ]
 
 
-def build(dataset: str, manual_dir: str, data_dir: str | None = None, overwrite: bool = False
-          ) -> tfds.core.DatasetBuilder:
+def build(
+  dataset: str, manual_dir: str, data_dir: str | None = None, overwrite: bool = False
+) -> tfds.core.DatasetBuilder:
   """Prepares `dataset` from `manual_dir` (reusing an existing copy unless `overwrite`); returns the builder."""
   builder = make_builder(dataset, data_dir)
-  mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
-                                                                           download_mode=mode))
+  mode = (
+    tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode))
   return builder
 
 

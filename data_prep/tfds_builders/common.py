@@ -36,14 +36,19 @@ class ManualArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registratio
       return Path(dl_manager.manual_dir)
     except AssertionError:
       first_line = self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
-      raise UserError(f"{self.name}: the manual download directory is missing or empty; {first_line} (pass "
-                      "--manual_dir=DIR, or download_config=tfds.download.DownloadConfig(manual_dir=DIR))") from None
+      raise UserError(
+        f"{self.name}: the manual download directory is missing or empty; {first_line} (pass "
+        "--manual_dir=DIR, or download_config=tfds.download.DownloadConfig(manual_dir=DIR))"
+      ) from None
 
 
 def find_files(directory: Path, patterns: Sequence[str]) -> list[Path]:
   """Files under `directory` (searched recursively) whose name matches one of `patterns` (case-insensitive)."""
-  return sorted(path for path in directory.rglob("*")
-                if path.is_file() and any(fnmatch.fnmatch(path.name.lower(), p.lower()) for p in patterns))
+  return sorted(
+    path
+    for path in directory.rglob("*")
+    if path.is_file() and any(fnmatch.fnmatch(path.name.lower(), p.lower()) for p in patterns)
+  )
 
 
 def find_one_file(directory: Path, patterns: Sequence[str], what: str) -> Path:

@@ -16,10 +16,10 @@ from data_prep import conll, i2b2
 from data_prep.tfds_builders import common
 
 _TASK_DESCRIPTIONS = {
-    "2006": "2006 de-identification (8 PHI types)",
-    "2010": "2010 concept extraction (problem, treatment, test)",
-    "2012": "2012 temporal relations, EVENT spans (6 types)",
-    "2014": "2014 de-identification track 1 (23 PHI subtypes)",
+  "2006": "2006 de-identification (8 PHI types)",
+  "2010": "2010 concept extraction (problem, treatment, test)",
+  "2012": "2012 temporal relations, EVENT spans (6 types)",
+  "2014": "2014 de-identification track 1 (23 PHI subtypes)",
 }
 
 
@@ -34,8 +34,9 @@ class I2b2(common.ManualArrayRecordBuilder):
   name = "i2b2"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: ClinicalBERT's conversion and dev splits."}
-  BUILDER_CONFIGS = [I2b2Config(name=task, task=task, description=description)
-                     for task, description in _TASK_DESCRIPTIONS.items()]
+  BUILDER_CONFIGS = [
+    I2b2Config(name=task, task=task, description=description) for task, description in _TASK_DESCRIPTIONS.items()
+  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put the extracted official i2b2 release of the chosen year (or the train.tsv/dev.tsv/test.tsv written by
   `python -m data_prep.i2b2`) in the manual directory. The i2b2 data sets are distributed by the n2c2 / DBMI Data
@@ -48,18 +49,20 @@ class I2b2(common.ManualArrayRecordBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"i2b2 {_TASK_DESCRIPTIONS[self.builder_config.task]} as BIO-tagged whitespace words, one "
-                    "example per note line, converted and split as in Alsentzer et al. 2019 (see "
-                    "docs/downstream-data.md). `index` is the sentence's position in the converted split file.",
-        features=tfds.features.FeaturesDict({
-            "words": tfds.features.Sequence(tfds.features.Text()),
-            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=i2b2.label_list(self.builder_config.task))),
-            "index": tfds.features.Scalar(dtype=np.int64),
-        }),
-        supervised_keys=("words", "labels"),
-        homepage="https://portal.dbmi.hms.harvard.edu/projects/n2c2-nlp/",
-        citation="Alsentzer et al., Publicly Available Clinical BERT Embeddings, Clinical NLP Workshop 2019.",
+      builder=self,
+      description=f"i2b2 {_TASK_DESCRIPTIONS[self.builder_config.task]} as BIO-tagged whitespace words, one "
+      "example per note line, converted and split as in Alsentzer et al. 2019 (see "
+      "docs/downstream-data.md). `index` is the sentence's position in the converted split file.",
+      features=tfds.features.FeaturesDict(
+        {
+          "words": tfds.features.Sequence(tfds.features.Text()),
+          "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=i2b2.label_list(self.builder_config.task))),
+          "index": tfds.features.Scalar(dtype=np.int64),
+        }
+      ),
+      supervised_keys=("words", "labels"),
+      homepage="https://portal.dbmi.hms.harvard.edu/projects/n2c2-nlp/",
+      citation="Alsentzer et al., Publicly Available Clinical BERT Embeddings, Clinical NLP Workshop 2019.",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):

@@ -29,14 +29,17 @@ def read_mednli_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
       except UnicodeDecodeError:
         raise UserError(f"{path}:{line_number}: not valid UTF-8; re-encode the file as UTF-8") from None
       except json.JSONDecodeError as error:
-        raise UserError(f"{path}:{line_number}: not valid JSON (column {error.colno}); one JSON object per "
-                        "line") from None
+        raise UserError(
+          f"{path}:{line_number}: not valid JSON (column {error.colno}); one JSON object per line"
+        ) from None
       if not isinstance(record, dict):
         raise UserError(f"{path}:{line_number}: expected a JSON object")
       missing = [key for key in REQUIRED_KEYS if not isinstance(record.get(key), str)]
       if missing:
-        raise UserError(f"{path}:{line_number}: missing or non-string key(s) {', '.join(missing)}; MedNLI lines need "
-                        f"{', '.join(REQUIRED_KEYS)}")
+        raise UserError(
+          f"{path}:{line_number}: missing or non-string key(s) {', '.join(missing)}; MedNLI lines need "
+          f"{', '.join(REQUIRED_KEYS)}"
+        )
       if record["gold_label"] not in LABELS:
         raise UserError(f"{path}:{line_number}: gold_label is not one of {', '.join(LABELS)}")
       yield line_number, record
@@ -57,24 +60,28 @@ class Mednli(common.ManualArrayRecordBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="MedNLI premise/hypothesis pairs with gold labels; label ids follow ClinicalBERT's "
-                    "run_classifier.py (contradiction 0, entailment 1, neutral 2).",
-        features=tfds.features.FeaturesDict({
-            "pair_id": tfds.features.Text(),
-            "premise": tfds.features.Text(),
-            "hypothesis": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=LABELS),
-        }),
-        supervised_keys=None,
-        homepage="https://physionet.org/content/mednli/1.0.0/",
-        citation="Romanov and Shivade, Lessons from Natural Language Inference in the Clinical Domain, EMNLP 2018.",
+      builder=self,
+      description="MedNLI premise/hypothesis pairs with gold labels; label ids follow ClinicalBERT's "
+      "run_classifier.py (contradiction 0, entailment 1, neutral 2).",
+      features=tfds.features.FeaturesDict(
+        {
+          "pair_id": tfds.features.Text(),
+          "premise": tfds.features.Text(),
+          "hypothesis": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=LABELS),
+        }
+      ),
+      supervised_keys=None,
+      homepage="https://physionet.org/content/mednli/1.0.0/",
+      citation="Romanov and Shivade, Lessons from Natural Language Inference in the Clinical Domain, EMNLP 2018.",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual = self.manual_path(dl_manager)
-    return {split: self._generate_examples(common.find_one_file(manual, patterns, f"MedNLI {split} split"))
-            for split, patterns in SPLIT_PATTERNS.items()}
+    return {
+      split: self._generate_examples(common.find_one_file(manual, patterns, f"MedNLI {split} split"))
+      for split, patterns in SPLIT_PATTERNS.items()
+    }
 
   def _generate_examples(self, path: Path):
     seen: dict[str, int] = {}
@@ -83,5 +90,12 @@ class Mednli(common.ManualArrayRecordBuilder):
       if pair_id in seen:
         raise UserError(f"{path}:{line_number}: pairID repeats the one at line {seen[pair_id]}; pairIDs must be unique")
       seen[pair_id] = line_number
-      yield pair_id, {"pair_id": pair_id, "premise": record["sentence1"], "hypothesis": record["sentence2"],
-                      "label": record["gold_label"]}
+      yield (
+        pair_id,
+        {
+          "pair_id": pair_id,
+          "premise": record["sentence1"],
+          "hypothesis": record["sentence2"],
+          "label": record["gold_label"],
+        },
+      )

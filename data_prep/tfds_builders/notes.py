@@ -22,6 +22,7 @@ MIMIC3_PATTERNS = ("NOTEEVENTS*.csv", "NOTEEVENTS*.csv.gz")
 @dataclasses.dataclass(eq=False)
 class ClinicalNotesConfig(tfds.core.BuilderConfig):
   """`categories`: CATEGORY names to keep (None = all); `file_patterns`: which manual files to read."""
+
   categories: tuple[str, ...] | None = None
   file_patterns: tuple[str, ...] = ()
 
@@ -33,10 +34,17 @@ class ClinicalNotes(common.ManualArrayRecordBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      ClinicalNotesConfig(name="all_notes", description="All note categories (Clinical BERT's corpus).",
-                          file_patterns=MIMIC3_PATTERNS + ("discharge.csv*", "radiology.csv*")),
-      ClinicalNotesConfig(name="discharge_summary", description="Discharge summaries only (Discharge Summary BERT).",
-                          categories=("Discharge summary",), file_patterns=MIMIC3_PATTERNS + ("discharge.csv*",)),
+    ClinicalNotesConfig(
+      name="all_notes",
+      description="All note categories (Clinical BERT's corpus).",
+      file_patterns=MIMIC3_PATTERNS + ("discharge.csv*", "radiology.csv*"),
+    ),
+    ClinicalNotesConfig(
+      name="discharge_summary",
+      description="Discharge summaries only (Discharge Summary BERT).",
+      categories=("Discharge summary",),
+      file_patterns=MIMIC3_PATTERNS + ("discharge.csv*",),
+    ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put NOTEEVENTS.csv.gz (MIMIC-III v1.4) or discharge.csv.gz / radiology.csv.gz (MIMIC-IV-Note) in the manual
@@ -47,25 +55,29 @@ class ClinicalNotes(common.ManualArrayRecordBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Clinical notes as stored in MIMIC (full text, unsplit), with ROW_ID / note_id and category. "
-                    f"{self.builder_config.description}",
-        features=tfds.features.FeaturesDict({
-            "row_id": tfds.features.Text(),
-            "category": tfds.features.Text(),
-            "text": tfds.features.Text(),
-        }),
-        supervised_keys=None,
-        homepage="https://physionet.org/content/mimiciii/1.4/",
-        citation="Johnson et al., MIMIC-III, a freely accessible critical care database, Scientific Data 2016.",
+      builder=self,
+      description="Clinical notes as stored in MIMIC (full text, unsplit), with ROW_ID / note_id and category. "
+      f"{self.builder_config.description}",
+      features=tfds.features.FeaturesDict(
+        {
+          "row_id": tfds.features.Text(),
+          "category": tfds.features.Text(),
+          "text": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=None,
+      homepage="https://physionet.org/content/mimiciii/1.4/",
+      citation="Johnson et al., MIMIC-III, a freely accessible critical care database, Scientific Data 2016.",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual = self.manual_path(dl_manager)
     files = common.find_files(manual, self.builder_config.file_patterns)
     if not files:
-      raise UserError(f"{manual}: no {' or '.join(self.builder_config.file_patterns)} file; "
-                      f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}")
+      raise UserError(
+        f"{manual}: no {' or '.join(self.builder_config.file_patterns)} file; "
+        f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]}"
+      )
     return {"train": self._generate_examples(files)}
 
   def _generate_examples(self, files: list[Path]):
