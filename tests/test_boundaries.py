@@ -50,3 +50,52 @@ def test_the_static_check_sees_imports():
 
 def test_clinical_bert_jax_never_imports_data_prep():
   assert _package_files_importing("data_prep") == []
+
+
+# The command-line layer of each command: the only functions that may read absl's FLAGS. Everything below it takes
+# an options object (EvaluateOptions, EmbedOptions, PretrainOptions), so it can be called as a library.
+COMMAND_LINE_LAYER = {
+  "clinical_bert_jax/evaluate.py": {"main", "from_flags", "define_flags"},
+  "clinical_bert_jax/embed.py": {"main", "define_flags"},
+  "clinical_bert_jax/pretrain.py": {
+    "main",
+    "define_flags",
+    "options_from_flags",
+    "resolved_flagfile",
+    "initialize_distributed",
+  },
+}
+
+
+def _flags_reads_below_the_command_line(path: Path, allowed: set[str]) -> list[str]:
+  """`FLAGS` / `flags.FLAGS` uses outside the allowed top-level functions (module-level `FLAGS = flags.FLAGS` aside)."""
+  tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+  found = []
+  for top in tree.body:
+    if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef)) and top.name in allowed:
+      continue
+    if isinstance(top, ast.Assign) and [ast.unparse(target) for target in top.targets] == ["FLAGS"]:
+      continue
+    for node in ast.walk(top):
+      if (isinstance(node, ast.Name) and node.id == "FLAGS") or (
+        isinstance(node, ast.Attribute) and node.attr == "FLAGS"
+      ):
+        found.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{node.lineno}")
+  return found
+
+
+def test_the_flags_scan_sees_a_read(tmp_path):
+  sample = tmp_path / "sample.py"
+  sample.write_text(
+    "FLAGS = flags.FLAGS\ndef main(argv):\n  return FLAGS.x\n"
+    "class Options:\n  def run(self):\n    return FLAGS['y'].value\n"
+  )
+  found = _flags_reads_below_the_command_line(sample, {"main"})
+  assert [entry.rsplit(":", 1)[1] for entry in found] == ["6"]
+
+
+def test_no_flags_reads_below_the_command_line_layer():
+  found = []
+  for relative, allowed in COMMAND_LINE_LAYER.items():
+    found += _flags_reads_below_the_command_line(ROOT / relative, allowed)
+  assert found == []
