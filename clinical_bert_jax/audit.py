@@ -46,6 +46,7 @@ from clinical_bert_jax.canary_file import read_canary_file
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import atomic_output_dir
 from clinical_bert_jax.model import BertForPreTraining
+from clinical_bert_jax.vocab import CLS_TOKEN, MASK_TOKEN, SEP_TOKEN, UNK_TOKEN
 
 SUBCOMMANDS = ("exposure", "membership", "associations")
 AUDIT_FORMAT = "clinical_bert_jax.audit/1"
@@ -65,7 +66,7 @@ class Scorer:
       raise UserError(f"{loaded.source} has no vocab.txt; the audit needs the model's vocabulary")
     self.loaded = loaded
     self.tokenizer = FullTokenizer(loaded.vocab_file, do_lower_case=bool(loaded.do_lower_case))
-    self.cls, self.sep, self.mask = self.tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "[MASK]"])
+    self.cls, self.sep, self.mask = self.tokenizer.convert_tokens_to_ids([CLS_TOKEN, SEP_TOKEN, MASK_TOKEN])
     self.batch_size = batch_size
     self.max_seq_length = min(max_seq_length, loaded.config.max_position_embeddings)
     self.params = jax.device_put(loaded.params)
@@ -217,7 +218,7 @@ def run_exposure(scorer: Scorer, canary_file: str, num_candidates: int, seed: in
   space = 10**digits
   if num_candidates < 1 or num_candidates >= space:
     raise UserError(f"--num_candidates={num_candidates} must be in [1, {space - 1}] for {digits}-digit secrets")
-  unknown = scorer.tokenizer.convert_tokens_to_ids(["[UNK]"])[0]
+  unknown = scorer.tokenizer.convert_tokens_to_ids([UNK_TOKEN])[0]
   for canary in canaries:
     if unknown in scorer.encode(canary["secret"]):
       raise UserError(

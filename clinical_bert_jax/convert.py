@@ -25,7 +25,7 @@ from absl import flags, logging
 from clinical_bert_jax import dp, hf_tokenizer_json, model_io, weight_names
 from clinical_bert_jax.errors import UserError, run_absl
 from clinical_bert_jax.fileio import as_path, atomic_output_dir, local_copy
-from clinical_bert_jax.vocab import special_tokens_map
+from clinical_bert_jax.vocab import TOKENIZER_JSON, special_tokens_map
 
 FLAGS = flags.FLAGS
 PARITY_TOLERANCE = 1e-3  # max abs logit difference, fp32 on CPU (observed ~1e-5)
@@ -172,7 +172,7 @@ def export_hf(
     tensors = weight_names.named_arrays_from_params(loaded.params, "pt")
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(loaded.vocab_file, staging / "vocab.txt")
-    (staging / hf_tokenizer_json.TOKENIZER_JSON).write_text(
+    (staging / TOKENIZER_JSON).write_text(
       hf_tokenizer_json.tokenizer_json_for(model_io.read_vocab(loaded.vocab_file), do_lower_case), encoding="utf-8"
     )
     for name, content in _tokenizer_files(do_lower_case, model_max_length).items():

@@ -23,9 +23,8 @@ from flax.traverse_util import flatten_dict
 from clinical_bert_jax import weight_names
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.hf_tokenizer_json import vocab_file_in
 from clinical_bert_jax.model import init_params, param_shapes
-from clinical_bert_jax.vocab import read_do_lower_case, read_vocab, vocab_is_cased
+from clinical_bert_jax.vocab import read_do_lower_case, read_vocab, vocab_file_in, vocab_is_cased
 
 OUR_PARAMS_FILE = "flax_params.safetensors"
 

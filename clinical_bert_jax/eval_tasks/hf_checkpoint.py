@@ -22,15 +22,23 @@ from absl import logging
 
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
-from clinical_bert_jax.hf_tokenizer_json import vocab_file_in
 from clinical_bert_jax.tokenization import FullTokenizer
-from clinical_bert_jax.vocab import read_do_lower_case
+from clinical_bert_jax.vocab import (
+  CLS_TOKEN,
+  PAD_TOKEN,
+  SEP_TOKEN,
+  UNK_TOKEN,
+  missing_special_tokens,
+  read_do_lower_case,
+  vocab_file_in,
+)
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that input checks fail fast without loading it
   import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[UNK]")
+# The special tokens fine-tuning needs (vocab.py's table; no [MASK]).
+REQUIRED_SPECIAL_TOKENS = (PAD_TOKEN, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN)
 # Markers of our own checkpoints (docs/ARCHITECTURE.md): a model directory, or a pretraining workdir.
 OUR_PARAMS_FILE = "flax_params.safetensors"
 WORKDIR_CHECKPOINTS = "checkpoints"
@@ -156,10 +164,10 @@ class WordPieceEncoder:
 
   def __init__(self, vocab_file: Path, do_lower_case: bool):
     self.tokenizer = FullTokenizer(vocab_file, do_lower_case)
-    missing = [token for token in SPECIAL_TOKENS if token not in self.tokenizer.vocab]
+    missing = missing_special_tokens(self.tokenizer.vocab, REQUIRED_SPECIAL_TOKENS)
     if missing:
       raise UserError(f"{vocab_file} lacks the special tokens {', '.join(missing)}; it is not a BERT vocabulary")
-    self.pad_id, self.cls_id, self.sep_id = (self.tokenizer.vocab[token] for token in ("[PAD]", "[CLS]", "[SEP]"))
+    self.pad_id, self.cls_id, self.sep_id = (self.tokenizer.vocab[token] for token in (PAD_TOKEN, CLS_TOKEN, SEP_TOKEN))
 
   @classmethod
   def for_checkpoint(cls, checkpoint: HfCheckpoint) -> "WordPieceEncoder":
