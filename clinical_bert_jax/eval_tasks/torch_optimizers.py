@@ -44,6 +44,22 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
   return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _loss_of(closure) -> torch.Tensor | None:
+  """`torch.optim.Optimizer.step`'s closure protocol: re-evaluate the loss with gradients on."""
+  if closure is None:
+    return None
+  with torch.enable_grad():
+    return closure()
+
+
+def _adam_direction(grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, group: dict) -> torch.Tensor:
+  """The Adam arithmetic both originals share: the moments `m`, `v` updated in place, then m / (√v + ε) — no bias
+  correction, ε outside the square root. Weight decay is the caller's (the two add it under different rules)."""
+  m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
+  v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
+  return m / (v.sqrt() + group["eps"])
+
+
 class BertAdamPt(torch.optim.Optimizer):
   """BertAdam with the schedule built in; `step()` must be called exactly `total_steps` times."""
 
@@ -78,10 +94,7 @@ class BertAdamPt(torch.optim.Optimizer):
 
   @torch.no_grad()
   def step(self, closure=None):
-    loss = None
-    if closure is not None:
-      with torch.enable_grad():
-        loss = closure()
+    loss = _loss_of(closure)
     for group in self.param_groups:
       for parameter in group["params"]:
         if parameter.grad is None:
@@ -93,11 +106,7 @@ class BertAdamPt(torch.optim.Optimizer):
           state["next_v"] = torch.zeros_like(parameter)
         if group["max_grad_norm"] > 0:
           torch.nn.utils.clip_grad_norm_(parameter, group["max_grad_norm"])
-        grad = parameter.grad
-        next_m, next_v = state["next_m"], state["next_v"]
-        next_m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
-        next_v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
-        update = next_m / (next_v.sqrt() + group["eps"])
+        update = _adam_direction(parameter.grad, state["next_m"], state["next_v"], group)
         if group["weight_decay"] > 0:
           update.add_(parameter, alpha=group["weight_decay"])
         parameter.add_(update, alpha=-self.scheduled_lr(group, state["step"]))
@@ -156,10 +165,7 @@ class GoogleAdamWPt(torch.optim.Optimizer):
 
   @torch.no_grad()
   def step(self, closure=None):
-    loss = None
-    if closure is not None:
-      with torch.enable_grad():
-        loss = closure()
+    loss = _loss_of(closure)
     parameters = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
     if self.clip_norm > 0 and parameters:
       # tf.clip_by_global_norm: g * clip / max(global_norm, clip)
@@ -177,10 +183,7 @@ class GoogleAdamWPt(torch.optim.Optimizer):
         if not state:
           state["adam_m"] = torch.zeros_like(parameter)
           state["adam_v"] = torch.zeros_like(parameter)
-        m, v = state["adam_m"], state["adam_v"]
-        m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
-        v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
-        update = m / (v.sqrt() + group["eps"])
+        update = _adam_direction(grad, state["adam_m"], state["adam_v"], group)
         if group["weight_decay"]:
           update.add_(parameter, alpha=group["weight_decay"])
         parameter.sub_(update * rate)
