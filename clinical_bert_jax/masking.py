@@ -149,11 +149,8 @@ def dynamic_mask(
     word_start_position = jax.lax.cummax(jnp.where(word_start, positions, 0), axis=1)  # [B, S]
     decision = jnp.take_along_axis(decision, word_start_position, axis=1)  # [B, S]
   random_ids = jax.random.randint(replacement_rng, input_ids.shape, 0, vocab_size, dtype=jnp.int32)  # [B, S]
-  corrupted = jnp.where(
-    decision < MASK_PROBABILITY,
-    jnp.int32(mask_token_id),
-    jnp.where(decision < MASK_PROBABILITY + KEEP_PROBABILITY, input_ids, random_ids),
-  )  # [B, S]
+  kept_or_random = jnp.where(decision < MASK_PROBABILITY + KEEP_PROBABILITY, input_ids, random_ids)  # [B, S]
+  corrupted = jnp.where(decision < MASK_PROBABILITY, jnp.int32(mask_token_id), kept_or_random)  # [B, S]
   masked_input_ids = jnp.where(chosen, corrupted, input_ids)  # [B, S]
 
   masked_lm_positions, masked_lm_weights = _sorted_positions(chosen, max_predictions_per_seq)  # [B, P] each
@@ -191,21 +188,19 @@ def _choose_words(
     def take_next_fitting_word(state):
       chosen, remaining, last_visited = state
       fits = is_word & (slots > last_visited) & (size <= remaining)  # [S] bool
-      found = fits.any()
-      slot = jnp.argmax(fits)
-      chosen = chosen | (found & (slots == slot))
-      remaining = remaining - jnp.where(found, size[slot], 0)
+      found = fits.any()  # [] bool
+      slot = jnp.argmax(fits)  # []: the first fitting word's visit slot
+      chosen = chosen | (found & (slots == slot))  # [S] bool
+      remaining = remaining - jnp.where(found, size[slot], 0)  # []
       return chosen, remaining, jnp.where(found, slot, seq_len)
 
-    first_overflow = jnp.where(overflow.any(), jnp.argmax(overflow), seq_len)
-    remaining = budget - jnp.sum(jnp.where(chosen_in_order, size, 0))
-    chosen_in_order, _, _ = jax.lax.while_loop(
-      still_filling, take_next_fitting_word, (chosen_in_order, remaining, first_overflow)
-    )
+    first_overflow = jnp.where(overflow.any(), jnp.argmax(overflow), seq_len)  # []
+    remaining = budget - jnp.sum(jnp.where(chosen_in_order, size, 0))  # []
+    state = (chosen_in_order, remaining, first_overflow)
+    chosen_in_order, _, _ = jax.lax.while_loop(still_filling, take_next_fitting_word, state)  # [S] bool
 
-  chosen_words = (
-    jnp.zeros(seq_len, bool).at[jnp.where(is_word, word_id[order], seq_len)].set(chosen_in_order, mode="drop")
-  )  # [S] bool, indexed by word id
+  slot_word = jnp.where(is_word, word_id[order], seq_len)  # [S]: the word of each visit slot (seq_len: none)
+  chosen_words = jnp.zeros(seq_len, bool).at[slot_word].set(chosen_in_order, mode="drop")  # [S] bool, by word id
   return candidate & chosen_words[jnp.clip(word_id, 0)]  # [S] bool, indexed by position
 
 
@@ -218,7 +213,7 @@ def _sorted_positions(chosen: Array, max_predictions_per_seq: int) -> tuple[Arra
   if slots < max_predictions_per_seq:
     smallest = jnp.pad(smallest, ((0, 0), (0, max_predictions_per_seq - slots)), constant_values=seq_len)  # [B, P]
   real_slot = smallest < seq_len  # [B, P] bool
-  return jnp.where(real_slot, smallest, 0).astype(jnp.int32), real_slot.astype(jnp.float32)
+  return jnp.where(real_slot, smallest, 0).astype(jnp.int32), real_slot.astype(jnp.float32)  # [B, P] each
 
 
 def mask_batch(

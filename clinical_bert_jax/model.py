@@ -97,7 +97,7 @@ class Dropout(nn.Module):
     threshold = round((1.0 - self.rate) * 65536)
     if threshold >= 65536:
       return inputs
-    keep = _random_uint16(self.make_rng("dropout"), inputs.shape) < jnp.uint16(threshold)
+    keep = _random_uint16(self.make_rng("dropout"), inputs.shape) < jnp.uint16(threshold)  # inputs.shape, bool
     return jnp.where(keep, inputs * jnp.asarray(65536 / threshold, inputs.dtype), jnp.zeros((), inputs.dtype))
 
 
@@ -129,11 +129,11 @@ class BertEmbeddings(nn.Module):
       embedding_init=_kernel_init(cfg, (TOKEN_TYPE, EMBED)),
       name="token_type_embeddings",
     )
-    positions = jnp.arange(input_ids.shape[-1])[None, :]
-    hidden = word(input_ids) + position(positions) + token_type(token_type_ids)
-    hidden = _layer_norm(cfg, self.dtype)(hidden)
-    hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
-    return nn.with_logical_constraint(hidden, ACTIVATION_AXES)
+    positions = jnp.arange(input_ids.shape[-1])[None, :]  # [1, S]
+    hidden = word(input_ids) + position(positions) + token_type(token_type_ids)  # [B, S, H]
+    hidden = _layer_norm(cfg, self.dtype)(hidden)  # [B, S, H]
+    hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)  # [B, S, H]
+    return nn.with_logical_constraint(hidden, ACTIVATION_AXES)  # [B, S, H]
 
 
 class BertSelfAttention(nn.Module):
@@ -147,21 +147,21 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
     cfg = self.config
-    batch, length, _ = hidden.shape
-    split = lambda x: x.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
-    query = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "query")(hidden))
-    key = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "key")(hidden))
-    value = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "value")(hidden))
+    batch, length, _ = hidden.shape  # hidden: [B, S, H]
+    split = lambda x: x.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)  # [B, S, H] → [B, S, N, D]
+    query = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "query")(hidden))  # [B, S, N, D]
+    key = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "key")(hidden))  # [B, S, N, D]
+    value = split(_dense(cfg, cfg.hidden_size, (EMBED, HEADS), self.dtype, "value")(hidden))  # [B, S, N, D]
     key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]: True where the key is a real token
     if deterministic or cfg.attention_probs_dropout_prob == 0.0:
-      context = jax.nn.dot_product_attention(query, key, value, mask=key_mask)
+      context = jax.nn.dot_product_attention(query, key, value, mask=key_mask)  # [B, S, N, D]
     else:
-      scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
-      scores = scores + jnp.where(key_mask, 0.0, -10000.0)  # Google's additive mask
-      probs = jax.nn.softmax(scores, axis=-1)
-      probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=False)
-      context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
-    return context.reshape(batch, length, cfg.hidden_size)
+      scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)  # [B, N, S, S]
+      scores = scores + jnp.where(key_mask, 0.0, -10000.0)  # [B, N, S, S]: Google's additive mask
+      probs = jax.nn.softmax(scores, axis=-1)  # [B, N, S, S] fp32
+      probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=False)  # [B, N, S, S]
+      context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)  # [B, S, N, D]
+    return context.reshape(batch, length, cfg.hidden_size)  # [B, S, H]
 
 
 class BertAttention(nn.Module):
@@ -170,7 +170,7 @@ class BertAttention(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
-    context = BertSelfAttention(self.config, self.dtype, name="self")(hidden, mask, deterministic)
+    context = BertSelfAttention(self.config, self.dtype, name="self")(hidden, mask, deterministic)  # [B, S, H]
     return _ResidualOutput(self.config, self.dtype, (HEADS, EMBED), name="output")(context, hidden, deterministic)
 
 
@@ -184,10 +184,10 @@ class _ResidualOutput(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
     cfg = self.config
-    hidden = _dense(cfg, cfg.hidden_size, self.kernel_names, self.dtype, "dense")(hidden)
-    hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)
-    hidden = _layer_norm(cfg, self.dtype)(hidden + residual)
-    return nn.with_logical_constraint(hidden, ACTIVATION_AXES)
+    hidden = _dense(cfg, cfg.hidden_size, self.kernel_names, self.dtype, "dense")(hidden)  # [B, S, H]
+    hidden = Dropout(cfg.hidden_dropout_prob)(hidden, deterministic=deterministic)  # [B, S, H]
+    hidden = _layer_norm(cfg, self.dtype)(hidden + residual)  # [B, S, H]
+    return nn.with_logical_constraint(hidden, ACTIVATION_AXES)  # [B, S, H]
 
 
 class _Intermediate(nn.Module):
@@ -197,7 +197,8 @@ class _Intermediate(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array) -> Array:
     cfg = self.config
-    return activation_fn(cfg.hidden_act)(_dense(cfg, cfg.intermediate_size, (EMBED, MLP), self.dtype, "dense")(hidden))
+    inner = _dense(cfg, cfg.intermediate_size, (EMBED, MLP), self.dtype, "dense")(hidden)  # [B, S, I]
+    return activation_fn(cfg.hidden_act)(inner)  # [B, S, I]
 
 
 class BertLayer(nn.Module):
@@ -206,9 +207,10 @@ class BertLayer(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
-    attended = BertAttention(self.config, self.dtype, name="attention")(hidden, mask, deterministic)
-    inner = _Intermediate(self.config, self.dtype, name="intermediate")(attended)
-    return _ResidualOutput(self.config, self.dtype, (MLP, EMBED), name="output")(inner, attended, deterministic)
+    attended = BertAttention(self.config, self.dtype, name="attention")(hidden, mask, deterministic)  # [B, S, H]
+    inner = _Intermediate(self.config, self.dtype, name="intermediate")(attended)  # [B, S, I]
+    output = _ResidualOutput(self.config, self.dtype, (MLP, EMBED), name="output")
+    return output(inner, attended, deterministic)  # [B, S, H]
 
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -236,9 +238,9 @@ class BertEncoder(nn.Module):
   def __call__(
     self, hidden: Array, mask: Array, deterministic: bool, output_hidden_states: bool = False
   ) -> tuple[Array, tuple[Array, ...]]:
-    all_hidden = (hidden,)
+    all_hidden = (hidden,)  # [B, S, H] each: the embeddings, then every layer's output
     layers = _LayerStack(self.config, self.dtype, self.scan_layers, self.remat, name="layer")
-    hidden, stacked = layers(hidden, mask, deterministic, output_hidden_states)
+    hidden, stacked = layers(hidden, mask, deterministic, output_hidden_states)  # [B, S, H]; L × [B, S, H] or ()
     return hidden, all_hidden + stacked
 
 
@@ -253,7 +255,8 @@ class _ScanBody(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: Array, mask: Array) -> tuple[Array, Array | None]:
-    hidden = _layer_class(self.remat, True)(self.config, self.dtype, name="block")(hidden, mask, self.deterministic)
+    layer = _layer_class(self.remat, True)(self.config, self.dtype, name="block")
+    hidden = layer(hidden, mask, self.deterministic)  # [B, S, H]
     return hidden, hidden if self.output_hidden_states else None
 
 
@@ -279,14 +282,13 @@ class _LayerStack(nn.Module):
         in_axes=(nn.broadcast,),
         length=self.config.num_hidden_layers,
       )
-      hidden, stacked = scanned(self.config, self.dtype, deterministic, self.remat, output_hidden_states, name=SCANNED)(
-        hidden, mask
-      )  # stacked: [L, B, S, H] or None
+      layers = scanned(self.config, self.dtype, deterministic, self.remat, output_hidden_states, name=SCANNED)
+      hidden, stacked = layers(hidden, mask)  # [B, S, H]; stacked: [L, B, S, H] or None
       return hidden, tuple(stacked) if output_hidden_states else ()
     outputs = []
     layer_class = _layer_class(self.remat, False)
     for index in range(self.config.num_hidden_layers):
-      hidden = layer_class(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
+      hidden = layer_class(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)  # [B, S, H]
       if output_hidden_states:
         outputs.append(hidden)
     return hidden, tuple(outputs)
@@ -308,7 +310,7 @@ def stack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
   if SCANNED in layers:
     return params
   count = len(layers)
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[layers[str(index)] for index in range(count)])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[layers[str(index)] for index in range(count)])  # [L, ...]
   return _with_layer_tree(params, {SCANNED: {"block": stacked}})
 
 
@@ -347,11 +349,11 @@ class BertModule(nn.Module):
     output_hidden_states: bool = False,
   ) -> dict[str, Any]:
     if attention_mask is None:
-      attention_mask = jnp.ones_like(input_ids)
+      attention_mask = jnp.ones_like(input_ids)  # [B, S]
     if token_type_ids is None:
-      token_type_ids = jnp.zeros_like(input_ids)
-    hidden = self.embeddings(input_ids, token_type_ids, deterministic)
-    sequence, hidden_states = self.encoder(hidden, attention_mask, deterministic, output_hidden_states)
+      token_type_ids = jnp.zeros_like(input_ids)  # [B, S]
+    hidden = self.embeddings(input_ids, token_type_ids, deterministic)  # [B, S, H]
+    sequence, hidden_states = self.encoder(hidden, attention_mask, deterministic, output_hidden_states)  # [B, S, H]
     outputs = {"sequence_output": sequence, "pooled_output": self.pooler(sequence)}
     if output_hidden_states:
       outputs["hidden_states"] = hidden_states
@@ -368,7 +370,8 @@ class _Pooler(nn.Module):
   @nn.compact
   def __call__(self, sequence: Array) -> Array:
     cfg = self.config
-    return jnp.tanh(_dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), self.dtype, "dense")(sequence[:, 0]))
+    first = sequence[:, 0]  # [B, H]: the [CLS] row
+    return jnp.tanh(_dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), self.dtype, "dense")(first))  # [B, H]
 
 
 class _MaskedLMHead(nn.Module):
@@ -380,10 +383,10 @@ class _MaskedLMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array, embedding_table: Array) -> Array:
     cfg = self.config
-    hidden = _TransformHead(cfg, self.dtype, name="transform")(hidden)
-    bias = self.param("bias", _zeros((VOCAB,)), (cfg.vocab_size,), jnp.float32)
-    logits = jnp.einsum("...h,vh->...v", hidden, embedding_table.astype(self.dtype))
-    return logits.astype(jnp.float32) + bias
+    hidden = _TransformHead(cfg, self.dtype, name="transform")(hidden)  # [B, P or S, H]
+    bias = self.param("bias", _zeros((VOCAB,)), (cfg.vocab_size,), jnp.float32)  # [V]
+    logits = jnp.einsum("...h,vh->...v", hidden, embedding_table.astype(self.dtype))  # [B, P or S, V]
+    return logits.astype(jnp.float32) + bias  # [B, P or S, V] fp32
 
 
 class _TransformHead(nn.Module):
@@ -393,8 +396,8 @@ class _TransformHead(nn.Module):
   @nn.compact
   def __call__(self, hidden: Array) -> Array:
     cfg = self.config
-    hidden = _dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), self.dtype, "dense")(hidden)
-    return _layer_norm(cfg, self.dtype)(activation_fn(cfg.hidden_act)(hidden))
+    hidden = _dense(cfg, cfg.hidden_size, (EMBED, EMBED_OUT), self.dtype, "dense")(hidden)  # [B, P or S, H]
+    return _layer_norm(cfg, self.dtype)(activation_fn(cfg.hidden_act)(hidden))  # [B, P or S, H]
 
 
 class _PretrainingHeads(nn.Module):
@@ -403,7 +406,7 @@ class _PretrainingHeads(nn.Module):
 
   @nn.compact
   def __call__(self, mlm_hidden: Array, pooled: Array, embedding_table: Array) -> tuple[Array, Array]:
-    mlm_logits = _MaskedLMHead(self.config, self.dtype, name="predictions")(mlm_hidden, embedding_table)
+    mlm_logits = _MaskedLMHead(self.config, self.dtype, name="predictions")(mlm_hidden, embedding_table)  # [B, P, V]
     nsp = nn.Dense(
       2,
       dtype=self.dtype,
@@ -411,7 +414,7 @@ class _PretrainingHeads(nn.Module):
       bias_init=_zeros((CLASSES,)),
       name="seq_relationship",
     )
-    return mlm_logits, nsp(pooled).astype(jnp.float32)
+    return mlm_logits, nsp(pooled).astype(jnp.float32)  # nsp: [B, 2] fp32
 
 
 class BertForPreTraining(nn.Module):
@@ -443,18 +446,20 @@ class BertForPreTraining(nn.Module):
     output_hidden_states: bool = False,
   ) -> dict[str, Any]:
     outputs = self.bert(input_ids, attention_mask, token_type_ids, deterministic, output_hidden_states)
-    sequence = outputs["sequence_output"]
+    sequence = outputs["sequence_output"]  # [B, S, H]
     if masked_lm_positions is not None:
-      mlm_hidden = jnp.take_along_axis(sequence, masked_lm_positions[..., None].astype(jnp.int32), axis=1)
+      positions = masked_lm_positions[..., None].astype(jnp.int32)  # [B, P, 1]
+      mlm_hidden = jnp.take_along_axis(sequence, positions, axis=1)  # [B, P, H]
     else:
-      mlm_hidden = sequence
+      mlm_hidden = sequence  # [B, S, H]
     mlm_logits, nsp_logits = self.cls(mlm_hidden, outputs["pooled_output"], self.bert.word_embedding_table())
+    # mlm_logits: [B, P, V] (or [B, S, V] without positions); nsp_logits: [B, 2]
     return {**outputs, "mlm_logits": mlm_logits, "nsp_logits": nsp_logits}
 
 
 def _dummy_inputs(config: BertConfig, batch: int = 1, length: int = 8) -> dict[str, Array]:
   length = min(length, config.max_position_embeddings)
-  ids = jnp.zeros((batch, length), jnp.int32)
+  ids = jnp.zeros((batch, length), jnp.int32)  # [B, S]
   return {
     "input_ids": ids,
     "attention_mask": jnp.ones_like(ids),
