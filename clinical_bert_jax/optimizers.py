@@ -3,10 +3,10 @@
 Three optimizers, all built the same way (fp32 gradients → optional global-norm clip → update rule with the BERT
 weight-decay mask → learning-rate schedule), optionally wrapped for gradient accumulation:
 
-* `bert_adam`: Google's `AdamWeightDecayOptimizer` from `optimization.py`, the optimizer ClinicalBERT was trained
-  with. Adam moments WITHOUT bias correction, epsilon added outside the square root, decoupled weight decay added to
-  the update before the learning rate is applied. optax's `adam`/`adamw` always bias-correct, so the update rule is
-  written out here.
+* `google_adamw` (earlier name `bert_adam`, still accepted): Google's `AdamWeightDecayOptimizer` from
+  `optimization.py`, the optimizer ClinicalBERT was trained with. Adam moments WITHOUT bias correction, epsilon added
+  outside the square root, decoupled weight decay added to the update before the learning rate is applied. optax's
+  `adam`/`adamw` always bias-correct, so the update rule is written out here.
 * `adamw`: `optax.adamw` (bias-corrected), for runs that do not need parity with the original.
 * `lamb`: `optax.lamb` (layer-wise trust ratio) for large-batch runs on pods.
 
@@ -25,11 +25,15 @@ import optax
 
 from clinical_bert_jax.errors import UserError
 
-OPTIMIZER_NAMES = ("bert_adam", "adamw", "lamb")
+OPTIMIZER_NAMES = ("google_adamw", "adamw", "lamb")
+# Earlier names, still accepted (flagfiles and the flags.txt of earlier runs). `bert_adam` was ambiguous: the PyTorch
+# fine-tuning optimizer `bert_adam_pt` (eval_tasks/torch_optimizers.py) is pytorch-pretrained-bert's BertAdam.
+OPTIMIZER_ALIASES = {"bert_adam": "google_adamw"}
+OPTIMIZER_CHOICES = OPTIMIZER_NAMES + tuple(OPTIMIZER_ALIASES)  # what --optimizer accepts
 SCHEDULE_NAMES = ("bert", "warmup_linear")
 # The schedule each optimizer gets unless told otherwise: Google's for Google's optimizer, the conventional
 # warmup-then-decay (HF, PyTorch `BertAdam`, NVIDIA LAMB) for the others.
-DEFAULT_SCHEDULE = {"bert_adam": "bert", "adamw": "warmup_linear", "lamb": "warmup_linear"}
+DEFAULT_SCHEDULE = {"google_adamw": "bert", "adamw": "warmup_linear", "lamb": "warmup_linear"}
 
 # Google's `exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]`, applied with `re.search` to the variable
 # name. Our Flax paths keep the same module names (`LayerNorm/scale`, `.../bias`, `cls/predictions/bias`), so the same
@@ -95,7 +99,7 @@ class ScaleByBertAdamState(NamedTuple):
   nu: Any
 
 
-def scale_by_bert_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
+def scale_by_google_adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
   """`m/(sqrt(v) + eps)` with `m`, `v` the raw (not bias-corrected) moving averages of `AdamWeightDecayOptimizer`."""
 
   def init(params: Any) -> ScaleByBertAdamState:
@@ -115,6 +119,16 @@ def scale_by_bert_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) ->
 def upcast_gradients_to_fp32() -> optax.GradientTransformation:
   """Casts gradients to float32 so clipping norms, moments and accumulators stay fp32 under bf16 compute."""
   return optax.stateless(lambda grads, params: jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+
+
+def canonical_optimizer(name: str) -> str:
+  """The optimizer's current name (`bert_adam` → `google_adamw`); unknown names are returned unchanged."""
+  return OPTIMIZER_ALIASES.get(name, name)
+
+
+def default_schedule(name: str) -> str:
+  """The schedule optimizer `name` (or an earlier name of it) gets unless told otherwise."""
+  return DEFAULT_SCHEDULE[canonical_optimizer(name)]
 
 
 def make_optimizer(
@@ -138,15 +152,16 @@ def make_optimizer(
   on every k-th call, returning zero updates in between; the schedule advances only on real updates.
   `clip_norm` None or 0 disables clipping. `schedule` None picks `DEFAULT_SCHEDULE[name]`. Defaults are Google's.
   """
+  name = canonical_optimizer(name)
   if name not in OPTIMIZER_NAMES:
     raise UserError(f"--optimizer={name!r} is not known; use one of {', '.join(OPTIMIZER_NAMES)}")
   schedule = DEFAULT_SCHEDULE[name] if schedule is None else schedule
   _check_optimizer_args(weight_decay, clip_norm, grad_accum_steps, b1, b2, eps)
   learning_rate_fn = make_schedule(learning_rate, num_train_steps, num_warmup_steps, schedule)
 
-  if name == "bert_adam":
+  if name == "google_adamw":
     update_rule = optax.chain(
-      scale_by_bert_adam(b1, b2, eps),
+      scale_by_google_adamw(b1, b2, eps),
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate_fn),
     )

@@ -94,7 +94,9 @@ class TrainConfig:
     20, help="Masked-LM prediction slots per sequence (checked against statically masked shards).", google=True
   )
   optimizer: str = setting(
-    "bert_adam", choices=optimizers.OPTIMIZER_NAMES, help="bert_adam (Google's AdamWeightDecay), adamw or lamb."
+    "google_adamw",
+    choices=optimizers.OPTIMIZER_CHOICES,
+    help="google_adamw (Google's AdamWeightDecay; earlier name bert_adam), adamw or lamb.",
   )
   lr_schedule: str | None = setting(
     None, help="bert (Google's, with the jump after warmup) or warmup_linear; default depends on --optimizer."
@@ -833,7 +835,7 @@ def train_and_evaluate(
     cfg.learning_rate,
     cfg.num_train_steps,
     cfg.num_warmup_steps,
-    cfg.lr_schedule or optimizers.DEFAULT_SCHEDULE[cfg.optimizer],
+    cfg.lr_schedule or optimizers.default_schedule(cfg.optimizer),
   )
   init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
   runtime = make_runtime(cfg, config, tx, train_vocab, eval_vocab, jax.random.key_data(eval_key))

@@ -22,7 +22,7 @@ PAPER = {
   "max_predictions_per_seq": 20,
   "num_warmup_steps": 10_000,
   "learning_rate": 5e-5,
-  "optimizer": "bert_adam",
+  "optimizer": "google_adamw",
   "masking": "static",
   "seed": 12345,
 }

@@ -331,7 +331,7 @@ def test_optimizer_state_stays_fp32_with_bf16_gradients(name):
 @pytest.mark.parametrize(
   "kwargs, message",
   [
-    (dict(name="sgd"), "bert_adam, adamw, lamb"),
+    (dict(name="sgd"), "google_adamw, adamw, lamb"),
     (dict(schedule="cosine"), "--lr_schedule"),
     (dict(num_warmup_steps=11), "--num_warmup_steps"),
     (dict(num_train_steps=0, num_warmup_steps=0), "--num_train_steps"),
@@ -378,3 +378,18 @@ def test_bert_adam_matches_googles_tensorflow_optimizer():
   ours, norms = run_optax(optimizers.make_optimizer("bert_adam", init_lr, total, warmup), flat, x, y, steps=total)
   assert max(norms) > 1.0
   assert_params_close(ours, expected)
+
+
+def test_bert_adam_is_the_earlier_name_of_google_adamw():
+  """`--optimizer=bert_adam` (flagfiles, the flags.txt of earlier runs) keeps working as `google_adamw`."""
+  assert optimizers.canonical_optimizer("bert_adam") == "google_adamw"
+  assert optimizers.default_schedule("bert_adam") == optimizers.default_schedule("google_adamw") == "bert"
+  params = {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}
+  grads = jax.tree.map(lambda leaf: jnp.sin(leaf) + 0.5, params)
+  updates = {}
+  for name in ("bert_adam", "google_adamw"):
+    tx = optimizers.make_optimizer(name, 1e-3, 10, 0)
+    updates[name], _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.abs(updates["google_adamw"]["kernel"]).min()) > 1e-4
+  for leaf_a, leaf_b in zip(jax.tree.leaves(updates["bert_adam"]), jax.tree.leaves(updates["google_adamw"])):
+    np.testing.assert_array_equal(leaf_a, leaf_b)

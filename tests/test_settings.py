@@ -30,7 +30,7 @@ def test_every_declared_field_is_a_flag_with_its_default_and_help():
   assert {field.name for field in dataclasses.fields(train.TrainConfig)} - {
     field.name for field in settings.flag_fields(train.TrainConfig)
   } == {"prefetch_batches"}
-  assert values["optimizer"].parser.enum_values == list(train.optimizers.OPTIMIZER_NAMES)
+  assert values["optimizer"].parser.enum_values == list(train.optimizers.OPTIMIZER_CHOICES)
   assert values["compute_dtype"].parser.enum_values == list(train.COMPUTE_DTYPES)
 
 

@@ -12,8 +12,8 @@
   `LayerNorm`, `layer_norm` or `bias`, and the learning rate `lr·t/W` for t < W (t = updates already made, so the
   first update has rate 0), then `lr·(1 − t/T)`.
 
-The names end in `_pt` because the JAX pretraining optimizers (`clinical_bert_jax.optimizers`, where `bert_adam` is
-Google's AdamWeightDecay in optax) are another family.
+The names end in `_pt` because the JAX pretraining optimizers (`clinical_bert_jax.optimizers`, where `google_adamw`
+— earlier `bert_adam` — is Google's AdamWeightDecay in optax) are another family.
 """
 
 from __future__ import annotations
