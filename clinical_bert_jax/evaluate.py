@@ -136,20 +136,11 @@ class EvaluateOptions:
     self._require("model_dir", "data_dir", "output_dir")
     if command == "ner" and not self.task:
       raise UserError(f"ner needs --task, one of {', '.join(NER_TASKS)}")
-    if command == "ner" and self.task not in NER_TASKS:
-      raise UserError(f"--task={self.task!r} is not known; use one of {', '.join(NER_TASKS)}")
     if command == "mednli" and self.task:
       raise UserError("--task is for ner only; mednli has a single label set")
     if command == "mednli" and self.split is not None:
       raise UserError("--split is for ner only; mednli uses its train/dev/test files as given")
-    if self.split is not None and self.split not in SPLITS:
-      raise UserError(f"--split={self.split!r} is not known; use one of {', '.join(SPLITS)}")
-    for name, choices in (
-      ("optimizer", ("paper", "google_adamw_pt", "bert_adam_pt")),
-      ("device", ("auto", "cpu", "cuda")),
-    ):
-      if getattr(self, name) not in choices:
-        raise UserError(f"--{name}={getattr(self, name)!r} is not known; use one of {', '.join(choices)}")
+    settings.check_choices(self)  # --task, --split, --optimizer, --device
     if not 0 <= self.warmup_proportion < 1:
       raise UserError(f"--warmup_proportion={self.warmup_proportion} must be in [0, 1)")
     for name in ("learning_rate", "train_batch_size", "num_train_epochs"):

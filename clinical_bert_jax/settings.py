@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
+from clinical_bert_jax.errors import UserError
+
 _FLAG_TYPES = {
   bool: flags.DEFINE_bool,
   int: flags.DEFINE_integer,
@@ -102,6 +104,15 @@ def define_flags(cls: type, module_name: str, flag_values: flags.FlagValues = fl
       flag_values.register_flag_by_module_id(id(sys.modules[module_name]), flag_values[field.name])
   if required:
     flags.mark_flags_as_required(required, flag_values=flag_values)
+
+
+def check_choices(options: Any) -> None:
+  """UserError naming the flag when a `setting` field declared with `choices` holds another value (None is "not
+  given"). The flags enforce this themselves; it matters for options built in Python."""
+  for field in flag_fields(type(options)):
+    choices, value = field.metadata["choices"], getattr(options, field.name)
+    if choices is not None and value is not None and value not in choices:
+      raise UserError(f"--{field.name}={value!r} is not known; use one of {', '.join(choices)}")
 
 
 def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS, **others: Any) -> Any:

@@ -86,6 +86,8 @@ REQUIRED = dict(model_dir="m", data_dir="d", output_dir="o")
     ("mednli", dict(task="bio"), "--task is for ner only"),
     ("mednli", dict(split="paper"), "--split is for ner only"),
     ("ner", dict(task="bio", split="random"), "--split='random' is not known"),
+    ("ner", dict(task="i2b2_2099"), "--task='i2b2_2099' is not known; use one of i2b2_2006"),
+    ("mednli", dict(optimizer="sgd"), "--optimizer='sgd' is not known; use one of paper, google_adamw_pt"),
     ("mednli", dict(warmup_proportion=1.0), "--warmup_proportion=1.0 must be in [0, 1)"),
     ("mednli", dict(learning_rate=(1e-5, -1e-5)), "--learning_rate: -1e-05 must be positive"),
     ("mednli", dict(seeds=()), "--seeds is empty"),
