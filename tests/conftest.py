@@ -12,6 +12,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402  (after the environment is set)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the whole test run: this process, the other xdist worker and every
+  child process the tests start (through the environment) compile each distinct program once. Most of the suite's
+  time is XLA compiling small programs; a fresh clone starts with an empty cache, so only reuse within a run counts."""
+  import jax
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's temporary root, shared by the xdist workers
+  path = root / "jax_compile_cache"
+  path.mkdir(exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # children inherit it
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too: they are most of them
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 CASED_WORDS = [
   "Patient",
   "patient",
