@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_util import assert_one_line_error, run_module
+from cli_util import XLA_TEST_FLAG, assert_one_line_error, run_module
 from clinical_bert_jax import checkpointing, metrics_io, pretrain, train
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
@@ -225,7 +225,7 @@ def subprocess_env(compile_cache: Path, devices: int = 1, **extra: str) -> dict[
   machine's cores) and the test run's persistent compilation cache (the `compile_cache` fixture, tests/conftest.py)."""
   return {
     **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAG}",
     "JAX_PLATFORMS": "cpu",
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
