@@ -25,11 +25,11 @@ lint: install
 
 # Everything (<= 15 min on 2 cores).
 test: install
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # The unit tier (< 3 min on 2 cores): no training runs, no CLI subprocess suites, no TF/PyTorch oracles.
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=10 -m "not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=10 -m "not slow" tests
 
 demo: install
 	$(TEST_ENV) bash scripts/demo.sh $(DEMO_DIR)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# XLA's LLVM backend at -O0, for every test process and child (tests/conftest.py says why).
+XLA_TEST_FLAG = "--xla_backend_optimization_level=0"
 
 
 def run_module(

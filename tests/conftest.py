@@ -2,7 +2,14 @@
 
 import os
 
+from cli_util import XLA_TEST_FLAG
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests compile hundreds of small programs and run each only a few times: with LLVM at -O0, XLA compiles them 3-4x
+# faster (the tiny test model's train step: 9 s instead of 33 s) and runs models this small about as fast. Children
+# the tests start inherit it (tests/test_pretrain.py's subprocess_env keeps it too).
+if XLA_TEST_FLAG not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += f" {XLA_TEST_FLAG}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +18,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the whole test run: this process, the other xdist worker and every
+  child process the tests start (through the environment) compile each distinct program once. Most of the suite's
+  time is XLA compiling small programs; a fresh clone starts with an empty cache, so only reuse within a run counts."""
+  import jax
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's temporary root, shared by the xdist workers
+  path = root / "jax_compile_cache"
+  path.mkdir(exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # children inherit it
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too: they are most of them
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
 
 CASED_WORDS = [
   "Patient",
@@ -69,3 +98,40 @@ def tiny_hf_dir(tmp_path_factory):
   torch_model.save_pretrained(directory)
   write_cased_vocab(directory / "vocab.txt", 40)
   return directory
+
+
+# How long each test file took (seconds; the full run of 2026-11-26, 2 cores shared with other jobs; files not listed
+# took under 15 s). `make test` hands whole files to the two xdist workers (`--dist loadfile`: a module fixture such as
+# a trained model or a GCS emulator is built once, not once per worker) in this order, longest first
+# (`--no-loadscope-reorder`), so that no long file starts last and keeps one worker busy alone at the end.
+FILE_SECONDS = {
+  "test_faults.py": 430,
+  "test_pretrain_oracles.py": 370,
+  "test_convert.py": 240,
+  "test_gcs.py": 230,
+  "test_parallelism.py": 210,
+  "test_checkpointing.py": 190,
+  "test_pretrain.py": 190,
+  "test_multiprocess.py": 180,
+  "test_train_step.py": 180,
+  "test_audit.py": 160,
+  "test_gcs_pod.py": 140,
+  "test_dp.py": 130,
+  "test_leaks.py": 100,
+  "test_evaluate.py": 90,
+  "test_parity_oracles.py": 70,
+  "test_model.py": 60,
+  "test_notebooks.py": 60,
+  "test_hf_tokenizer_json.py": 50,
+  "test_create_pretraining_data.py": 50,
+  "test_embed.py": 50,
+  "test_optimizers.py": 30,
+  "test_masking.py": 30,
+  "test_untrusted_files.py": 30,
+  "test_sharding.py": 20,
+  "test_experiments.py": 20,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: a file's tests keep their order

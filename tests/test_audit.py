@@ -179,6 +179,7 @@ def trained(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow  # uses the model the `trained` fixture trains
 def test_exposure_rises_with_repetitions(trained, tmp_path):
   report = audit.audit(
     "exposure",
@@ -201,6 +202,7 @@ def test_exposure_rises_with_repetitions(trained, tmp_path):
     assert not any(row["secret"] in text or row["name"] in text for row in rows)
 
 
+@pytest.mark.slow  # uses the model the `trained` fixture trains
 def test_membership_and_associations_reports(trained, tmp_path):
   report = audit.audit(
     "membership",
@@ -225,6 +227,7 @@ def test_membership_and_associations_reports(trained, tmp_path):
   assert 0.0 <= report["result"]["auc_name_minus_base_rate"] <= 1.0 and report["result"]["pairs"] == 8
 
 
+@pytest.mark.slow  # the trained model and the audit CLI
 def test_bad_input_is_one_line(trained, tmp_path):
   other = model_io.load_model(str(trained / "run"))
   vocab = (trained / "vocab.txt").read_text().splitlines()

@@ -97,6 +97,7 @@ def test_bad_templates_are_refused(template, fragment):
   assert fragment in str(error.value)
 
 
+@pytest.mark.slow  # runs the CLI
 def test_cli_refuses_a_canary_file_inside_a_text_directory_and_writes_nothing(tmp_path):
   source = _text_dir(tmp_path / "text", files=1, docs_per_file=5)
   for inside in (tmp_path / "out" / "canaries.jsonl", source / "canaries.jsonl"):

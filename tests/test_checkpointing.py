@@ -20,7 +20,6 @@ from clinical_bert_jax.errors import UserError
 from test_pretrain import (
   LEARNING_RUN,
   cli_args,
-  compile_cache,  # noqa: F401 (compile_cache is a fixture)
   deterministic_records,
   make_corpus,
   pretrain_command,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from clinical_bert_jax.records import NativeShardWriter, PretrainingData, TFRecordWriter
 from cli_util import assert_one_line_error, run_module
 from data_prep.convert_shards import convert_shards
 from test_records import VOCAB_SIZE, assert_batches_equal, make_instances, stacked
+
+pytestmark = pytest.mark.slow  # runs the convert_shards CLI
 
 
 def test_tfrecords_to_native_and_back_keep_every_instance_in_order(tmp_path):

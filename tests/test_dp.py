@@ -85,6 +85,7 @@ def _hand_dp_gradient(bert, params, batch, clip: float) -> np.ndarray:
   return total / BATCH
 
 
+@pytest.mark.slow  # compiles train steps
 def test_private_step_equals_the_dp_sgd_formula(setup):
   _, bert, params, batch = setup
   clip = 0.5
@@ -102,6 +103,7 @@ def test_private_step_equals_the_dp_sgd_formula(setup):
   assert abs(noise.mean()) < 4 * sigma * clip / math.sqrt(noise.size)
 
 
+@pytest.mark.slow  # compiles train steps
 def test_without_noise_and_clipping_the_private_step_is_the_normal_step(setup):
   _, bert, params, batch = setup
   # Google's loss normalises the MLM loss by the batch's weight sum, DP-SGD by each sequence's own: they coincide
@@ -112,6 +114,7 @@ def test_without_noise_and_clipping_the_private_step_is_the_normal_step(setup):
   np.testing.assert_allclose(private, normal, rtol=1e-4, atol=5e-7)  # atol: fp32 rounding of params - new params
 
 
+@pytest.mark.slow  # compiles train steps
 def test_micro_batches_and_devices_give_the_same_private_gradient(setup):
   _, bert, params, batch = setup
   clip = 0.5
@@ -211,6 +214,7 @@ def test_privacy_record_feeds_the_model_card_and_guards_resumes(tmp_path):
   assert not (tmp_path / dp.PRIVACY_FILE).exists()
 
 
+@pytest.mark.slow  # runs the pretrain CLI
 def test_cli_refuses_noise_without_clipping_in_one_line(tmp_path):
   result = run_module(
     "clinical_bert_jax.pretrain",

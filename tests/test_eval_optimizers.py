@@ -9,6 +9,9 @@ import torch
 
 from clinical_bert_jax.eval_tasks import torch_optimizers
 
+pytestmark = pytest.mark.slow  # TF/PyTorch optimizer oracles
+
+
 TF_NAMES = {
   "encoder.dense.weight": "encoder/dense/kernel",
   "encoder.dense.bias": "encoder/dense/bias",

@@ -28,7 +28,6 @@ from clinical_bert_jax.errors import UserError
 from test_create_pretraining_data import write_demo_text
 from test_pretrain import (
   cli_args,
-  compile_cache,  # noqa: F401 (a fixture)
   deterministic_records,
   make_corpus,
   pretrain_command,
@@ -214,6 +213,7 @@ def _mimic_command(output: Path, *extra: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- training: signals
+@pytest.mark.slow  # trains (pretrain CLI runs)
 def test_killed_and_terminated_training_reruns_to_the_same_model_and_export(corpus, straight, tmp_path, compile_cache):
   """One workdir through four interruptions, each rerun with the same command: SIGTERM during the first compile of
   the train step, SIGKILL during an asynchronous checkpoint write, SIGKILL of the whole process group during the
@@ -274,6 +274,7 @@ def _all_values(tree) -> np.ndarray:
   return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow  # trains (pretrain CLI runs)
 def test_sigterm_during_evaluation_saves_and_exits_0(tmp_path, compile_cache):
   """SIGTERM when the step-20 log line appears: the step-20 checkpoint save and a 48-batch evaluation follow it.
   The evaluation finishes, the next step runs, its checkpoint is saved, exit 0; the rerun completes."""
@@ -296,6 +297,7 @@ def test_sigterm_during_evaluation_saves_and_exits_0(tmp_path, compile_cache):
 
 
 # --------------------------------------------------------------------------------------- training: storage
+@pytest.mark.slow  # trains (pretrain CLI runs)
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_checkpoint(
   corpus, tmp_path, compile_cache
 ):
@@ -317,6 +319,7 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous_
   assert model_io.load_model(saved / "run", step=steps[-1]).step == steps[-1]  # verifies against its checksums
 
 
+@pytest.mark.slow  # runs the data tools
 @pytest.mark.parametrize("tool", ["create_pretraining_data", "format_mimic"])
 def test_full_disk_in_the_data_tools_is_one_line_and_leaves_nothing(tool, demo_text, vocab, tmp_path):
   mountpoint = tmp_path / "small"
@@ -332,6 +335,7 @@ def test_full_disk_in_the_data_tools_is_one_line_and_leaves_nothing(tool, demo_t
   assert left == []
 
 
+@pytest.mark.slow  # runs the CLIs; converts the trained `straight` run
 @pytest.mark.parametrize("tool", ["create_pretraining_data", "format_mimic", "pretrain", "convert"])
 def test_read_only_output_directory_is_one_line(tool, demo_text, vocab, corpus, straight, tmp_path, compile_cache):
   mountpoint = tmp_path / "ro"
@@ -358,6 +362,7 @@ def test_read_only_output_directory_is_one_line(tool, demo_text, vocab, corpus, 
 
 
 # ---------------------------------------------------------------------------------------------- data: signals
+@pytest.mark.slow  # runs the data tools
 def test_killed_format_mimic_reruns_identically(tmp_path):
   straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
   assert (
@@ -386,6 +391,7 @@ def test_killed_format_mimic_reruns_identically(tmp_path):
   _no_temporaries(_walk(tmp_path))
 
 
+@pytest.mark.slow  # runs the data tools
 def test_create_pretraining_data_killed_at_the_final_rename_reruns_identically(demo_text, vocab, tmp_path):
   """Two workers; SIGKILL as soon as the manifest (written last, just before the rename) is in the staging
   directory. Either nothing or the complete result is under the final name; the rerun gives the same bytes."""
@@ -436,6 +442,7 @@ def _children(pid: int) -> list[int]:
     return []
 
 
+@pytest.mark.slow  # runs the data tools
 @pytest.mark.parametrize("tool", ["create_pretraining_data", "format_mimic"])
 def test_a_killed_worker_is_reported_in_one_line_and_leaves_nothing(tool, demo_text, vocab, tmp_path):
   if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
@@ -494,6 +501,7 @@ def test_damaged_training_data_is_refused_in_one_line(kind, damage, corpus, tmp_
   assert "\n" not in message and target.name in message or str(directory) in message, message
 
 
+@pytest.mark.slow  # damages copies of the trained `straight` run
 @pytest.mark.parametrize("damage", [_flip, _truncate], ids=["flipped_byte", "truncated"])
 @pytest.mark.parametrize("kind", ["checkpoint", "config.json", "model.safetensors"])
 def test_damaged_model_files_are_refused_in_one_line(kind, damage, straight, tmp_path):

@@ -51,6 +51,7 @@ def _umask():
   return mask
 
 
+@pytest.mark.slow  # runs every CLI
 def test_every_flag_only_tool_refuses_positional_arguments():
   """run_absl refuses stray arguments once for all tools (a forgotten `--` is a common typo)."""
   from tests.cli_util import assert_one_line_error, run_module

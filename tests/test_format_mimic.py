@@ -232,6 +232,7 @@ def _cli(*args):
   )
 
 
+@pytest.mark.slow  # runs the CLI
 def test_cli_writes_shards_and_never_logs_note_text(tmp_path):
   path = _write_csv(tmp_path / "notes.csv", MIMIC3_HEADER, ROWS)
   result = _cli(f"--input={path}", f"--output_dir={tmp_path / 'out'}", "--categories=Discharge summary")
@@ -240,6 +241,7 @@ def test_cli_writes_shards_and_never_logs_note_text(tmp_path):
   assert _read_shards(tmp_path / "out", "discharge_summary") == [[f"Admitted for {SECRET} pain.", "Discharged home."]]
 
 
+@pytest.mark.slow  # runs the CLI
 @pytest.mark.parametrize("case", ["header_only", "stray_quote"])
 def test_cli_bad_input_exits_2_with_one_error_line(tmp_path, case):
   path = tmp_path / "input.csv"

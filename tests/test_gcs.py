@@ -22,10 +22,12 @@ from clinical_bert_jax import fileio, records, shard_cache
 from clinical_bert_jax.errors import UserError
 from cli_util import REPO, assert_one_line_error
 from gcs_emulator import running_emulator
-from test_pretrain import compile_cache, subprocess_env  # noqa: F401 (compile_cache is a fixture)
+from test_pretrain import subprocess_env
 
 BUCKET = "gs://data"
 READONLY = "gs://readonly-bucket"
+pytestmark = pytest.mark.slow  # the CLI tools and pretraining against the GCS emulator
+
 NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"
 TINY = {
   "hidden_size": 32,

@@ -12,10 +12,13 @@ import socket
 import subprocess
 import time
 
+import pytest
+
 from clinical_bert_jax import checkpointing
-from test_pretrain import cli_args, compile_cache, make_corpus, pretrain_command, subprocess_env  # noqa: F401
+from test_pretrain import cli_args, make_corpus, pretrain_command, subprocess_env
 
 STEPS = 4000
+pytestmark = pytest.mark.slow  # multi-process pretraining
 
 
 def _free_port() -> int:

@@ -43,6 +43,7 @@ def transformers5_dir(tmp_path_factory, tiny_hf_dir) -> Path:
   return directory
 
 
+@pytest.mark.slow  # converts, fine-tunes and loads with transformers
 def test_transformers5_directory_goes_through_convert_evaluate_and_load(transformers5_dir, tiny_hf_dir, tmp_path):
   expected = (tiny_hf_dir / "vocab.txt").read_text().splitlines()
   ours, export = tmp_path / "ours", tmp_path / "export"
@@ -74,6 +75,7 @@ def test_casing_comes_from_tokenizer_json_without_tokenizer_config(transformers5
     assert model_io.load_model(directory).do_lower_case is lowercase
 
 
+@pytest.mark.slow  # transformers models and tokenizers
 def test_a_tokenizer_json_that_is_not_bert_wordpiece_is_one_line(transformers5_dir, tmp_path):
   directory = shutil.copytree(transformers5_dir, tmp_path / "bpe")
   content = json.loads((directory / "tokenizer.json").read_text())
@@ -118,6 +120,7 @@ def test_written_tokenizer_json_tokenises_like_google(do_lower_case):
   assert vocab.read_tokenizer_json(path) == (tokens, do_lower_case)
 
 
+@pytest.mark.slow  # transformers models and tokenizers
 def test_export_has_tokenizer_json_and_a_model_card_without_local_paths(tiny_hf_dir, tmp_path):
   ours, export = tmp_path / "ours", tmp_path / "export"
   assert convert("from_hf", f"--model_dir={tiny_hf_dir}", f"--output_dir={ours}").returncode == 0

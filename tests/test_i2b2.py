@@ -272,6 +272,7 @@ def test_layout_is_found_recursively_and_subdir_flags_override(tmp_path):
   assert only_set2.report["records"]["train_release"] == 2
 
 
+@pytest.mark.slow  # runs the CLI
 def test_command_line_success_and_one_line_errors(tmp_path):
   out = tmp_path / "out"
   result = run_module(

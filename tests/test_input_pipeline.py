@@ -25,6 +25,7 @@ from clinical_bert_jax.input_pipeline import (
 )
 from clinical_bert_jax.records import NativeShardWriter, PretrainingData, vocab_fingerprint, write_manifest
 from clinical_bert_jax.sharding import make_mesh
+from cli_util import XLA_TEST_FLAG
 
 SEQ_LEN, PREDICTIONS, VOCAB_SIZE = 16, 4, 200
 ID_OFFSET = 10  # input_ids[:, 1] = ID_OFFSET + instance number: tells which instance a row is
@@ -296,7 +297,7 @@ def test_two_real_processes_assemble_the_single_process_global_batches(data_dir,
     probe.bind(("localhost", 0))
     port = str(probe.getsockname()[1])
   output = tmp_path / "batches.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {XLA_TEST_FLAG}", "JAX_PLATFORMS": "cpu"}
   workers = [
     subprocess.Popen(
       [sys.executable, __file__, port, str(process), str(data_dir / "*.cbj"), str(output)],

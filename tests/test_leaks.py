@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pretrain import compile_cache, subprocess_env  # noqa: F401 (compile_cache: a fixture)
+from test_pretrain import subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def _tool(module: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, compile_cache):  # noqa: F811 (the fixture imported above)
+def runs(tmp_path_factory, compile_cache):
   """Every run of the pipeline and its failures: {name: CompletedProcess}, and the root of all their outputs."""
   root = tmp_path_factory.mktemp("leaks")
   absl_dir, log_dir = root / "absl_tmp", root / "logs"

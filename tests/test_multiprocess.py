@@ -13,7 +13,6 @@ import pytest
 from clinical_bert_jax import checkpointing, model_io
 from test_pretrain import (
   cli_args,
-  compile_cache,  # noqa: F401 (a fixture)
   deterministic_records,
   make_corpus,
   pretrain_command,

@@ -112,6 +112,7 @@ def test_prediction_file_round_trip_and_errors(tmp_path):
   assert "secretword" not in str(error.value)
 
 
+@pytest.mark.slow  # runs the CLI
 def test_command_line_scores_a_prediction_file(tmp_path):
   path = tmp_path / "test_predictions.txt"
   path.write_text("w1 B-a B-a\nw2 I-a I-a\nw3 O B-b\n\nw4 B-b O\n", encoding="utf-8")

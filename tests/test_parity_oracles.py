@@ -28,6 +28,9 @@ from clinical_bert_jax import losses, model, model_io, weight_names
 from clinical_bert_jax.config import BertConfig
 from tests.cli_util import run_module
 
+pytestmark = pytest.mark.slow  # TF/PyTorch model oracles
+
+
 TOLERANCE = 1e-5
 TF_CONFIG = {
   "vocab_size": 61,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_util import assert_one_line_error, run_module
+from cli_util import XLA_TEST_FLAG, assert_one_line_error, run_module
 from clinical_bert_jax import checkpointing, metrics_io, pretrain, train
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
@@ -222,27 +222,16 @@ def pretrain_command(*args: str) -> list[str]:
 
 def subprocess_env(compile_cache: Path, devices: int = 1, **extra: str) -> dict[str, str]:
   """Environment of a child run: `devices` CPU devices (one by default, so children do not fight over the test
-  machine's cores) and a persistent compilation cache shared by the children of the test session."""
+  machine's cores) and the test run's persistent compilation cache (the `compile_cache` fixture, tests/conftest.py)."""
   return {
     **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAG}",
     "JAX_PLATFORMS": "cpu",
     "TF_CPP_MIN_LOG_LEVEL": "3",
     "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     **extra,
   }
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-  """One XLA compilation cache for all child runs of this test process: equal programs compile once."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the session's temporary root, shared by the xdist workers
-  path = root / "jax_compile_cache"
-  path.mkdir(exist_ok=True)
-  return path
 
 
 # ------------------------------------------------------------------------------------------------------ tests

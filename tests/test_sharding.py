@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from clinical_bert_jax import losses, model, optimizers, sharding
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
+from cli_util import XLA_TEST_FLAG
 
 # The ClinicalBERT vocabulary size: 4 × 7,249, so it divides 2- and 4-way splits but not 8-way.
 VOCAB = 28_996
@@ -220,7 +221,7 @@ def test_host_local_to_global_across_two_processes(tmp_path):
   with socket.socket() as probe:
     probe.bind(("localhost", 0))
     port = probe.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_TEST_FLAG}"}
   script = tmp_path / "worker.py"
   script.write_text(MULTI_PROCESS_WORKER)
   workers = [

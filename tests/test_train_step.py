@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from clinical_bert_jax import train
+
 from clinical_bert_jax.config import BertConfig
+
+pytestmark = pytest.mark.slow  # compiles and runs train steps
 
 SEQ, PREDICTIONS, BATCH, VOCAB = 16, 4, 32, 97
 CONFIG = BertConfig(

@@ -166,6 +166,7 @@ def test_confined_names_are_accepted(good_name):
   assert records.check_shard_names({"shards": [{"name": good_name}]}, "m.json") is None
 
 
+@pytest.mark.slow  # runs the CLIs
 def test_the_tools_refuse_a_manifest_pointing_outside_in_one_line(tmp_path):
   from test_pretrain import cli_args, make_corpus
 
