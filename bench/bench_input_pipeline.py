@@ -41,6 +41,12 @@ flags.DEFINE_integer("vocab_size", 28996, "vocabulary size (BERT-Base cased)")
 flags.DEFINE_list("batch_sizes", ["32", "256"], "global batch sizes to measure")
 flags.DEFINE_float("seconds", 3.0, "measuring time per configuration")
 flags.DEFINE_integer("prefetch", 4, "host batches the Prefetcher keeps ready")
+flags.DEFINE_integer(
+  "tfrecord_ab",
+  0,
+  "> 0: only the same-process A/B of TFRecord reading, the general protobuf parser (the reader before issue 9) "
+  "against the vectorised one, this many alternated runs of --seconds each (sync, median per side).",
+)
 
 _WRITE_BLOCK = 1024
 
@@ -126,9 +132,32 @@ def _masking_ms(batch_size: int, whole_word: bool) -> float:
   return 1000.0 / rate
 
 
+def _tfrecord_ab(data: PretrainingData, batch_sizes: list[int]) -> None:
+  from clinical_bert_jax.records import tfrecord
+
+  print("| batch | general parser (old) batches/s | vectorised batches/s | speed-up |\n|---|---|---|---|")
+  vectorised = tfrecord._TFRecordShard._read_canonical
+  for batch_size in batch_sizes:
+    rates = {"general": [], "vectorised": []}
+    for _ in range(FLAGS.tfrecord_ab):
+      for side in rates:
+        if side == "general":
+          tfrecord._TFRecordShard._read_canonical = lambda self, indices: None  # every batch takes the parser
+        pipeline = PretrainingInput(data, batch_size, seed=0)
+        rates[side].append(_rate(lambda: next(pipeline), FLAGS.seconds))  # noqa: B023 (called right here)
+        tfrecord._TFRecordShard._read_canonical = vectorised
+    general, fast = (float(np.median(rates[side])) for side in ("general", "vectorised"))
+    print(f"| {batch_size}x{FLAGS.max_seq_length} | {general:,.0f} | {fast:,.0f} | {fast / general:.1f}x |")
+  print(f"load average {', '.join(f'{value:.1f}' for value in os.getloadavg())}")
+
+
 def main(argv) -> None:
   del argv
   batch_sizes = [int(size) for size in FLAGS.batch_sizes]
+  if FLAGS.tfrecord_ab > 0:
+    with tempfile.TemporaryDirectory(prefix="bench_input_") as directory:
+      _tfrecord_ab(_write(Path(directory), FORMAT_TFRECORD)[0], batch_sizes)
+    return
   if any(size > FLAGS.num_instances for size in batch_sizes):
     raise UserError(f"--batch_sizes={FLAGS.batch_sizes} must not exceed --num_instances={FLAGS.num_instances}")
   rows = []

@@ -77,7 +77,21 @@ flags.DEFINE_bool("scan_layers", False, "Ours: nn.scan over the encoder layers (
 flags.DEFINE_string("remat", "none", "Ours: activation checkpointing none|full|dots (train.TrainConfig.remat).")
 flags.DEFINE_integer("grad_accum_steps", 1, "Ours: micro-batches per step, accumulated inside the jitted step.")
 flags.DEFINE_bool("compile_only", False, "Ours: only trace and compile the step (compile_s, peak RSS); no timing.")
+flags.DEFINE_bool(
+  "memory_only",
+  False,
+  "Ours: compile the step at each --memory_batch_sizes and report XLA's memory analysis (no step runs); with "
+  "--memory_budget_gb, the largest batch whose estimated peak fits, from a linear fit over batch, compiled to check.",
+)
+flags.DEFINE_list("memory_batch_sizes", ["8", "32"], "--memory_only: batch sizes to compile.")
+flags.DEFINE_float("memory_budget_gb", 0.0, "--memory_only: device memory budget in GiB (0: no search).")
 flags.DEFINE_string("profile_dir", None, "Ours: write a jax.profiler trace of the timed steps here.")
+flags.DEFINE_bool(
+  "retain_heap",
+  False,
+  "--framework=both: run both sides with glibc malloc keeping freed memory (RETAIN_HEAP_TUNABLES: one arena, no "
+  "mmap for large blocks, no trimming), so the step's large temporaries do not page-fault afresh every step.",
+)
 flags.DEFINE_bool("update_benchmarks_md", True, "--framework=both: write the table into BENCHMARKS.md.")
 
 
@@ -98,18 +112,30 @@ def synthetic_batch(batch: int, vocab_size: int, seed: int = 0) -> dict[str, np.
   }
 
 
+_HOST_USAGE: dict[str, float] = {}  # per timed step: minor page faults, system and user CPU seconds (getrusage)
+RETAIN_HEAP_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+
+
 def _time_steps(step: Callable[[], None], steps: int, warmup_steps: int) -> tuple[float, list[float]]:
-  """(first call seconds, timed step seconds); `step` must block until its result is ready."""
+  """(first call seconds, timed step seconds); `step` must block until its result is ready. Also records the timed
+  steps' page faults and CPU time in `_HOST_USAGE`."""
   started = time.perf_counter()
   step()
   first = time.perf_counter() - started
   for _ in range(warmup_steps):
     step()
   times = []
+  before = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(steps):
     started = time.perf_counter()
     step()
     times.append(time.perf_counter() - started)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  _HOST_USAGE.update(
+    minor_faults_per_step=(after.ru_minflt - before.ru_minflt) / max(steps, 1),
+    system_cpu_s_per_step=(after.ru_stime - before.ru_stime) / max(steps, 1),
+    user_cpu_s_per_step=(after.ru_utime - before.ru_utime) / max(steps, 1),
+  )
   return first, times
 
 
@@ -156,6 +182,8 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
   state = runtime.init_state(None, init_key, np.asarray(jax.random.key_data(train_key)))
   batch = runtime.put_batch(synthetic_batch(batch_size, config.vocab_size))
   holder = {"state": state}
+  if FLAGS.memory_only:
+    return {"memory": _memory_search(runtime, state, config.vocab_size), "versions": f"jax {jax.__version__}"}
   if FLAGS.compile_only:
     started = time.perf_counter()
     with runtime._mesh_context() if hasattr(runtime, "_mesh_context") else contextlib.nullcontext():
@@ -188,6 +216,50 @@ def run_ours(dims: dict, batch_size: int) -> dict[str, Any]:
     "devices": runtime.num_devices,
     "versions": f"jax {jax.__version__}, {jax.devices()[0].device_kind}",
   }
+
+
+def _step_memory(runtime, state, batch_size: int, vocab_size: int) -> dict[str, float]:
+  """XLA's buffer assignment for the compiled step at `batch_size` (GiB): arguments (state + batch), outputs,
+  temporaries and the estimated peak = arguments + outputs + temporaries - aliased (the donated state is updated in
+  place)."""
+  batch = runtime.put_batch(synthetic_batch(batch_size, vocab_size))
+  with runtime._mesh_context():
+    analysis = runtime._train.lower(state, batch).compile().memory_analysis()
+  gib = lambda value: value / 2**30
+  argument, output = gib(analysis.argument_size_in_bytes), gib(analysis.output_size_in_bytes)
+  temp, alias = gib(analysis.temp_size_in_bytes), gib(analysis.alias_size_in_bytes)
+  return {
+    "batch_size": batch_size,
+    "argument_gb": argument,
+    "output_gb": output,
+    "temp_gb": temp,
+    "alias_gb": alias,
+    "peak_gb": argument + output + temp - alias,
+  }
+
+
+def _memory_search(runtime, state, vocab_size: int) -> dict[str, Any]:
+  points = [_step_memory(runtime, state, int(size), vocab_size) for size in FLAGS.memory_batch_sizes]
+  result: dict[str, Any] = {"points": points}
+  if FLAGS.memory_budget_gb > 0 and len(points) >= 2:
+    sizes = np.array([point["batch_size"] for point in points], float)
+    peaks = np.array([point["peak_gb"] for point in points])
+    slope, intercept = np.polyfit(sizes, peaks, 1)
+    predicted = int((FLAGS.memory_budget_gb - intercept) // slope)
+    check = _step_memory(runtime, state, predicted, vocab_size)
+    while (
+      check["peak_gb"] > FLAGS.memory_budget_gb and predicted > 1
+    ):  # the fit is an estimate: step down until it fits
+      predicted = max(1, int(predicted * 0.95))
+      check = _step_memory(runtime, state, predicted, vocab_size)
+    result.update(
+      budget_gb=FLAGS.memory_budget_gb,
+      gb_per_sequence=float(slope),
+      fixed_gb=float(intercept),
+      largest_batch=predicted,
+      largest_batch_check=check,
+    )
+  return result
 
 
 def run_hf(dims: dict, batch_size: int) -> dict[str, Any]:
@@ -250,6 +322,15 @@ def run_one(config_name: str, framework: str) -> dict[str, Any]:
   if FLAGS.steps <= 0:
     FLAGS.steps = 5 if config_name == "tiny" else 2
   measured = (run_ours if framework == "ours" else run_hf)(dims, batch_size)
+  if FLAGS.memory_only:
+    return {
+      "config": config_name,
+      "framework": framework,
+      "dtype": FLAGS.dtype,
+      "options": {"scan_layers": FLAGS.scan_layers, "remat": FLAGS.remat},
+      **measured["memory"],
+      "versions": measured["versions"],
+    }
   if FLAGS.compile_only:
     return {
       "config": config_name,
@@ -283,6 +364,8 @@ def run_one(config_name: str, framework: str) -> dict[str, Any]:
     "model_gflops_per_seq": computed / 1e9,
     "fraction_of_peak": computed * batch_size / step_s / peak,
     "useful_fraction_of_peak": sparse * batch_size / step_s / peak,
+    **_HOST_USAGE,
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     "options": {
       "optimizer": FLAGS.optimizer,
       "scan_layers": FLAGS.scan_layers,
@@ -310,7 +393,10 @@ def _side(config_name: str, framework: str) -> dict[str, Any]:
   command += [f"--batch_size={FLAGS.batch_size}"] if FLAGS.batch_size else []
   command += [f"--steps={FLAGS.steps}"] if FLAGS.steps else []
   print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  if FLAGS.retain_heap:
+    env["GLIBC_TUNABLES"] = RETAIN_HEAP_TUNABLES
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
   lines = done.stdout.strip().splitlines()
   if done.returncode or not lines:
     raise RuntimeError(f"{' '.join(command[1:])} failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -355,6 +441,7 @@ def compare(config_names: Sequence[str]) -> str:
     f"python -m bench.train_step --framework=both --configs={','.join(config_names)} "
     f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}"
     + (f" --steps={FLAGS.steps}" if FLAGS.steps else "")
+    + (" --retain_heap" if FLAGS.retain_heap else "")
   )
   header = (
     "| model | ours seq/s | HF PyTorch seq/s | ratio (medians) | step ms ours / HF | peak RSS GB ours / HF | "

@@ -157,7 +157,8 @@ class TrainConfig:
     "none",
     choices=model.REMAT_POLICIES,
     help="Activation checkpointing per encoder layer: none, "
-    "full (recompute each layer in the backward pass) or dots (keep matmul outputs).",
+    "full (recompute each layer in the backward pass) or dots (keep matmul outputs). On the CPU backend it saves "
+    "memory only with --scan_layers (XLA:CPU schedules an unrolled model's recomputation early; BENCHMARKS.md).",
   )
 
   @property

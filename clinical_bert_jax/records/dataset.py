@@ -134,6 +134,8 @@ class PretrainingData:
     indices = np.asarray(indices, np.int64).reshape(-1)
     if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
       raise IndexError(f"indices must be in [0, {len(self)})")
+    if len(self.shards) == 1 and indices.size:  # the shard's arrays are fresh: no copy into a new batch
+      return self.shards[0].read(indices, self._vocab_size)
     shard_ids = np.searchsorted(self._ends, indices, side="right")
     batch = {
       name: np.zeros((indices.size,) + self._feature_shape(name), FEATURE_DTYPES[name]) for name in FEATURE_NAMES

@@ -31,6 +31,30 @@ from clinical_bert_jax.records.wire import (
 )
 
 _MAX_TFRECORD_BYTES = 1 << 24  # an instance of 65,535 tokens is under 1 MB; anything far larger is not one
+_WEIGHTS = FEATURE_NAMES.index("masked_lm_weights")
+_INTEGERS = [index for index, name in enumerate(FEATURE_NAMES) if name != "masked_lm_weights"]
+
+
+def _joined_spans(
+  raw: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """raw[starts[i] : starts[i] + lengths[i]] for all i joined (one gather), where each span begins in it, and the
+  positions of its varint-terminal bytes (< 0x80)."""
+  offsets = np.cumsum(lengths) - lengths
+  total = int(offsets[-1] + lengths[-1]) if lengths.size else 0
+  packed = raw[np.repeat(starts - offsets, lengths) + np.arange(total)]
+  return packed, offsets, np.flatnonzero(packed < 0x80)
+
+
+def _decode_terminated_varints(packed: np.ndarray, ends: np.ndarray) -> np.ndarray:
+  """The varints of `packed` (every byte belongs to one; `ends` are their last bytes) as int64, all at once: from
+  each varint's last (most significant) byte backwards, one masked step per byte of the longest."""
+  values = packed[ends].astype(np.int64)
+  sizes = np.diff(ends, prepend=-1)
+  for k in range(1, int(sizes.max(initial=1))):
+    longer = np.flatnonzero(sizes > k)
+    values[longer] = (values[longer] << 7) | (packed[ends[longer] - k] & 0x7F)
+  return values
 
 
 class TFRecordWriter(_StreamingWriter):
@@ -71,6 +95,8 @@ class _TFRecordShard(_Shard):
     self._block_ok: np.ndarray | None = None  # vectorised reader state (_canonical_block)
     self._spans: np.ndarray | None = None
     self._bad_crc: np.ndarray | None = None
+    self._fits: np.ndarray | None = None
+    self._all_canonical = False  # every block parsed and canonical: batches skip the per-block check
     self.checksum = f"crc32:{zlib.crc32(self.data()):08x}" if verify_checksum else None
     if self.count == 0:
       self.max_seq_length = self.max_predictions_per_seq = None
@@ -152,13 +178,15 @@ class _TFRecordShard(_Shard):
   _BLOCK = 4096  # records parsed (and checksummed) together by the vectorised reader
 
   def _canonical_block(self, block: int) -> bool:
-    """Parses records [block·B, (block+1)·B) once: verifies their data CRCs and stores every feature's packed-values
-    span (offset within the record, length) in `self._spans` [records, 7, 2]. False: the block needs the general
-    parser (some record is not in the canonical layout)."""
+    """Parses records [block·B, (block+1)·B) once: verifies their data CRCs, stores every feature's packed-values
+    span (offset within the record, length) in `self._spans` [records, 7, 2] and whether the record's values have
+    the shape of record 0 in `self._fits`. False: the block needs the general parser (some record is not in the
+    canonical layout)."""
     if self._block_ok is None:
       blocks = -(-self.count // self._BLOCK)
       self._block_ok = np.zeros(blocks, np.int8)  # 0 unparsed, 1 canonical, -1 general
       self._bad_crc = np.zeros(self.count, bool)  # records whose data CRC failed (an error only when read)
+      self._fits = np.zeros(self.count, bool)  # canonical records whose value counts match record 0's
       self._spans = np.zeros(
         (self.count, len(FEATURE_NAMES), 2), np.uint16 if self.lengths.max(initial=0) < 2**16 else np.uint32
       )
@@ -182,13 +210,54 @@ class _TFRecordShard(_Shard):
         for index, name in enumerate(FEATURE_NAMES):
           self._spans[rows, index, 0] = spans[name][0] - starts
           self._spans[rows, index, 1] = spans[name][1]
+        self._fits[rows] = self._values_fit(raw, rows)
         self._block_ok[block] = 1
+        self._all_canonical = bool(np.all(self._block_ok == 1))
     return self._block_ok[block] == 1
 
+  def _widths(self) -> np.ndarray:
+    """Values per record of each feature (FEATURE_NAMES order), as record 0 has them."""
+    return np.asarray(
+      [
+        1
+        if name == "next_sentence_labels"
+        else self.max_seq_length
+        if name in SEQUENCE_FEATURES
+        else self.max_predictions_per_seq
+        for name in FEATURE_NAMES
+      ],
+      np.int64,
+    )
+
+  def _values_fit(self, raw: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per record of `rows` (parsed spans): every int64 feature holds exactly record 0's number of varints of at most
+    9 bytes (10-byte ones are negative values) and the weights record 0's number of floats. A batch of such records
+    is decoded without further checks."""
+    widths = self._widths()
+    spans = self._spans[rows].astype(np.int64)
+    fits = spans[:, _WEIGHTS, 1] == 4 * widths[_WEIGHTS]
+    starts = (self.offsets[rows][:, None] + spans[:, _INTEGERS, 0]).reshape(-1)  # record-major
+    lengths = spans[:, _INTEGERS, 1].reshape(-1)
+    packed, offsets, ends = _joined_spans(raw, starts, lengths)
+    terminal = np.r_[0, np.cumsum(packed < 0x80)]
+    counts = (terminal[offsets + lengths] - terminal[offsets]).reshape(len(rows), len(_INTEGERS))
+    last_byte = packed[np.maximum(offsets + lengths - 1, 0)] if packed.size else np.zeros(0, np.uint8)
+    closed = ((lengths == 0) | (last_byte < 0x80)).reshape(len(rows), len(_INTEGERS))
+    fits &= np.all(counts == widths[_INTEGERS], axis=1) & np.all(closed, axis=1)
+    sizes = np.diff(np.r_[-1, ends])
+    long_varints = np.searchsorted(offsets + lengths, ends[sizes > 9], side="right") // len(_INTEGERS)
+    fits[long_varints] = False
+    return fits
+
   def _read_canonical(self, local_indices: np.ndarray) -> dict[str, np.ndarray] | None:
-    """The batch from the parsed blocks' spans: a gather and a vectorised varint decode per feature (None: some
-    record needs the general parser, or has another shape than record 0)."""
-    if not all([self._canonical_block(block) for block in np.unique(local_indices // self._BLOCK).tolist()]):
+    """The batch from the parsed blocks' spans: one gather of the weights' bytes and one gather plus one vectorised
+    varint decode of all int64 features' packed values (None: some record needs the general parser, or has another
+    shape than record 0)."""
+    if not self._all_canonical and not all(
+      [self._canonical_block(block) for block in np.unique(local_indices // self._BLOCK).tolist()]
+    ):
+      return None
+    if not np.all(self._fits[local_indices]):
       return None
     bad = np.flatnonzero(self._bad_crc[local_indices])
     if bad.size:
@@ -196,61 +265,40 @@ class _TFRecordShard(_Shard):
         f"{self.path}: record {local_indices[bad[0]]} has a bad data checksum; the file is corrupt: regenerate it"
       )
     count = len(local_indices)
+    widths = self._widths()
+    raw = np.frombuffer(self.data(), np.uint8)
     spans = self._spans[local_indices].astype(np.int64)  # [n, 7, 2]
     record_starts = self.offsets[local_indices]
-    widths = [
-      1
-      if name == "next_sentence_labels"
-      else self.max_seq_length
-      if name in SEQUENCE_FEATURES
-      else self.max_predictions_per_seq
-      for name in FEATURE_NAMES
-    ]
+    # The weights (4-byte floats) and the int64 features whose every value is one byte in this batch (masks,
+    # segments, small positions: span length = width) come from one gather of fixed-width byte columns; the others'
+    # packed spans are joined (feature-major) and decoded at once. Each record's span holds exactly `width` varints
+    # (_fits).
+    single_byte = np.all(spans[:, :, 1] == widths, axis=0)
+    varint_features = [index for index in _INTEGERS if not single_byte[index]]
+    fixed = [_WEIGHTS] + [index for index in _INTEGERS if single_byte[index]]
+    fixed_bytes = [4 * int(widths[index]) if index == _WEIGHTS else int(widths[index]) for index in fixed]
+    columns = raw[
+      (record_starts[:, None] + np.repeat(spans[:, fixed, 0], fixed_bytes, axis=1))
+      + np.concatenate([np.arange(size) for size in fixed_bytes])
+    ]  # [n, Σ fixed_bytes]
     batch = {}
-    weights = FEATURE_NAMES.index("masked_lm_weights")
-    if np.any(spans[:, weights, 1] != 4 * widths[weights]):
-      return None
-    # Whole records joined (one memcpy each), then everything by position in that buffer.
-    data = self.data()
-    record_lengths = self.lengths[local_indices]
-    buffer = np.frombuffer(
-      b"".join(
-        [data[start : start + length] for start, length in zip(record_starts.tolist(), record_lengths.tolist())]
-      ),
-      np.uint8,
-    )
-    base = np.cumsum(record_lengths) - record_lengths  # where each record starts in `buffer`
-    weight_index = (base + spans[:, weights, 0])[:, None] + np.arange(4 * widths[weights])
-    batch["masked_lm_weights"] = (
-      buffer[weight_index].copy().view("<f4").astype(np.float32).reshape(count, widths[weights])
-    )
-    # The int64 features: the last bytes of all varints in the buffer (header bytes included), then the ones inside
-    # each feature's packed span, feature-major. The byte before a span is the last byte of its length varint, so
-    # every varint inside a span starts right after the previous terminal byte.
-    integer = [index for index, name in enumerate(FEATURE_NAMES) if name != "masked_lm_weights"]
-    span_starts = (base[None, :] + spans[:, integer, 0].T).reshape(-1)
-    span_ends = span_starts + spans[:, integer, 1].T.reshape(-1)
-    terminals = np.flatnonzero(buffer < 0x80)
-    first, last = np.searchsorted(terminals, span_starts), np.searchsorted(terminals, span_ends)
-    expected = np.repeat(np.asarray([widths[index] for index in integer]), count)
-    if np.any(last - first != expected) or np.any(buffer[np.maximum(span_ends - 1, 0)] >= 0x80):
-      return None
-    selected = np.repeat(first - np.cumsum(expected) + expected, expected) + np.arange(int(expected.sum()))
-    ends = terminals[selected]
-    varint_starts = terminals[selected - 1] + 1  # first >= 1: a header byte always precedes a span
-    sizes = ends - varint_starts + 1
-    if sizes.max(initial=1) > 9:  # 10-byte varints (negative values): the general parser handles them
-      return None
-    values = buffer
-    decoded = (values[varint_starts] & 0x7F).astype(np.int64)
-    for k in range(1, int(sizes.max(initial=1))):
-      longer = np.flatnonzero(sizes > k)
-      decoded[longer] |= (values[varint_starts[longer] + k] & 0x7F).astype(np.int64) << (7 * k)
-    offset = 0
-    for index in integer:
-      name, size = FEATURE_NAMES[index], count * widths[index]
-      batch[name] = decoded[offset : offset + size].astype(FEATURE_DTYPES[name]).reshape(count, widths[index])
-      offset += size
+    column = 0
+    for index, size in zip(fixed, fixed_bytes):
+      name = FEATURE_NAMES[index]
+      values = columns[:, column : column + size]
+      if index == _WEIGHTS:
+        values = np.ascontiguousarray(values).view("<f4")
+      batch[name] = values.astype(FEATURE_DTYPES[name])
+      column += size
+    if varint_features:
+      starts = (record_starts[None, :] + spans[:, varint_features, 0].T).reshape(-1)
+      packed, _, ends = _joined_spans(raw, starts, spans[:, varint_features, 1].T.reshape(-1))
+      decoded = _decode_terminated_varints(packed, ends)
+      offset = 0
+      for index in varint_features:
+        name, size = FEATURE_NAMES[index], count * int(widths[index])
+        batch[name] = decoded[offset : offset + size].astype(FEATURE_DTYPES[name]).reshape(count, widths[index])
+        offset += size
     return batch
 
   def read(self, local_indices: np.ndarray, vocab_size: int | None) -> dict[str, np.ndarray]:
