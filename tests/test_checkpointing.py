@@ -18,7 +18,6 @@ import pytest
 from clinical_bert_jax import checkpointing, metrics_io, model_io
 from clinical_bert_jax.errors import UserError
 from test_pretrain import (
-  LEARNING_RUN,
   cli_args,
   deterministic_records,
   make_corpus,
@@ -28,7 +27,18 @@ from test_pretrain import (
 
 pytestmark = pytest.mark.slow  # trains and spawns pretrain
 
-STEPS = LEARNING_RUN["num_train_steps"]
+# Short enough to be cheap, long enough that the run spans three epochs of its 512 records (16 a step) and that a
+# SIGTERM sent when a checkpoint appears lands well before the end; the shapes of test_faults' runs (batch 16, the
+# tiny config), so the compiled programs come from the shared cache.
+RESUME_RUN = {
+  "num_train_steps": 100,
+  "num_warmup_steps": 10,
+  "save_checkpoints_steps": 20,
+  "log_every_steps": 10,
+  "eval_every_steps": 50,
+  "keep_checkpoints": 3,
+}
+STEPS = RESUME_RUN["num_train_steps"]
 
 
 def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
@@ -49,14 +59,17 @@ def _first_logged_step(stdout: str) -> int:
 
 
 def _next_log_step(checkpoint_step: int) -> int:
-  every = LEARNING_RUN["log_every_steps"]
+  every = RESUME_RUN["log_every_steps"]
   return (checkpoint_step // every + 1) * every
 
 
 def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path, compile_cache):
-  corpus = make_corpus(tmp_path / "data", train_count=2048, tfrecord=True)  # Google-format training records
+  """Killed (SIGKILL) once its first checkpoint is written, then resumed past a never-committed checkpoint directory
+  and preempted (SIGTERM) once a later checkpoint is written, then finished: metrics and parameters equal the
+  uninterrupted run's bit for bit, each attempt began at the newest checkpoint."""
+  corpus = make_corpus(tmp_path / "data", train_count=512, tfrecord=True)  # Google-format training records
   env = subprocess_env(compile_cache)
-  overrides = LEARNING_RUN  # the learning test's run, so its compiled programs come from the cache
+  overrides = RESUME_RUN
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
 
   done = subprocess.run(
@@ -67,7 +80,8 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   command = pretrain_command(*cli_args(corpus, interrupted, **overrides))
   checkpoints = interrupted / "checkpoints"
   killed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_until(lambda: (checkpoints / "100").is_dir(), killed, "the checkpoint at step 100")
+  first_saved = lambda: (checkpoints / "20").is_dir() and checkpointing.restorable_steps(interrupted)
+  _wait_until(first_saved, killed, "the checkpoint at step 20")
   killed.kill()
   killed.communicate()
   assert killed.returncode == -signal.SIGKILL
@@ -75,19 +89,19 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   assert killed_at < STEPS
 
   # A checkpoint directory that never got orbax's commit marker must be skipped (and set aside), not resumed from.
-  (checkpoints / "350").mkdir()
+  (checkpoints / "80").mkdir()
   preempted = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_until(lambda: (checkpoints / "200").is_dir(), preempted, "the checkpoint at step 200")
+  _wait_until(lambda: (checkpoints / "40").is_dir(), preempted, "the checkpoint at step 40")
   preempted.send_signal(signal.SIGTERM)
   stdout, stderr = preempted.communicate(timeout=120)
   assert preempted.returncode == 0, stderr[-3000:]
   assert "resuming" in stdout and "received SIGTERM" in stdout
   assert _first_logged_step(stdout) == _next_log_step(killed_at)  # it began at the checkpoint, not at step 0
   assert "eval at step 0" not in stdout
-  assert "checkpoints/350 is incomplete" in stderr
-  assert not (checkpoints / "350").exists() and any((interrupted / checkpointing.INCOMPLETE_DIR).iterdir())
+  assert "checkpoints/80 is incomplete" in stderr
+  assert not (checkpoints / "80").exists() and any((interrupted / checkpointing.INCOMPLETE_DIR).iterdir())
   stopped_at = max(checkpointing.restorable_steps(interrupted))
-  assert 200 <= stopped_at < STEPS
+  assert 40 <= stopped_at < STEPS
 
   finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
   assert finished.returncode == 0, finished.stderr[-3000:]
@@ -102,7 +116,7 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   assert expected.step == actual.step == STEPS
   for name, (left, right) in _flat_pairs(expected.params, actual.params):
     assert np.array_equal(left, right), name
-  assert checkpointing.restorable_steps(interrupted) == [300, 350, 400]  # keep_checkpoints=3
+  assert checkpointing.restorable_steps(interrupted) == [60, 80, 100]  # keep_checkpoints=3
 
 
 def _flat_pairs(left, right):
