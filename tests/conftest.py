@@ -110,7 +110,7 @@ FILE_SECONDS = {
   "test_convert.py": 240,
   "test_gcs.py": 200,
   "test_parallelism.py": 210,
-  "test_checkpointing.py": 160,
+  "test_checkpointing.py": 150,
   "test_pretrain.py": 190,
   "test_multiprocess.py": 180,
   "test_train_step.py": 180,
