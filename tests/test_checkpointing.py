@@ -18,7 +18,6 @@ import pytest
 from clinical_bert_jax import checkpointing, metrics_io, model_io
 from clinical_bert_jax.errors import UserError
 from test_pretrain import (
-  LEARNING_RUN,
   cli_args,
   deterministic_records,
   make_corpus,
@@ -28,7 +27,12 @@ from test_pretrain import (
 
 pytestmark = pytest.mark.slow  # trains and spawns pretrain
 
-STEPS = LEARNING_RUN["num_train_steps"]
+# test_pretrain's default run (40 steps of 16 records, the tiny config, the same learning-rate schedule), so the train
+# and eval programs are the ones test_pretrain and test_faults compile: the shared cache has them. Checkpoints every 5
+# steps, so that each interruption lands well after one and well before the end; 40 steps cross the 256 records'
+# epoch boundary twice.
+RESUME_RUN = {"save_checkpoints_steps": 5, "keep_checkpoints": 3}
+STEPS = 40  # cli_args' num_train_steps
 
 
 def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
@@ -49,14 +53,17 @@ def _first_logged_step(stdout: str) -> int:
 
 
 def _next_log_step(checkpoint_step: int) -> int:
-  every = LEARNING_RUN["log_every_steps"]
+  every = 10  # cli_args' log_every_steps
   return (checkpoint_step // every + 1) * every
 
 
 def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path, compile_cache):
-  corpus = make_corpus(tmp_path / "data", train_count=2048, tfrecord=True)  # Google-format training records
-  env = subprocess_env(compile_cache)
-  overrides = LEARNING_RUN  # the learning test's run, so its compiled programs come from the cache
+  """Killed (SIGKILL) once its first checkpoint is written, then resumed past a never-committed checkpoint directory
+  and preempted (SIGTERM) as soon as the resumed attempt logs its first step, then finished: metrics and parameters
+  equal the uninterrupted run's bit for bit, each attempt began at the newest checkpoint."""
+  corpus = make_corpus(tmp_path / "data", train_count=256, tfrecord=True)  # Google-format training records
+  env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
+  overrides = RESUME_RUN
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
 
   done = subprocess.run(
@@ -67,7 +74,8 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   command = pretrain_command(*cli_args(corpus, interrupted, **overrides))
   checkpoints = interrupted / "checkpoints"
   killed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_until(lambda: (checkpoints / "100").is_dir(), killed, "the checkpoint at step 100")
+  first_saved = lambda: (checkpoints / "5").is_dir() and checkpointing.restorable_steps(interrupted)
+  _wait_until(first_saved, killed, "the checkpoint at step 5")
   killed.kill()
   killed.communicate()
   assert killed.returncode == -signal.SIGKILL
@@ -75,19 +83,22 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   assert killed_at < STEPS
 
   # A checkpoint directory that never got orbax's commit marker must be skipped (and set aside), not resumed from.
-  (checkpoints / "350").mkdir()
+  (checkpoints / "35").mkdir()
   preempted = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_until(lambda: (checkpoints / "200").is_dir(), preempted, "the checkpoint at step 200")
+  lines: list[str] = []
+  logged = lambda: lines.append(preempted.stdout.readline()) or re.match(r"step \d+/", lines[-1])
+  _wait_until(logged, preempted, "the resumed attempt's first step line")
   preempted.send_signal(signal.SIGTERM)
   stdout, stderr = preempted.communicate(timeout=120)
+  stdout = "".join(lines) + stdout
   assert preempted.returncode == 0, stderr[-3000:]
   assert "resuming" in stdout and "received SIGTERM" in stdout
   assert _first_logged_step(stdout) == _next_log_step(killed_at)  # it began at the checkpoint, not at step 0
   assert "eval at step 0" not in stdout
-  assert "checkpoints/350 is incomplete" in stderr
-  assert not (checkpoints / "350").exists() and any((interrupted / checkpointing.INCOMPLETE_DIR).iterdir())
+  assert "checkpoints/35 is incomplete" in stderr
+  assert not (checkpoints / "35").exists() and any((interrupted / checkpointing.INCOMPLETE_DIR).iterdir())
   stopped_at = max(checkpointing.restorable_steps(interrupted))
-  assert 200 <= stopped_at < STEPS
+  assert _next_log_step(killed_at) <= stopped_at < STEPS
 
   finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
   assert finished.returncode == 0, finished.stderr[-3000:]
@@ -102,7 +113,7 @@ def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_on
   assert expected.step == actual.step == STEPS
   for name, (left, right) in _flat_pairs(expected.params, actual.params):
     assert np.array_equal(left, right), name
-  assert checkpointing.restorable_steps(interrupted) == [300, 350, 400]  # keep_checkpoints=3
+  assert checkpointing.restorable_steps(interrupted) == [30, 35, 40]  # keep_checkpoints=3
 
 
 def _flat_pairs(left, right):

@@ -41,6 +41,7 @@ RUN = {
   "eval_every_steps": 20,
   "log_every_steps": 10,
   "keep_checkpoints": 5,
+  "max_eval_steps": 48,  # of the 768 held-out sequences: an evaluation long enough to send SIGTERM into
 }
 SYNTHETIC_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"
 TMP_MARKERS = (".tmp-", ".orbax-checkpoint-tmp", ".old-")
@@ -156,7 +157,7 @@ def _data_env(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  return make_corpus(tmp_path_factory.mktemp("fault_corpus"), train_count=256, eval_count=32)
+  return make_corpus(tmp_path_factory.mktemp("fault_corpus"), train_count=256, eval_count=768)
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +217,12 @@ def _mimic_command(output: Path, *extra: str) -> list[str]:
 @pytest.mark.slow  # trains (pretrain CLI runs)
 def test_killed_and_terminated_training_reruns_to_the_same_model_and_export(corpus, straight, tmp_path, compile_cache):
   """One workdir through four interruptions, each rerun with the same command: SIGTERM during the first compile of
-  the train step, SIGKILL during an asynchronous checkpoint write, SIGKILL of the whole process group during the
-  export. The metrics, final parameters and exported files equal the uninterrupted run's."""
+  the train step, SIGKILL during an asynchronous checkpoint write, SIGTERM during an evaluation, SIGKILL of the whole
+  process group during the export. The metrics, final parameters and exported files equal the uninterrupted run's.
+
+  The SIGTERM during evaluation (formerly its own test, test_sigterm_during_evaluation_saves_and_exits_0): sent when
+  the step-20 log line appears, so the step-20 checkpoint save and a 48-batch evaluation follow it. The evaluation
+  finishes, the next step runs, its checkpoint (step 21) is saved, exit 0 without a traceback; the reruns complete."""
   workdir, export = tmp_path / "run", tmp_path / "hf"
   command = pretrain_command(*cli_args(corpus, workdir, **RUN), f"--export_hf_dir={export}")
   env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
@@ -248,7 +253,19 @@ def test_killed_and_terminated_training_reruns_to_the_same_model_and_export(corp
   second.communicate()
   assert second.returncode == -signal.SIGKILL
 
-  # 3. SIGKILL of the process group (trainer and its export child) while the export is being written.
+  # 3. SIGTERM when the step-20 line appears: the step-20 save and evaluation still run, then step 21 and its save.
+  evaluated = start()
+  seen: list[str] = []
+  step_20 = lambda: seen.append(evaluated.stdout.readline()) or seen[-1].startswith("step 20/40")
+  _wait_for(step_20, evaluated, "the step-20 line", poll=0)
+  evaluated.send_signal(signal.SIGTERM)
+  out, err = evaluated.communicate(timeout=300)
+  out = "".join(seen) + out
+  assert evaluated.returncode == 0 and "received SIGTERM" in out, err[-3000:]
+  assert "Traceback" not in err and "eval at step 20" in out
+  assert max(checkpointing.restorable_steps(workdir)) == 21
+
+  # 4. SIGKILL of the process group (trainer and its export child) while the export is being written.
   third = start()
   exporting = lambda: any(export.parent.glob(f".{export.name}.tmp-*"))
   _wait_for(exporting, third, "the export")
@@ -256,7 +273,7 @@ def test_killed_and_terminated_training_reruns_to_the_same_model_and_export(corp
   third.communicate()
   assert not (export / "model.safetensors").exists()
 
-  # 4. The same command finishes the run (or just the export) and cleans up after the killed writers.
+  # 5. The same command finishes the run (or just the export) and cleans up after the killed writers.
   fourth = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
   assert fourth.returncode == 0, fourth.stderr[-3000:]
   _no_temporaries(_walk(tmp_path))
@@ -272,28 +289,6 @@ def _all_values(tree) -> np.ndarray:
   import jax
 
   return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
-
-
-@pytest.mark.slow  # trains (pretrain CLI runs)
-def test_sigterm_during_evaluation_saves_and_exits_0(tmp_path, compile_cache):
-  """SIGTERM when the step-20 log line appears: the step-20 checkpoint save and a 48-batch evaluation follow it.
-  The evaluation finishes, the next step runs, its checkpoint is saved, exit 0; the rerun completes."""
-  corpus = make_corpus(tmp_path / "data", train_count=256, eval_count=768)
-  workdir = tmp_path / "run"
-  command = pretrain_command(*cli_args(corpus, workdir, **{**RUN, "max_eval_steps": 48}))
-  env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
-  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-  lines: list[str] = []
-  seen = lambda: lines.append(process.stdout.readline()) or lines[-1].startswith("step 20/40")
-  _wait_for(seen, process, "the step-20 line", poll=0)
-  process.send_signal(signal.SIGTERM)
-  out, err = process.communicate(timeout=300)
-  out = "".join(lines) + out
-  assert process.returncode == 0 and "received SIGTERM" in out, err[-3000:]
-  assert "Traceback" not in err and "eval at step 20" in out
-  assert max(checkpointing.restorable_steps(workdir)) == 21
-  rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-  assert rerun.returncode == 0 and "step 40/40" in rerun.stdout, rerun.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------- training: storage
