@@ -106,15 +106,15 @@ def tiny_hf_dir(tmp_path_factory):
 # (`--no-loadscope-reorder`), so that no long file starts last and keeps one worker busy alone at the end.
 FILE_SECONDS = {
   "test_faults.py": 280,  # this and test_gcs, test_checkpointing: measured alone, load 5-7 (branch tta)
-  "test_pretrain_oracles.py": 370,
+  "test_pretrain_oracles.py": 310,
   "test_convert.py": 240,
   "test_gcs.py": 200,
   "test_parallelism.py": 210,
   "test_checkpointing.py": 150,
   "test_pretrain.py": 190,
-  "test_multiprocess.py": 180,
+  "test_multiprocess.py": 150,
   "test_train_step.py": 180,
-  "test_audit.py": 160,
+  "test_audit.py": 140,
   "test_gcs_pod.py": 140,
   "test_dp.py": 130,
   "test_leaks.py": 100,

