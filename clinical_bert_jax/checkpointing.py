@@ -132,9 +132,7 @@ def _leaf_checksum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lanes[0], lanes[1]
 
 
-# One program per leaf shape/dtype/sharding, not one per tree: a model's layers repeat a few shapes, so BERT-Large's
-# ~1,200 parameter and optimizer leaves compile a dozen small programs instead of one huge one (seconds, not minutes).
-_checksum_leaf = jax.jit(_leaf_checksum)
+_checksum_tree = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 
 
 def _leaf_names(tree: Any) -> list[str]:
@@ -143,7 +141,8 @@ def _leaf_names(tree: Any) -> list[str]:
 
 def array_checksums(tree: Any) -> dict[str, str]:
   """{leaf path: 16 hex digits} of a pytree of (global or host) arrays; a collective in multi-process runs."""
-  pairs = [lane for leaf in jax.tree.leaves(tree) for lane in _checksum_leaf(leaf)]  # (lane0, lane1) per leaf
+  sums = _checksum_tree(tree)
+  pairs = jax.tree.leaves(sums)  # (lane0, lane1) per leaf, flattened in order
   host = [int(np.asarray(array.addressable_data(0) if isinstance(array, jax.Array) else array)) for array in pairs]
   return {name: f"{host[2 * i]:08x}{host[2 * i + 1]:08x}" for i, name in enumerate(_leaf_names(tree))}
 
