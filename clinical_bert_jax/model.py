@@ -54,6 +54,13 @@ def _dense(config: BertConfig, features: int, names: tuple[str, str], dtype: DTy
   )
 
 
+def _embed(config: BertConfig, rows: int, row_axis: str, dtype: DType, name: str) -> nn.Embed:
+  """A [rows, H] embedding table, its rows named `row_axis` and its columns EMBED."""
+  return nn.Embed(
+    rows, config.hidden_size, dtype=dtype, embedding_init=_kernel_init(config, (row_axis, EMBED)), name=name
+  )
+
+
 def _layer_norm(config: BertConfig, dtype: DType, name: str = "LayerNorm") -> nn.LayerNorm:
   """TF-compatible LayerNorm: epsilon from the config (1e-12 for BERT) and the two-pass variance."""
   return nn.LayerNorm(
@@ -108,27 +115,9 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
     cfg = self.config
-    word = nn.Embed(
-      cfg.vocab_size,
-      cfg.hidden_size,
-      dtype=self.dtype,
-      embedding_init=_kernel_init(cfg, (VOCAB, EMBED)),
-      name="word_embeddings",
-    )
-    position = nn.Embed(
-      cfg.max_position_embeddings,
-      cfg.hidden_size,
-      dtype=self.dtype,
-      embedding_init=_kernel_init(cfg, (POSITION, EMBED)),
-      name="position_embeddings",
-    )
-    token_type = nn.Embed(
-      cfg.type_vocab_size,
-      cfg.hidden_size,
-      dtype=self.dtype,
-      embedding_init=_kernel_init(cfg, (TOKEN_TYPE, EMBED)),
-      name="token_type_embeddings",
-    )
+    word = _embed(cfg, cfg.vocab_size, VOCAB, self.dtype, "word_embeddings")
+    position = _embed(cfg, cfg.max_position_embeddings, POSITION, self.dtype, "position_embeddings")
+    token_type = _embed(cfg, cfg.type_vocab_size, TOKEN_TYPE, self.dtype, "token_type_embeddings")
     positions = jnp.arange(input_ids.shape[-1])[None, :]  # [1, S]
     hidden = word(input_ids) + position(positions) + token_type(token_type_ids)  # [B, S, H]
     hidden = _layer_norm(cfg, self.dtype)(hidden)  # [B, S, H]
