@@ -23,24 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.synthetic_notes import COLUMNS as NOTEEVENTS_COLUMNS
 from test_pretrain import subprocess_env
 
 pytestmark = pytest.mark.slow
 
 SENTINEL = "Vexquarind"
-HEADER = [
-  "ROW_ID",
-  "SUBJECT_ID",
-  "HADM_ID",
-  "CHARTDATE",
-  "CHARTTIME",
-  "STORETIME",
-  "CATEGORY",
-  "DESCRIPTION",
-  "CGID",
-  "ISERROR",
-  "TEXT",
-]
+HEADER = list(NOTEEVENTS_COLUMNS)  # MIMIC-III NOTEEVENTS.csv's columns, declared once
 FILLER = (
   "The patient was seen on the ward. Vital signs were stable overnight. Pain was controlled with medication. "
   "The family was updated at the bedside. Labs showed a mild anemia. The plan is discharge tomorrow."
