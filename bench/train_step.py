@@ -41,9 +41,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import flags
+from clinical_bert_jax import host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## train step"
+HUGE_PAGE_SIDES = {"ours": "ours only, as users run each", "both": "both sides", "none": "neither side"}
 SEQ_LENGTH, PREDICTIONS = 128, 20
 CONFIGS = {  # model dims, default batch
   "tiny": (
@@ -91,6 +93,14 @@ flags.DEFINE_bool(
   False,
   "--framework=both: run both sides with glibc malloc keeping freed memory (RETAIN_HEAP_TUNABLES: one arena, no "
   "mmap for large blocks, no trimming), so the step's large temporaries do not page-fault afresh every step.",
+)
+flags.DEFINE_enum(
+  "huge_pages",
+  "ours",
+  ["ours", "both", "none"],
+  "Which side runs with glibc.malloc.hugetlb=1 (clinical_bert_jax.host_memory): `ours` (default) as each framework "
+  "runs for its users (our command lines switch it on themselves, a PyTorch script does not), `both`, or `none`. "
+  "Ignored under --retain_heap.",
 )
 flags.DEFINE_bool("update_benchmarks_md", True, "--framework=both: write the table into BENCHMARKS.md.")
 
@@ -390,6 +400,7 @@ def _side(config_name: str, framework: str) -> dict[str, Any]:
     f"--warmup_steps={FLAGS.warmup_steps}",
     f"--optimizer={FLAGS.optimizer}",
   ]
+  command += [f"--huge_pages={'none' if FLAGS.retain_heap else FLAGS.huge_pages}"]
   command += [f"--batch_size={FLAGS.batch_size}"] if FLAGS.batch_size else []
   command += [f"--steps={FLAGS.steps}"] if FLAGS.steps else []
   print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
@@ -441,7 +452,7 @@ def compare(config_names: Sequence[str]) -> str:
     f"python -m bench.train_step --framework=both --configs={','.join(config_names)} "
     f"--dtype={FLAGS.dtype} --repeats={FLAGS.repeats} --big_repeats={FLAGS.big_repeats}"
     + (f" --steps={FLAGS.steps}" if FLAGS.steps else "")
-    + (" --retain_heap" if FLAGS.retain_heap else "")
+    + (" --retain_heap" if FLAGS.retain_heap else f" --huge_pages={FLAGS.huge_pages}")
   )
   header = (
     "| model | ours seq/s | HF PyTorch seq/s | ratio (medians) | step ms ours / HF | peak RSS GB ours / HF | "
@@ -454,7 +465,9 @@ def compare(config_names: Sequence[str]) -> str:
     f"{versions.get('hf_pytorch')}. Each side in its own process, alternated, {FLAGS.repeats} processes per "
     f"side for tiny and {FLAGS.big_repeats} for the others (ranges over processes, ratio of medians); "
     f"{FLAGS.dtype}, seq {SEQ_LENGTH}, {PREDICTIONS} masked "
-    f"positions, dropout 0.1, clip 1.0, AdamW; model dims in `bench/train_step.py` (tiny: hidden 128, 2 layers, "
+    f"positions, dropout 0.1, clip 1.0, AdamW; huge pages (glibc.malloc.hugetlb=1) for "
+    f"{'neither side (--retain_heap)' if FLAGS.retain_heap else HUGE_PAGE_SIDES[FLAGS.huge_pages]}; "
+    f"model dims in `bench/train_step.py` (tiny: hidden 128, 2 layers, "
     f"vocab 28,996). Fraction of peak = model FLOPs a step computes / step time / the 1024x768 @ 768x3072 "
     f"matmul rate measured in the same process; HF computes the MLM head at all 128 positions, ours at the 20 "
     f"slots, so '(HF useful)' counts HF's rate with our sparse-head FLOPs.\n\n"
@@ -487,6 +500,8 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.update_benchmarks_md:
       update_benchmarks_md(REPO / "BENCHMARKS.md", section)
     return
+  if FLAGS.huge_pages == "both" or (FLAGS.huge_pages == "ours" and FLAGS.framework == "ours"):
+    host_memory.use_transparent_huge_pages()  # re-executes this side, as `pretrain` does, where it helps
   result = run_one(FLAGS.config, FLAGS.framework)
   print(json.dumps(result), flush=True)
 

@@ -18,6 +18,11 @@ way; similarity is cosine. A candidate that tokenises exactly like the query is 
 
 from __future__ import annotations
 
+from clinical_bert_jax import host_memory
+
+if __name__ == "__main__":  # first, before anything below allocates: this may re-execute the command
+  host_memory.use_transparent_huge_pages()
+
 import dataclasses
 import json
 from pathlib import Path

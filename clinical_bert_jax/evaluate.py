@@ -12,6 +12,11 @@ evaluating several models into one OUT gives one comparison table. See docs/eval
 
 from __future__ import annotations
 
+from clinical_bert_jax import host_memory
+
+if __name__ == "__main__":  # first, before anything below allocates: this may re-execute the command
+  host_memory.use_transparent_huge_pages()
+
 import dataclasses
 import datetime
 import json

@@ -11,6 +11,11 @@ initial checkpoint and data, and hands over to `train.train_and_evaluate`; the l
 
 from __future__ import annotations
 
+from clinical_bert_jax import host_memory
+
+if __name__ == "__main__":  # first, before anything below allocates: this may re-execute the command
+  host_memory.use_transparent_huge_pages()
+
 import dataclasses
 import json
 import os
