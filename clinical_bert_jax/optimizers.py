@@ -116,6 +116,22 @@ def scale_by_google_adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6)
   return optax.GradientTransformation(init, update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`tf.clip_by_global_norm` (Google's `optimization.py`): every gradient times `max_norm · min(1/‖g‖, 1/max_norm)`.
+
+  One scalar for the whole tree, multiplied in, rather than optax's per-element `select(‖g‖ < max_norm, g, g / ‖g‖ ·
+  max_norm)`: XLA then fuses the scaling into the moment updates that read each gradient instead of writing a clipped
+  copy of every gradient first (a second params-sized tree of temporaries; 1.25 GiB at BERT-Large)."""
+
+  def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+    del params
+    norm = optax.tree.norm(grads)
+    scale = max_norm * jnp.minimum(1.0 / norm, 1.0 / max_norm)  # [] fp32; 1 (to rounding) when ‖g‖ ≤ max_norm
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def upcast_gradients_to_fp32() -> optax.GradientTransformation:
   """Casts gradients to float32 so clipping norms, moments and accumulators stay fp32 under bf16 compute."""
   return optax.stateless(lambda grads, params: jax.tree.map(lambda g: g.astype(jnp.float32), grads))
@@ -172,7 +188,7 @@ def make_optimizer(
   else:
     update_rule = optax.lamb(learning_rate_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
 
-  transform = optax.chain(optax.clip_by_global_norm(clip_norm), update_rule) if clip_norm else update_rule
+  transform = optax.chain(clip_by_global_norm(clip_norm), update_rule) if clip_norm else update_rule
   if grad_accum_steps > 1:
     # MultiSteps rather than a scan over micro-batches inside the train step: the train step and the input pipeline
     # stay the same for every k, and a checkpoint taken mid-accumulation resumes exactly (the partial sum and the

@@ -393,3 +393,26 @@ def test_bert_adam_is_the_earlier_name_of_google_adamw():
   assert float(jnp.abs(updates["google_adamw"]["kernel"]).min()) > 1e-4
   for leaf_a, leaf_b in zip(jax.tree.leaves(updates["bert_adam"]), jax.tree.leaves(updates["google_adamw"])):
     np.testing.assert_array_equal(leaf_a, leaf_b)
+
+
+@pytest.mark.parametrize("size", [0.01, 3.0])  # global norm below and above the clip norm
+def test_clip_by_global_norm_is_tensorflows(size):
+  """Our clip multiplies by one scalar (so XLA fuses it into the moment updates); the oracle is TF's own
+  `tf.clip_by_global_norm`, which Google's `optimization.py` calls with clip_norm=1.0."""
+  import tensorflow as tf
+
+  rng = np.random.default_rng(7)
+  grads = {
+    "kernel": rng.normal(size=(30, 20)) * size,
+    "bias": rng.normal(size=(20,)) * size,
+    "scalar": np.float64(size),
+  }
+  grads = {name: np.asarray(value, np.float32) for name, value in grads.items()}
+  for clip_norm in (1.0, 0.3):
+    expected, norm = tf.clip_by_global_norm([tf.constant(grads[name]) for name in sorted(grads)], clip_norm)
+    clipped, _ = optimizers.clip_by_global_norm(clip_norm).update(grads, optax.EmptyState())
+    assert (float(norm) > clip_norm) == (size > 1.0)
+    for name, tf_value in zip(sorted(grads), expected):
+      np.testing.assert_allclose(
+        np.asarray(clipped[name]), tf_value.numpy(), rtol=1e-6, atol=0
+      )  # norms summed in another order
