@@ -183,8 +183,11 @@ def unrolled_lamb():
   return _train(optimizer="lamb")
 
 
-def test_scan_layers_train_like_the_unrolled_step_with_adamw():
-  _assert_same(_train(optimizer="adamw"), _train(optimizer="adamw", scan_layers=True), "adamw, scan_layers")
+def test_scan_layers_train_like_the_unrolled_step_with_adamw_and_dp_clipping():
+  """AdamW's moments stacked, and DP-SGD's per-example clipping (a global norm per example) in the stacked layout
+  (noise off: its draws are per leaf, so a noisy run differs between layouts in its random numbers only)."""
+  private = {"optimizer": "adamw", "dp_l2_clip": 0.05}
+  _assert_same(_train(**private), _train(**private, scan_layers=True), "adamw, DP clipping, scan_layers")
 
 
 def test_scan_layers_train_like_the_unrolled_step_with_lamb_and_fsdp(unrolled_lamb):
@@ -239,6 +242,18 @@ def test_scan_layers_state_is_stacked_and_its_layer_axis_never_sharded():
   ]
   assert sorted(moments) == sorted(list(specs.items()) * 2)
   assert jax.tree.structure(runtime.abstract_checkpoint()) == jax.tree.structure(unrolled.abstract_checkpoint())
+  # A warm start from per-layer params (pretrain --init_checkpoint) is stacked and placed; host_params unstacks.
+  params = model.init_params(CONFIG, jax.random.key(11))
+  state = runtime.init_state(params, KEYS[0], np.asarray(jax.random.key_data(KEYS[1])))
+  assert jax.tree.map(lambda leaf: leaf.sharding, state.params) == runtime.param_sharding
+  assert state.params["bert"]["encoder"]["layer"][model.SCANNED]["block"]["output"]["dense"]["kernel"].shape == (
+    CONFIG.num_hidden_layers,
+    CONFIG.intermediate_size,
+    CONFIG.hidden_size,
+  )
+  back = runtime.host_params(state)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
 
 
 @pytest.mark.parametrize(
