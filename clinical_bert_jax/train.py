@@ -649,9 +649,9 @@ class PmapRuntime:
     if params is None:
       init = functools.partial(model.init_params, self.config, scan_layers=self.scan_layers)
       params = jax.jit(init, out_shardings=self.replicated)(init_key)
-    params = jax.device_put(params, self.replicated)
-    if self.scan_layers:
-      params = self._to_train_layout(params)
+    else:  # host arrays in the per-layer layout (a warm start)
+      params = jax.device_put(params, self.replicated)
+      params = self._to_train_layout(params) if self.scan_layers else params
     opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)(params)
     state = TrainState(
       params=params, opt_state=opt_state, rng=jnp.asarray(train_key_data), step=jnp.zeros((), jnp.int32)
