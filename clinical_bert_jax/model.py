@@ -8,7 +8,7 @@ LayerNorm epsilon 1e-12 with the two-pass variance, post-LN blocks, the MLM deco
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ DType = Any
 BATCH, LENGTH, EMBED = "batch", "length", "embed"
 VOCAB, HEADS, MLP, EMBED_OUT = "vocab", "heads", "mlp", "embed_out"
 POSITION, TOKEN_TYPE, CLASSES = "position", "token_type", "classes"
+LAYERS = "layers"  # the leading [L] axis of the `scan_layers` layout's stacked layer parameters (never sharded)
 ACTIVATION_AXES = (BATCH, LENGTH, EMBED)
 
 
@@ -270,6 +271,7 @@ class _LayerStack(nn.Module):
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,),
         length=self.config.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS},  # logical axes (LAYERS, ...) of each stacked parameter
       )
       layers = scanned(self.config, self.dtype, deterministic, self.remat, output_hidden_states, name=SCANNED)
       hidden, stacked = layers(hidden, mask)  # [B, S, H]; stacked: [L, B, S, H] or None
@@ -304,7 +306,7 @@ def stack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def unstack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
-  """The inverse of `stack_layer_params`."""
+  """The inverse of `stack_layer_params` (also on host numpy arrays: views, no copy)."""
   layers = _layer_tree(params)
   if SCANNED not in layers:
     return params
@@ -313,6 +315,18 @@ def unstack_layer_params(params: dict[str, Any]) -> dict[str, Any]:
   return _with_layer_tree(
     params, {str(index): jax.tree.map(lambda leaf, i=index: leaf[i], stacked) for index in range(count)}
   )
+
+
+def _is_param_tree(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and isinstance(tree.get("bert"), Mapping) and "encoder" in tree["bert"]
+
+
+def to_layer_layout(tree: Any, scan_layers: bool) -> Any:
+  """`tree` with every parameter-shaped subtree (the params themselves, Adam's `mu`/`nu` inside an optimizer state)
+  in the stacked `scan_layers` layout (True) or the per-layer layout of checkpoints and exports (False); leaves
+  outside such subtrees (step counts, scalars) are returned as they are. Subtrees already in that layout too."""
+  convert = stack_layer_params if scan_layers else unstack_layer_params
+  return jax.tree.map(lambda node: convert(node) if _is_param_tree(node) else node, tree, is_leaf=_is_param_tree)
 
 
 class BertModule(nn.Module):
@@ -457,20 +471,23 @@ def _dummy_inputs(config: BertConfig, batch: int = 1, length: int = 8) -> dict[s
   }
 
 
-def _boxed_init(config: BertConfig, rng: Array):
-  return BertForPreTraining(config).init(rng, **_dummy_inputs(config))["params"]
+def _boxed_init(config: BertConfig, rng: Array, scan_layers: bool = False):
+  return BertForPreTraining(config, scan_layers=scan_layers).init(rng, **_dummy_inputs(config))["params"]
 
 
-def init_params(config: BertConfig, rng: Array) -> dict[str, Any]:
-  """Fresh fp32 parameters (Google's initialisers) as a plain pytree, without logical-axis boxes."""
-  return nn.meta.unbox(_boxed_init(config, rng))
+def init_params(config: BertConfig, rng: Array, scan_layers: bool = False) -> dict[str, Any]:
+  """Fresh fp32 parameters (Google's initialisers) as a plain pytree, without logical-axis boxes. With `scan_layers`
+  the same values in the stacked layout (so a seed gives the same model whichever layout trains it)."""
+  params = nn.meta.unbox(_boxed_init(config, rng))
+  return stack_layer_params(params) if scan_layers else params
 
 
-def param_logical_axes(config: BertConfig) -> dict[str, Any]:
-  """PartitionSpecs of logical axis names, one per parameter, in the same tree as `init_params`."""
-  return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
+def param_logical_axes(config: BertConfig, scan_layers: bool = False) -> dict[str, Any]:
+  """PartitionSpecs of logical axis names, one per parameter, in the same tree as `init_params` (with
+  `scan_layers`: the stacked layout, each layer parameter's spec led by LAYERS)."""
+  return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0), scan_layers)))
 
 
-def param_shapes(config: BertConfig) -> dict[str, Any]:
-  """ShapeDtypeStructs of every parameter, computed without allocating."""
-  return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
+def param_shapes(config: BertConfig, scan_layers: bool = False) -> dict[str, Any]:
+  """ShapeDtypeStructs of every parameter (per-layer, or with `scan_layers` stacked), computed without allocating."""
+  return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0), scan_layers)))

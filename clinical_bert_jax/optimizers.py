@@ -8,9 +8,12 @@ weight-decay mask → learning-rate schedule), optionally wrapped for gradient a
   outside the square root, decoupled weight decay added to the update before the learning rate is applied. optax's
   `adam`/`adamw` always bias-correct, so the update rule is written out here.
 * `adamw`: `optax.adamw` (bias-corrected), for runs that do not need parity with the original.
-* `lamb`: `optax.lamb` (layer-wise trust ratio) for large-batch runs on pods.
+* `lamb`: optax's LAMB (`optax.lamb`'s chain, layer-wise trust ratio) for large-batch runs on pods.
 
-The parameter paths are the flattened Flax paths of docs/ARCHITECTURE.md (`bert/encoder/layer/0/attention/...`).
+The parameter paths are the flattened Flax paths of docs/ARCHITECTURE.md (`bert/encoder/layer/0/attention/...`), or
+with `--scan_layers` the stacked layout (`bert/encoder/layer/stacked/block/attention/...`, a leading [L] axis): the
+weight-decay rule matches the same leaves in both, and LAMB's trust ratio is taken per layer of a stacked leaf, so
+both layouts train the same model.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clinical_bert_jax import model
 from clinical_bert_jax.errors import UserError
 
 OPTIMIZER_NAMES = ("google_adamw", "adamw", "lamb")
@@ -54,6 +58,33 @@ def decays_weight(path: str) -> bool:
 def weight_decay_mask(params: Any) -> Any:
   """A pytree of bools shaped like `params`: True where weight decay applies."""
   return jax.tree_util.tree_map_with_path(lambda key_path, _: decays_weight(flat_param_path(key_path)), params)
+
+
+def is_stacked_layer_param(path: str) -> bool:
+  """Whether the parameter at flattened `path` is a `scan_layers` stack of per-layer tensors (leading axis: layer)."""
+  return f"/layer/{model.SCANNED}/" in f"/{path}"
+
+
+def scale_by_layerwise_trust_ratio() -> optax.GradientTransformation:
+  """LAMB's trust ratio ‖param‖ / ‖update‖ (1 where either is 0), per parameter tensor as in
+  `optax.scale_by_trust_ratio`, except that a stacked `scan_layers` leaf [L, ...] gets one ratio per layer (norms over
+  all axes but the first): the ratio of the tensor that layer would have in the per-layer layout."""
+
+  def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+    if params is None:
+      raise ValueError("LAMB's trust ratio needs the parameters")
+
+    def scale(key_path: tuple[Any, ...], update: jax.Array, param: jax.Array) -> jax.Array:
+      stacked = is_stacked_layer_param(flat_param_path(key_path))
+      axes = tuple(range(1, param.ndim)) if stacked else None
+      param_norm = optax.safe_norm(param, 0.0, axis=axes, keepdims=stacked)  # [] or [L, 1, ...]
+      update_norm = optax.safe_norm(update, 0.0, axis=axes, keepdims=stacked)
+      zero = jnp.logical_or(param_norm == 0.0, update_norm == 0.0)
+      return update * jnp.where(zero, jnp.asarray(1.0, param.dtype), param_norm / update_norm)
+
+    return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_schedule(
@@ -185,8 +216,13 @@ def make_optimizer(
     update_rule = optax.adamw(
       learning_rate_fn, b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32, weight_decay=weight_decay, mask=weight_decay_mask
     )
-  else:
-    update_rule = optax.lamb(learning_rate_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
+  else:  # optax.lamb's chain (same state tree) with the trust ratio taken per layer in the stacked layout too
+    update_rule = optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      scale_by_layerwise_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate_fn),
+    )
 
   transform = optax.chain(clip_by_global_norm(clip_norm), update_rule) if clip_norm else update_rule
   if grad_accum_steps > 1:

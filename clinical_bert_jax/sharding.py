@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
   ("position", None),
   ("token_type", None),
   ("classes", None),
+  ("layers", None),  # the leading axis of --scan_layers' stacked layer parameters: every device holds all layers
 )
 _RULE_TABLE = dict(LOGICAL_AXIS_RULES)
 

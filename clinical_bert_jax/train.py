@@ -147,10 +147,12 @@ class TrainConfig:
     help="START,END: write a jax.profiler trace of these steps to WORKDIR/profile (TensorBoard profile plugin, "
     "Perfetto).",
   )
-  # nn.scan over the encoder layers: one compiled layer (checkpoints keep per-layer names)
+  # nn.scan over the encoder layers: one compiled layer; the train state holds the layers stacked [L, ...], while
+  # checkpoints, exports and TrainResult.params keep the per-layer names (converted at those boundaries only)
   scan_layers: bool = setting(
     False,
-    help="Compile one encoder layer and scan it (faster compiles for deep models; checkpoints keep per-layer names).",
+    help="Compile one encoder layer and scan it, the layers' weights and optimizer state stacked (faster compiles "
+    "for deep models); checkpoints and exports keep per-layer names, so runs resume with or without it.",
   )
   # activation checkpointing per layer (model.REMAT_POLICIES)
   remat: str = setting(
@@ -272,8 +274,7 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------------------ step functions
 def _apply_model(bert: nn.Module, params: Any, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None):
-  if bert.scan_layers:  # the state keeps the per-layer layout; the scanned model reads the layers stacked
-    params = model.stack_layer_params(params)
+  """`params` in the layout of `bert` (stacked with `scan_layers`: the train state's layout)."""
   return bert.apply(
     {"params": params},
     batch["input_ids"],
@@ -468,13 +469,21 @@ class PjitRuntime:
     self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
     self.num_devices = self.mesh.size
     self.config = config
-    shapes = model.param_shapes(config)
-    self.param_sharding = sharding.param_shardings(self.mesh, model.param_logical_axes(config), shapes)
-    opt_shapes = jax.eval_shape(tx.init, shapes)
-    self.opt_sharding = sharding.mirror_param_shardings(opt_shapes, shapes, self.param_sharding, self.mesh)
-    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.scan_layers = cfg.scan_layers
     self.tx = tx
-    self._shapes, self._opt_shapes = shapes, opt_shapes
+    # The checkpoint layout (per-layer) and the train state's (stacked with scan_layers; else the same).
+    self._shapes, self._opt_shapes, self._ckpt_param_sharding, self._ckpt_opt_sharding = self._layout(False)
+    _, _, self.param_sharding, self.opt_sharding = self._layout(cfg.scan_layers)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    if cfg.scan_layers:  # layout conversions at the boundaries (checkpoints, warm start), placed like their targets
+      self._to_train_layout = jax.jit(
+        functools.partial(model.to_layer_layout, scan_layers=True),
+        out_shardings=(self.param_sharding, self.opt_sharding),
+      )
+      self._to_checkpoint_layout = jax.jit(
+        functools.partial(model.to_layer_layout, scan_layers=False),
+        out_shardings=(self._ckpt_param_sharding, self._ckpt_opt_sharding),
+      )
     state_sharding = TrainState(
       params=self.param_sharding, opt_state=self.opt_sharding, rng=self.replicated, step=self.replicated
     )
@@ -491,6 +500,14 @@ class PjitRuntime:
       out_shardings=self.replicated,
     )
 
+  def _layout(self, scan_layers: bool) -> tuple[Any, Any, Any, Any]:
+    """Param shapes, optimizer-state shapes and their shardings in the per-layer or the stacked layout."""
+    shapes = model.param_shapes(self.config, scan_layers)
+    param_sharding = sharding.param_shardings(self.mesh, model.param_logical_axes(self.config, scan_layers), shapes)
+    opt_shapes = jax.eval_shape(self.tx.init, shapes)
+    opt_sharding = sharding.mirror_param_shardings(opt_shapes, shapes, param_sharding, self.mesh)
+    return shapes, opt_shapes, param_sharding, opt_sharding
+
   @contextlib.contextmanager
   def _mesh_context(self):
     # The model's activation constraints (nn.with_logical_constraint) resolve through these at trace time.
@@ -506,8 +523,13 @@ class PjitRuntime:
     )
 
   def init_state(self, params: Any | None, init_key: jax.Array, train_key_data: np.ndarray) -> TrainState:
+    """`params`: host arrays in the per-layer layout (a warm start), or None for a fresh initialisation."""
     if params is None:
-      params = jax.jit(lambda key: model.init_params(self.config, key), out_shardings=self.param_sharding)(init_key)
+      init = functools.partial(model.init_params, self.config, scan_layers=self.scan_layers)
+      params = jax.jit(init, out_shardings=self.param_sharding)(init_key)
+    elif self.scan_layers:
+      params = self._place(params, self._ckpt_param_sharding)
+      params = jax.jit(model.stack_layer_params, out_shardings=self.param_sharding)(params)
     else:
       params = self._place(params, self.param_sharding)
     opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
@@ -515,17 +537,24 @@ class PjitRuntime:
     return TrainState(params=params, opt_state=opt_state, rng=rng, step=step)
 
   def abstract_checkpoint(self) -> tuple[Any, Any]:
+    """Restore targets in the checkpoint's (per-layer) layout, whatever the train state's."""
     struct = lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
-    params = jax.tree.map(struct, self._shapes, self.param_sharding)
-    opt_state = jax.tree.map(struct, self._opt_shapes, self.opt_sharding)
+    params = jax.tree.map(struct, self._shapes, self._ckpt_param_sharding)
+    opt_state = jax.tree.map(struct, self._opt_shapes, self._ckpt_opt_sharding)
     return params, {"opt_state": opt_state, **_abstract_rng_and_step(self.replicated)}
 
   def state_from_checkpoint(self, restored: checkpointing.Restored) -> TrainState:
     items = restored.train_state
-    return TrainState(params=restored.params, opt_state=items["opt_state"], rng=items["rng"], step=items["step"])
+    params, opt_state = restored.params, items["opt_state"]
+    if self.scan_layers:
+      params, opt_state = self._to_train_layout((params, opt_state))
+    return TrainState(params=params, opt_state=opt_state, rng=items["rng"], step=items["step"])
 
   def checkpoint_items(self, state: TrainState) -> tuple[Any, dict[str, Any]]:
-    return state.params, {"opt_state": state.opt_state, "rng": state.rng, "step": state.step}
+    params, opt_state = state.params, state.opt_state
+    if self.scan_layers:  # a per-layer copy (the saved arrays are new, so the step may donate the state's)
+      params, opt_state = self._to_checkpoint_layout((params, opt_state))
+    return params, {"opt_state": opt_state, "rng": state.rng, "step": state.step}
 
   def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return sharding.host_local_to_global(batch, self.mesh)
@@ -543,12 +572,14 @@ class PjitRuntime:
     return jax.device_get(tree)
 
   def host_params(self, state: TrainState) -> Any:
-    """Full fp32 params as numpy on every process (gathers FSDP/tensor shards across hosts)."""
+    """Full fp32 params as numpy on every process (gathers FSDP/tensor shards across hosts), per-layer layout."""
     if jax.process_count() == 1:
-      return jax.device_get(state.params)
-    from jax.experimental import multihost_utils
+      params = jax.device_get(state.params)
+    else:
+      from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(state.params, tiled=True)
+      params = multihost_utils.process_allgather(state.params, tiled=True)
+    return model.to_layer_layout(params, scan_layers=False)
 
 
 class PmapRuntime:
@@ -571,6 +602,14 @@ class PmapRuntime:
     self.stacked = NamedSharding(self.mesh, PartitionSpec(PMAP_AXIS))
     self.config = config
     self.tx = tx
+    self.scan_layers = cfg.scan_layers
+    # layout conversions of replicated params / optimizer state at the boundaries (checkpoints, warm start)
+    self._to_train_layout = jax.jit(
+      functools.partial(model.to_layer_layout, scan_layers=True), out_shardings=self.replicated
+    )
+    self._to_checkpoint_layout = jax.jit(
+      functools.partial(model.to_layer_layout, scan_layers=False), out_shardings=self.replicated
+    )
     self._train = jax.pmap(
       functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab, axis_name=PMAP_AXIS),
       axis_name=PMAP_AXIS,
@@ -608,8 +647,11 @@ class PmapRuntime:
 
   def init_state(self, params: Any | None, init_key: jax.Array, train_key_data: np.ndarray) -> TrainState:
     if params is None:
-      params = jax.jit(lambda key: model.init_params(self.config, key), out_shardings=self.replicated)(init_key)
-    params = jax.device_put(params, self.replicated)
+      init = functools.partial(model.init_params, self.config, scan_layers=self.scan_layers)
+      params = jax.jit(init, out_shardings=self.replicated)(init_key)
+    else:  # host arrays in the per-layer layout (a warm start)
+      params = jax.device_put(params, self.replicated)
+      params = self._to_train_layout(params) if self.scan_layers else params
     opt_state = jax.jit(self.tx.init, out_shardings=self.replicated)(params)
     state = TrainState(
       params=params, opt_state=opt_state, rng=jnp.asarray(train_key_data), step=jnp.zeros((), jnp.int32)
@@ -626,13 +668,17 @@ class PmapRuntime:
 
   def state_from_checkpoint(self, restored: checkpointing.Restored) -> TrainState:
     items = restored.train_state
-    return self._stack(
-      TrainState(params=restored.params, opt_state=items["opt_state"], rng=items["rng"], step=items["step"])
-    )
+    params, opt_state = restored.params, items["opt_state"]
+    if self.scan_layers:
+      params, opt_state = self._to_train_layout((params, opt_state))
+    return self._stack(TrainState(params=params, opt_state=opt_state, rng=items["rng"], step=items["step"]))
 
   def checkpoint_items(self, state: TrainState) -> tuple[Any, dict[str, Any]]:
     state = self._unstack(state)
-    return state.params, {"opt_state": state.opt_state, "rng": state.rng, "step": state.step}
+    params, opt_state = state.params, state.opt_state
+    if self.scan_layers:
+      params, opt_state = self._to_checkpoint_layout((params, opt_state))
+    return params, {"opt_state": opt_state, "rng": state.rng, "step": state.step}
 
   def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     # An explicit per-device size: -1 cannot be inferred for the zero-width prediction slots of unmasked data.
@@ -653,7 +699,7 @@ class PmapRuntime:
     return jax.tree.map(lambda array: np.asarray(array.addressable_shards[0].data)[0], tree)
 
   def host_params(self, state: TrainState) -> Any:
-    return self.host_values(state.params)
+    return model.to_layer_layout(self.host_values(state.params), scan_layers=False)
 
 
 def make_runtime(

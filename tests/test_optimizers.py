@@ -185,6 +185,57 @@ def test_decay_mask_on_the_model_tree_selects_kernels_and_embeddings_only():
   assert sum(mask.values()) == 3 + 2 * 6 + 3  # embeddings, 6 kernels per layer, pooler + transform + NSP kernels
 
 
+SMALL = BertConfig(
+  vocab_size=50,
+  hidden_size=16,
+  num_hidden_layers=3,
+  num_attention_heads=2,
+  intermediate_size=32,
+  max_position_embeddings=32,
+)
+
+
+def test_decay_mask_selects_the_same_leaves_in_the_scan_layers_layout():
+  shapes = lambda scan_layers: jax.eval_shape(lambda: model.init_params(SMALL, jax.random.key(0), scan_layers))
+  mask = optimizers.weight_decay_mask(shapes(False))
+  stacked_mask = optimizers.weight_decay_mask(shapes(True))
+  layers = stacked_mask["bert"]["encoder"]["layer"]
+  assert list(layers) == [model.SCANNED]
+  # Per-layer mask of the stacked tree: each stacked leaf's flag stands for its L layers.
+  unstacked = model.unstack_layer_params(
+    jax.tree.map(lambda flag: np.full(SMALL.num_hidden_layers, flag), stacked_mask)
+  )
+  assert jax.tree.map(lambda flags: bool(np.all(flags)) if np.ndim(flags) else bool(flags), unstacked) == mask
+
+
+def test_lamb_takes_its_trust_ratio_per_layer_in_the_stacked_layout():
+  """Our LAMB equals `optax.lamb` on the per-layer tree, and on the stacked tree gives the same updates per layer
+  (optax's own trust ratio over a whole [L, ...] leaf would not)."""
+  params = jax.jit(model.init_params, static_argnums=0)(SMALL, jax.random.key(0))
+  # Gradients of different size per layer, so a shared trust ratio would scale the layers differently.
+  grads = jax.tree.map(lambda leaf: np.sin(7.0 * np.asarray(leaf) + 1.0), params)
+  grads["bert"]["encoder"]["layer"]["1"] = jax.tree.map(lambda g: 5.0 * g, grads["bert"]["encoder"]["layer"]["1"])
+  ours = optimizers.make_optimizer("lamb", 1e-3, 10, 0, weight_decay=0.01, clip_norm=0.0, schedule="warmup_linear")
+  oracle = optax.lamb(
+    optimizers.make_schedule(1e-3, 10, 0, "warmup_linear"),
+    eps=1e-6,
+    weight_decay=0.01,
+    mask=optimizers.weight_decay_mask,
+  )
+  first_update = lambda tx, grads, params: jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
+  expected = first_update(oracle, grads, params)
+  per_layer = first_update(ours, grads, params)
+  stacked_params, stacked_grads = model.stack_layer_params(params), model.stack_layer_params(grads)
+  stacked = first_update(ours, stacked_grads, stacked_params)
+  assert jax.tree.structure(stacked) == jax.tree.structure(stacked_params)
+  for got in (per_layer, model.unstack_layer_params(stacked)):
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9)
+  whole = first_update(oracle, stacked_grads, stacked_params)
+  kernel = lambda tree: tree["bert"]["encoder"]["layer"][model.SCANNED]["block"]["intermediate"]["dense"]["kernel"]
+  assert not np.allclose(kernel(whole), kernel(stacked), rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- bert_adam parity
 def test_bert_adam_matches_numpy_transcription_of_google_including_the_jump_and_clipping():
   # Targets 3× larger than the inputs give gradient norms > 1, so the global-norm clip is active early on.

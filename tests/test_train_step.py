@@ -2,6 +2,8 @@
 inside the step gives the unsplit batch's update within fp32 rounding, under pjit and pmap, because every
 micro-batch's loss is divided by the WHOLE batch's Σ weights (not its own). The batch's MLM weights are deliberately
 uneven across micro-batches, so per-micro-batch normalisation (the old optax.MultiSteps way) would fail this test.
+`--scan_layers` (the train state stacked [L, ...]) trains the same model as the per-layer layout, with each optimizer,
+under pjit (also FSDP) and pmap, and its checkpoints resume in either layout.
 
 Dropout is off: its random bits depend on the micro-batch shapes (train.py), so only the deterministic network can
 be compared across splits.
@@ -50,24 +52,37 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
   }
 
 
-def _train(**changes) -> tuple[list[dict], dict]:
+def _runtime(**changes) -> train.PjitRuntime | train.PmapRuntime:
   cfg = train.TrainConfig(
-    num_train_steps=10,
-    num_warmup_steps=1,
-    learning_rate=1e-2,
-    train_batch_size=BATCH,
-    max_predictions_per_seq=PREDICTIONS,
-    optimizer="bert_adam",
-    **changes,
+    **{
+      "num_train_steps": 10,
+      "num_warmup_steps": 1,
+      "learning_rate": 1e-2,
+      "train_batch_size": BATCH,
+      "max_predictions_per_seq": PREDICTIONS,
+      "optimizer": "bert_adam",
+      **changes,
+    }
   )
   cfg.validate()
-  keys = jax.random.split(jax.random.key(7), 3)
-  runtime = train.make_runtime(cfg, CONFIG, train.make_train_optimizer(cfg), None, None, jax.random.key_data(keys[2]))
-  state = runtime.init_state(None, keys[0], np.asarray(jax.random.key_data(keys[1])))
+  return train.make_runtime(cfg, CONFIG, train.make_train_optimizer(cfg), None, None, jax.random.key_data(KEYS[2]))
+
+
+KEYS = jax.random.split(jax.random.key(7), 3)
+
+
+def _steps(runtime, state, steps) -> tuple[list[dict], train.TrainState]:
   stats = []
-  for step in range(STEPS):
+  for step in steps:
     state, values = runtime.train_step(state, runtime.put_batch(_batch(step)))
     stats.append({name: float(value) for name, value in runtime.host_values(values).items()})
+  return stats, state
+
+
+def _train(**changes) -> tuple[list[dict], dict]:
+  runtime = _runtime(**changes)
+  state = runtime.init_state(None, KEYS[0], np.asarray(jax.random.key_data(KEYS[1])))
+  stats, state = _steps(runtime, state, range(STEPS))
   return stats, runtime.host_params(state)
 
 
@@ -77,6 +92,7 @@ def unsplit():
 
 
 def _assert_same(left: tuple[list[dict], dict], right: tuple[list[dict], dict], what: str) -> None:
+  assert jax.tree.structure(left[1]) == jax.tree.structure(right[1]), what  # per-layer names, whatever the layout
   for step, (a, b) in enumerate(zip(left[0], right[0])):
     for name in a:
       np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=f"{what}: step {step} {name}")
@@ -131,11 +147,14 @@ def test_scan_layers_and_remat_compute_the_same_loss_gradients_and_hidden_states
   (loss, outputs), grads = _loss_and_grads(model.BertForPreTraining(CONFIG), params, batch)
   for scan_layers, remat in ((True, "none"), (False, "full"), (True, "dots")):
     bert = model.BertForPreTraining(CONFIG, scan_layers=scan_layers, remat=remat)
-    (other_loss, other_outputs), other_grads = _loss_and_grads(bert, params, batch)
+    layout_params = model.to_layer_layout(params, scan_layers)
+    (other_loss, other_outputs), other_grads = _loss_and_grads(bert, layout_params, batch)
     what = f"scan_layers={scan_layers} remat={remat}"
     np.testing.assert_allclose(other_loss, loss, rtol=1e-6, err_msg=what)
     np.testing.assert_allclose(other_outputs["mlm_logits"], outputs["mlm_logits"], rtol=1e-5, atol=1e-5)
-    # Gradients come back in the per-layer layout (the checkpoint's), whatever the model's layout.
+    # Gradients come in the model's layout (stacked [L, ...] when scanned); per-layer they are the unrolled ones.
+    assert jax.tree.structure(other_grads) == jax.tree.structure(layout_params), what
+    other_grads = model.to_layer_layout(other_grads, False)
     assert jax.tree.structure(other_grads) == jax.tree.structure(grads), what
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other_grads)):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=what)
@@ -157,3 +176,113 @@ def test_scan_layers_and_remat_compute_the_same_loss_gradients_and_hidden_states
 
 def test_scan_layers_and_remat_train_like_the_unrolled_step(unsplit):
   _assert_same(unsplit, _train(mesh_data=-1, scan_layers=True, remat="dots"), "scan_layers, remat=dots")
+
+
+@pytest.fixture(scope="module")
+def unrolled_lamb():
+  return _train(optimizer="lamb")
+
+
+def test_scan_layers_train_like_the_unrolled_step_with_adamw_and_dp_clipping():
+  """AdamW's moments stacked, and DP-SGD's per-example clipping (a global norm per example) in the stacked layout
+  (noise off: its draws are per leaf, so a noisy run differs between layouts in its random numbers only)."""
+  private = {"optimizer": "adamw", "dp_l2_clip": 0.05}
+  _assert_same(_train(**private), _train(**private, scan_layers=True), "adamw, DP clipping, scan_layers")
+
+
+def test_scan_layers_train_like_the_unrolled_step_with_lamb_and_fsdp(unrolled_lamb):
+  """LAMB's trust ratio is taken per layer of a stacked leaf, so the trajectory is the per-layer one; the stacked
+  state is also sharded with FSDP here (the layer axis whole, 'embed' split)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 simulated devices (tests/conftest.py)")
+  _assert_same(unrolled_lamb, _train(optimizer="lamb", scan_layers=True, mesh_fsdp=2), "lamb, scan_layers, fsdp")
+
+
+def test_lamb_trust_ratio_per_layer_is_needed(unrolled_lamb):
+  """The test above can fail: one trust ratio over the whole stacked tensor (optax's scale_by_trust_ratio) moves the
+  layers differently from the per-layer run."""
+  from clinical_bert_jax import optimizers
+
+  original = optimizers.is_stacked_layer_param
+  try:
+    optimizers.is_stacked_layer_param = lambda path: False
+    with pytest.raises(AssertionError):
+      _assert_same(unrolled_lamb, _train(optimizer="lamb", scan_layers=True), "lamb, whole-tensor ratio")
+  finally:
+    optimizers.is_stacked_layer_param = original
+
+
+def test_scan_layers_state_is_stacked_and_its_layer_axis_never_sharded():
+  from jax.sharding import PartitionSpec as P
+
+  from clinical_bert_jax import model
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 simulated devices (tests/conftest.py)")
+  runtime = _runtime(scan_layers=True, mesh_fsdp=2, mesh_tensor=2)
+  unrolled = _runtime(mesh_fsdp=2, mesh_tensor=2)
+  layers = runtime.param_sharding["bert"]["encoder"]["layer"]
+  assert list(layers) == [model.SCANNED]
+  per_layer = unrolled.param_sharding["bert"]["encoder"]["layer"]["0"]
+  stacked = layers[model.SCANNED]["block"]
+  assert jax.tree.structure(stacked) == jax.tree.structure(per_layer)
+  for path, where in jax.tree_util.tree_leaves_with_path(stacked):
+    one = per_layer
+    for key in path:
+      one = one[key.key]
+    assert where.spec == P(None, *one.spec), path  # [L] whole, the rest as in the per-layer layout
+  assert any("fsdp" in str(where.spec) for where in jax.tree.leaves(stacked))
+  # Adam's moments (mu, nu) are placed like the stacked params; checkpoints stay per-layer.
+  names = lambda path: "/".join(str(getattr(key, "key", "")) for key in path)
+  specs = {names(path): where.spec for path, where in jax.tree_util.tree_leaves_with_path(stacked)}
+  moments = [
+    (names(path).split("/block/")[1], where.spec)
+    for path, where in jax.tree_util.tree_leaves_with_path(runtime.opt_sharding)
+    if "/block/" in names(path)
+  ]
+  assert sorted(moments) == sorted(list(specs.items()) * 2)
+  assert jax.tree.structure(runtime.abstract_checkpoint()) == jax.tree.structure(unrolled.abstract_checkpoint())
+  # A warm start from per-layer params (pretrain --init_checkpoint) is stacked and placed; host_params unstacks.
+  params = model.init_params(CONFIG, jax.random.key(11))
+  state = runtime.init_state(params, KEYS[0], np.asarray(jax.random.key_data(KEYS[1])))
+  assert jax.tree.map(lambda leaf: leaf.sharding, state.params) == runtime.param_sharding
+  assert state.params["bert"]["encoder"]["layer"][model.SCANNED]["block"]["output"]["dense"]["kernel"].shape == (
+    CONFIG.num_hidden_layers,
+    CONFIG.intermediate_size,
+    CONFIG.hidden_size,
+  )
+  back = runtime.host_params(state)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)))
+
+
+@pytest.mark.parametrize(
+  "first, second",
+  [
+    ({"scan_layers": True}, {}),
+    ({}, {"scan_layers": True, "parallelism": "pmap"}),
+    ({"scan_layers": True, "parallelism": "pmap"}, {"scan_layers": True}),
+  ],
+  ids=["scanned-to-unrolled", "unrolled-to-scanned-pmap", "scanned-pmap-to-scanned"],
+)
+def test_checkpoints_resume_across_layouts(unsplit, tmp_path, first, second):
+  """A step in one layout, a checkpoint (per-layer names on disk), the next step in the other layout: the same
+  trajectory as two uninterrupted steps (params, optimizer moments, step and RNG all carried over)."""
+  from clinical_bert_jax import checkpointing
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 simulated devices (tests/conftest.py)")
+  runtime = _runtime(**first)
+  state = runtime.init_state(None, KEYS[0], np.asarray(jax.random.key_data(KEYS[1])))
+  stats, state = _steps(runtime, state, [0])
+  store = checkpointing.CheckpointStore(tmp_path, keep=2, async_save=False)
+  params, items = runtime.checkpoint_items(state)
+  assert "0" in params["bert"]["encoder"]["layer"]
+  store.save(1, params, items, data_state={})
+  store.close()
+  resumed = _runtime(**second)
+  store = checkpointing.CheckpointStore(tmp_path, keep=2, async_save=False)
+  restored = store.restore_latest(*resumed.abstract_checkpoint())
+  store.close()
+  more, state = _steps(resumed, resumed.state_from_checkpoint(restored), [1])
+  _assert_same(unsplit, (stats + more, resumed.host_params(state)), f"{first} → {second}")
