@@ -261,9 +261,8 @@ def test_scan_layers_state_is_stacked_and_its_layer_axis_never_sharded():
   [
     ({"scan_layers": True}, {}),
     ({}, {"scan_layers": True, "parallelism": "pmap"}),
-    ({"scan_layers": True, "parallelism": "pmap"}, {"scan_layers": True}),
   ],
-  ids=["scanned-to-unrolled", "unrolled-to-scanned-pmap", "scanned-pmap-to-scanned"],
+  ids=["scanned-to-unrolled", "unrolled-to-scanned-pmap"],
 )
 def test_checkpoints_resume_across_layouts(unsplit, tmp_path, first, second):
   """A step in one layout, a checkpoint (per-layer names on disk), the next step in the other layout: the same
