@@ -27,10 +27,7 @@ def compile_cache(tmp_path_factory):
   time is XLA compiling small programs; a fresh clone starts with an empty cache, so only reuse within a run counts."""
   import jax
 
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the session's temporary root, shared by the xdist workers
-  path = root / "jax_compile_cache"
+  path = _session_root(tmp_path_factory) / "jax_compile_cache"
   path.mkdir(exist_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # children inherit it
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too: they are most of them
@@ -39,6 +36,65 @@ def compile_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def _session_root(tmp_path_factory):
+  """The session's temporary root: shared by the xdist workers (each has its own basetemp below it)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+# The uninterrupted 40-step pretraining run (tests/test_pretrain.py's tiny model and `cli_args`) that the
+# kill-and-resume tests of test_faults.py and test_checkpointing.py compare their interrupted runs with, bit for bit:
+# checkpoints every 10 steps, evaluates 48 of the 768 held-out sequences at steps 0, 20 and 40 (an evaluation long
+# enough to send SIGTERM into), exports to Hugging Face format at the end.
+REFERENCE_RUN = {
+  "num_train_steps": 40,
+  "save_checkpoints_steps": 10,
+  "eval_every_steps": 20,
+  "log_every_steps": 10,
+  "keep_checkpoints": 5,
+  "max_eval_steps": 48,
+}
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, compile_cache):
+  """(corpus, root): the corpus (256 training and 768 held-out sequences) and the uninterrupted REFERENCE_RUN of
+  the pretrain CLI on it, workdir `root / "run"` and export `root / "hf"`.
+
+  Built once per test run, not once per file: the first worker that asks builds it under a file lock in the session's
+  shared temporary root, the other (`--dist loadfile` may put the two files on different workers) waits and reuses it.
+  The runs are deterministic, so which worker built it does not matter."""
+  import fcntl
+  import shutil
+  import subprocess
+
+  from test_pretrain import cli_args, make_corpus, pretrain_command, subprocess_env
+
+  shared = _session_root(tmp_path_factory) / "reference_run"
+  shared.mkdir(exist_ok=True)
+  done = shared / "done"
+  with open(shared / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    corpus_dir, root = shared / "corpus", shared / "straight"
+    if not done.exists():
+      for partial in (corpus_dir, root):
+        shutil.rmtree(partial, ignore_errors=True)  # what a failed attempt of the other worker left
+      corpus = make_corpus(corpus_dir, train_count=256, eval_count=768)
+      result = subprocess.run(
+        pretrain_command(*cli_args(corpus, root / "run", **REFERENCE_RUN), f"--export_hf_dir={root / 'hf'}"),
+        env=subprocess_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+      )
+      assert result.returncode == 0, result.stderr[-3000:]
+      done.write_text("ok\n")
+  from test_pretrain import Corpus
+
+  corpus = Corpus(*(corpus_dir / name for name in ("vocab.txt", "bert_config.json", "train", "eval")))
+  return corpus, root
 
 
 CASED_WORDS = [
@@ -110,7 +166,7 @@ FILE_SECONDS = {
   "test_convert.py": 240,
   "test_gcs.py": 200,
   "test_parallelism.py": 210,
-  "test_checkpointing.py": 150,
+  "test_checkpointing.py": 100,  # its uninterrupted run is the shared `reference_run` (built by test_faults)
   "test_pretrain.py": 190,
   "test_multiprocess.py": 150,
   "test_train_step.py": 180,
