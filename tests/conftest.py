@@ -1,5 +1,6 @@
 """Test-wide settings: CPU only, 8 simulated devices for parallelism tests, no network, quiet TensorFlow."""
 
+import contextlib
 import os
 
 from cli_util import XLA_TEST_FLAG
@@ -58,43 +59,62 @@ REFERENCE_RUN = {
 }
 
 
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, compile_cache):
-  """(corpus, root): the corpus (256 training and 768 held-out sequences) and the uninterrupted REFERENCE_RUN of
-  the pretrain CLI on it, workdir `root / "run"` and export `root / "hf"`.
-
-  Built once per test run, not once per file: the first worker that asks builds it under a file lock in the session's
-  shared temporary root, the other (`--dist loadfile` may put the two files on different workers) waits and reuses it.
-  The runs are deterministic, so which worker built it does not matter."""
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, name: str):
+  """Yields the directory `name` in the session's shared temporary root, or None when it is already complete: the
+  first xdist worker that asks builds it while it holds a file lock (`--dist loadfile` may put the files that use it
+  on different workers), the other waits and reuses it. A build that failed is removed and retried."""
   import fcntl
   import shutil
+
+  shared = _session_root(tmp_path_factory) / "shared"
+  shared.mkdir(exist_ok=True)
+  directory, done = shared / name, shared / f"{name}.done"
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if done.exists():
+      yield None
+      return
+    shutil.rmtree(directory, ignore_errors=True)
+    yield directory
+    done.write_text("ok\n")  # only when the build did not raise
+
+
+@pytest.fixture(scope="session")
+def reference_corpus(tmp_path_factory):
+  """The corpus of the reference run (tests/test_pretrain.py's make_corpus: 256 training and 768 held-out
+  sequences), built once per test run. Read only."""
+  from test_pretrain import Corpus, make_corpus
+
+  with _built_once(tmp_path_factory, "reference_corpus") as building:
+    if building is not None:
+      make_corpus(building, train_count=256, eval_count=768)
+  root = _session_root(tmp_path_factory) / "shared" / "reference_corpus"
+  return Corpus(*(root / name for name in ("vocab.txt", "bert_config.json", "train", "eval")))
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_corpus, tmp_path_factory, compile_cache):
+  """(corpus, root): `reference_corpus` and the uninterrupted REFERENCE_RUN of the pretrain CLI on it, workdir
+  `root / "run"` and export `root / "hf"`; trained once per test run, not once per file (the runs are deterministic,
+  so which worker trained it does not matter). Read only."""
   import subprocess
 
-  from test_pretrain import cli_args, make_corpus, pretrain_command, subprocess_env
+  from test_pretrain import cli_args, pretrain_command, subprocess_env
 
-  shared = _session_root(tmp_path_factory) / "reference_run"
-  shared.mkdir(exist_ok=True)
-  done = shared / "done"
-  with open(shared / "lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    corpus_dir, root = shared / "corpus", shared / "straight"
-    if not done.exists():
-      for partial in (corpus_dir, root):
-        shutil.rmtree(partial, ignore_errors=True)  # what a failed attempt of the other worker left
-      corpus = make_corpus(corpus_dir, train_count=256, eval_count=768)
+  with _built_once(tmp_path_factory, "reference_run") as building:
+    if building is not None:
       result = subprocess.run(
-        pretrain_command(*cli_args(corpus, root / "run", **REFERENCE_RUN), f"--export_hf_dir={root / 'hf'}"),
+        pretrain_command(
+          *cli_args(reference_corpus, building / "run", **REFERENCE_RUN), f"--export_hf_dir={building / 'hf'}"
+        ),
         env=subprocess_env(compile_cache),
         capture_output=True,
         text=True,
         timeout=600,
       )
       assert result.returncode == 0, result.stderr[-3000:]
-      done.write_text("ok\n")
-  from test_pretrain import Corpus
-
-  corpus = Corpus(*(corpus_dir / name for name in ("vocab.txt", "bert_config.json", "train", "eval")))
-  return corpus, root
+  return reference_corpus, _session_root(tmp_path_factory) / "shared" / "reference_run"
 
 
 CASED_WORDS = [

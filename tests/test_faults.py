@@ -150,8 +150,8 @@ def _data_env(**extra: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def corpus(reference_run):
-  return reference_run[0]  # 256 training and 768 held-out sequences
+def corpus(reference_corpus):
+  return reference_corpus  # 256 training and 768 held-out sequences (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
