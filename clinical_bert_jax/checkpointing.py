@@ -24,13 +24,13 @@ set aside like an incomplete one, and the previous step is tried. When steps exi
 with a UserError instead of starting from scratch. Checkpoints written before this item existed have no `checksums`
 directory: they are restored with a warning that they were not verified.
 
-The array checksum (`CHECKSUM_ALGORITHM`) is computed on the devices by one jitted reduction, so it works unchanged for
-arrays sharded over many processes (pjit/FSDP) and never gathers an array onto one host: every element's raw bits are
-combined with its global flat index by a 32-bit bijective mixer and the results are summed modulo 2**32, in two lanes
-keyed differently (64 bits in all). The sum does not depend on how an array is split into shards or in what order they
-are added, so save-time and restore-time meshes may differ; a change of any single element always changes both
-lanes, and random damage to several elements goes unnoticed with probability about 2**-64. `data_state` is small
-JSON and gets a SHA-256 of its canonical form.
+The array checksum (`CHECKSUM_ALGORITHM`) is computed on the devices by a jitted reduction per array (one array at a
+time, see `array_checksums`), so it works unchanged for arrays sharded over many processes (pjit/FSDP) and never gathers
+an array onto one host: every element's raw bits are combined with its global flat index by a 32-bit bijective mixer and
+the results are summed modulo 2**32, in two lanes keyed differently (64 bits in all). The sum does not depend on how an
+array is split into shards or in what order they are added, so save-time and restore-time meshes may differ; a change of
+any single element always changes both lanes, and random damage to several elements goes unnoticed with probability
+about 2**-64. `data_state` is small JSON and gets a SHA-256 of its canonical form.
 
 Storage failures (a full disk, a read-only filesystem, permission denied, an I/O error), whether raised by the save
 call or by the background write and surfaced at the next save, `wait` or `close`, become one UserError naming the
