@@ -174,6 +174,10 @@ class _Pool:
     else:
       for process in self._processes:
         process.terminate()  # before the caller cleans up what they write into
+      # Inputs still buffered for the dead workers are dropped: otherwise the queue's feeder thread blocks on the
+      # full pipe that nobody reads any more, and the interpreter waits for it at exit (a hang after the one-line
+      # error when a worker was killed early, before it had taken its inputs).
+      self._tasks.cancel_join_thread()
     for process in self._processes:
       process.join()
     self._tasks.close()

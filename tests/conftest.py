@@ -1,5 +1,6 @@
 """Test-wide settings: CPU only, 8 simulated devices for parallelism tests, no network, quiet TensorFlow."""
 
+import contextlib
 import os
 
 from cli_util import XLA_TEST_FLAG
@@ -27,10 +28,7 @@ def compile_cache(tmp_path_factory):
   time is XLA compiling small programs; a fresh clone starts with an empty cache, so only reuse within a run counts."""
   import jax
 
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # the session's temporary root, shared by the xdist workers
-  path = root / "jax_compile_cache"
+  path = _session_root(tmp_path_factory) / "jax_compile_cache"
   path.mkdir(exist_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(path)  # children inherit it
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too: they are most of them
@@ -39,6 +37,84 @@ def compile_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def _session_root(tmp_path_factory):
+  """The session's temporary root: shared by the xdist workers (each has its own basetemp below it)."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+# The uninterrupted 40-step pretraining run (tests/test_pretrain.py's tiny model and `cli_args`) that the
+# kill-and-resume tests of test_faults.py and test_checkpointing.py compare their interrupted runs with, bit for bit:
+# checkpoints every 10 steps, evaluates 48 of the 768 held-out sequences at steps 0, 20 and 40 (an evaluation long
+# enough to send SIGTERM into), exports to Hugging Face format at the end.
+REFERENCE_RUN = {
+  "num_train_steps": 40,
+  "save_checkpoints_steps": 10,
+  "eval_every_steps": 20,
+  "log_every_steps": 10,
+  "keep_checkpoints": 5,
+  "max_eval_steps": 48,
+}
+
+
+@contextlib.contextmanager
+def _built_once(tmp_path_factory, name: str):
+  """Yields the directory `name` in the session's shared temporary root, or None when it is already complete: the
+  first xdist worker that asks builds it while it holds a file lock (`--dist loadfile` may put the files that use it
+  on different workers), the other waits and reuses it. A build that failed is removed and retried."""
+  import fcntl
+  import shutil
+
+  shared = _session_root(tmp_path_factory) / "shared"
+  shared.mkdir(exist_ok=True)
+  directory, done = shared / name, shared / f"{name}.done"
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if done.exists():
+      yield None
+      return
+    shutil.rmtree(directory, ignore_errors=True)
+    yield directory
+    done.write_text("ok\n")  # only when the build did not raise
+
+
+@pytest.fixture(scope="session")
+def reference_corpus(tmp_path_factory):
+  """The corpus of the reference run (tests/test_pretrain.py's make_corpus: 256 training and 768 held-out
+  sequences), built once per test run. Read only."""
+  from test_pretrain import Corpus, make_corpus
+
+  with _built_once(tmp_path_factory, "reference_corpus") as building:
+    if building is not None:
+      make_corpus(building, train_count=256, eval_count=768)
+  root = _session_root(tmp_path_factory) / "shared" / "reference_corpus"
+  return Corpus(*(root / name for name in ("vocab.txt", "bert_config.json", "train", "eval")))
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_corpus, tmp_path_factory, compile_cache):
+  """(corpus, root): `reference_corpus` and the uninterrupted REFERENCE_RUN of the pretrain CLI on it, workdir
+  `root / "run"` and export `root / "hf"`; trained once per test run, not once per file (the runs are deterministic,
+  so which worker trained it does not matter). Read only."""
+  import subprocess
+
+  from test_pretrain import cli_args, pretrain_command, subprocess_env
+
+  with _built_once(tmp_path_factory, "reference_run") as building:
+    if building is not None:
+      result = subprocess.run(
+        pretrain_command(
+          *cli_args(reference_corpus, building / "run", **REFERENCE_RUN), f"--export_hf_dir={building / 'hf'}"
+        ),
+        env=subprocess_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+      )
+      assert result.returncode == 0, result.stderr[-3000:]
+  return reference_corpus, _session_root(tmp_path_factory) / "shared" / "reference_run"
 
 
 CASED_WORDS = [
@@ -110,7 +186,7 @@ FILE_SECONDS = {
   "test_convert.py": 240,
   "test_gcs.py": 200,
   "test_parallelism.py": 210,
-  "test_checkpointing.py": 150,
+  "test_checkpointing.py": 100,  # its uninterrupted run is the shared `reference_run` (built by test_faults)
   "test_pretrain.py": 190,
   "test_multiprocess.py": 150,
   "test_train_step.py": 180,

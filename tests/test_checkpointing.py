@@ -17,22 +17,24 @@ import pytest
 
 from clinical_bert_jax import checkpointing, metrics_io, model_io
 from clinical_bert_jax.errors import UserError
+from conftest import REFERENCE_RUN
 from test_pretrain import (
+  Corpus,
   cli_args,
   deterministic_records,
-  make_corpus,
   pretrain_command,
   subprocess_env,
+  write_dataset,
 )
 
 pytestmark = pytest.mark.slow  # trains and spawns pretrain
 
-# test_pretrain's default run (40 steps of 16 records, the tiny config, the same learning-rate schedule), so the train
-# and eval programs are the ones test_pretrain and test_faults compile: the shared cache has them. Checkpoints every 5
-# steps, so that each interruption lands well after one and well before the end; 40 steps cross the 256 records'
-# epoch boundary twice.
-RESUME_RUN = {"save_checkpoints_steps": 5, "keep_checkpoints": 3}
-STEPS = 40  # cli_args' num_train_steps
+# The session's reference run (tests/conftest.py: test_pretrain's 40-step run of 16 records, evaluating 48 batches at
+# steps 0, 20 and 40), shared with test_faults, so its uninterrupted run is trained once per test run; here the
+# interrupted run checkpoints every 5 steps, so that each interruption lands well after one and well before the end;
+# 40 steps cross the 256 records' epoch boundary twice.
+RESUME_RUN = {**REFERENCE_RUN, "save_checkpoints_steps": 5, "keep_checkpoints": 3}
+STEPS = REFERENCE_RUN["num_train_steps"]
 
 
 def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
@@ -57,19 +59,22 @@ def _next_log_step(checkpoint_step: int) -> int:
   return (checkpoint_step // every + 1) * every
 
 
-def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path, compile_cache):
+def test_killed_then_preempted_run_ends_bitwise_identical_to_an_uninterrupted_one(
+  tmp_path, reference_run, compile_cache
+):
   """Killed (SIGKILL) once its first checkpoint is written, then resumed past a never-committed checkpoint directory
   and preempted (SIGTERM) as soon as the resumed attempt logs its first step, then finished: metrics and parameters
-  equal the uninterrupted run's bit for bit, each attempt began at the newest checkpoint."""
-  corpus = make_corpus(tmp_path / "data", train_count=256, tfrecord=True)  # Google-format training records
+  equal the uninterrupted run's bit for bit, each attempt began at the newest checkpoint.
+
+  The uninterrupted run is the session's reference run (tests/conftest.py), trained from the same records in our
+  shard format and checkpointed every 10 steps: neither the training files' format nor the checkpoint interval may
+  change a bit of the result."""
+  shared, reference = reference_run
+  train = write_dataset(tmp_path / "train", shared.vocab, 256, seed=1, tfrecord=True)  # Google-format records
+  corpus = Corpus(shared.vocab, shared.model_config, train, shared.eval)
   env = subprocess_env(compile_cache, PYTHONUNBUFFERED="1")
   overrides = RESUME_RUN
-  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-
-  done = subprocess.run(
-    pretrain_command(*cli_args(corpus, straight, **overrides)), env=env, capture_output=True, text=True, timeout=600
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
+  straight, interrupted = reference / "run", tmp_path / "interrupted"
 
   command = pretrain_command(*cli_args(corpus, interrupted, **overrides))
   checkpoints = interrupted / "checkpoints"

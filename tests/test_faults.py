@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from cli_util import REPO, assert_one_line_error
+from conftest import REFERENCE_RUN
 from clinical_bert_jax import checkpointing, model_io, records
 from clinical_bert_jax.errors import UserError
 from test_create_pretraining_data import write_demo_text
@@ -35,14 +36,7 @@ from test_pretrain import (
 )
 from test_tokenization import write_cased_vocab
 
-RUN = {
-  "num_train_steps": 40,
-  "save_checkpoints_steps": 10,
-  "eval_every_steps": 20,
-  "log_every_steps": 10,
-  "keep_checkpoints": 5,
-  "max_eval_steps": 48,  # of the 768 held-out sequences: an evaluation long enough to send SIGTERM into
-}
+RUN = REFERENCE_RUN  # 40 steps, checkpoints every 10, evaluates 48 batches (tests/conftest.py)
 SYNTHETIC_NOTES = REPO / "data_prep" / "demo_corpus" / "NOTEEVENTS_synthetic.csv"
 TMP_MARKERS = (".tmp-", ".orbax-checkpoint-tmp", ".old-")
 
@@ -156,24 +150,15 @@ def _data_env(**extra: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  return make_corpus(tmp_path_factory.mktemp("fault_corpus"), train_count=256, eval_count=768)
+def corpus(reference_corpus):
+  return reference_corpus  # 256 training and 768 held-out sequences (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def straight(corpus, tmp_path_factory, compile_cache):
+def straight(reference_run):
   """The uninterrupted run every interrupted one is compared with (and the workdir the corruption tests damage
-  copies of)."""
-  root = tmp_path_factory.mktemp("straight")
-  done = subprocess.run(
-    pretrain_command(*cli_args(corpus, root / "run", **RUN), f"--export_hf_dir={root / 'hf'}"),
-    env=subprocess_env(compile_cache),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert done.returncode == 0, done.stderr[-3000:]
-  return root
+  copies of): the session's shared reference run (tests/conftest.py), `run/` and its export `hf/`. Read only."""
+  return reference_run[1]
 
 
 @pytest.fixture(scope="module")
