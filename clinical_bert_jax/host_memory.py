@@ -82,3 +82,19 @@ def use_transparent_huge_pages() -> None:
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
   except OSError:
     return  # the same job, with the default allocator
+
+
+def release_freed_memory() -> None:
+  """Hands the heap memory glibc keeps after `free` back to the system (`malloc_trim(0)`); a no-op without glibc.
+
+  The train step calls it once, after initialising the state and compiling the step: both leave hundreds of MB of
+  freed blocks in malloc's arenas (BERT-Large: ≈ 0.35 GB from initialisation, ≈ 0.2 GB from the compiler) that
+  would otherwise stay resident under the step's peak."""
+  if _glibc_version() is None:
+    return
+  import ctypes
+
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):
+    pass

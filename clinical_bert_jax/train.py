@@ -49,7 +49,18 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clinical_bert_jax import checkpointing, dp, fileio, losses, masking, metrics_io, model, optimizers, sharding
+from clinical_bert_jax import (
+  checkpointing,
+  dp,
+  fileio,
+  host_memory,
+  losses,
+  masking,
+  metrics_io,
+  model,
+  optimizers,
+  sharding,
+)
 from clinical_bert_jax.config import BertConfig
 from clinical_bert_jax.errors import UserError
 from clinical_bert_jax.input_pipeline import DevicePrefetcher, EvalInput, PretrainingInput, Prefetcher
@@ -488,6 +499,7 @@ class PjitRuntime:
       params=self.param_sharding, opt_state=self.opt_sharding, rng=self.replicated, step=self.replicated
     )
     batch_sharding = sharding.batch_sharding(self.mesh)
+    self._train_compiled = None
     self._train = jax.jit(
       functools.partial(train_step, bert=bert, tx=tx, cfg=cfg, vocab=train_vocab),
       in_shardings=(state_sharding, batch_sharding),
@@ -561,7 +573,12 @@ class PjitRuntime:
 
   def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, Any]:
     with self._mesh_context():
-      return self._train(state, batch)
+      if self._train_compiled is None:
+        # Compiled ahead of the first call so that the host memory the initialisation and the compiler freed can go
+        # back to the system before the step's own buffers are allocated (BENCHMARKS.md, "memory").
+        self._train_compiled = self._train.lower(state, batch).compile()
+        host_memory.release_freed_memory()
+      return self._train_compiled(state, batch)
 
   def eval_step(self, params: Any, batch: Any, batch_index: int) -> Any:
     with self._mesh_context():
